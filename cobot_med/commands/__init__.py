@@ -1,0 +1,1 @@
+"""Sub-commands of ``cobot-med``; see :mod:`cobot_med.cli`."""

@@ -1,0 +1,63 @@
+"""``cobot-med sweep``: one training run (with its test evaluation) per PEFT method and seed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "train and evaluate every PEFT method over seeds, one MLflow run each; skips pairs already finished"
+
+# Bundle settings the sweep takes as its own options (they decide which finished runs count) and hands
+# on to the bundle unchanged; every other bundle override goes after "--".
+PASSED_THROUGH = ("dataset_dir", "arch", "image_size", "epochs", "output_dir")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "example: cobot-med sweep --config bundles/adome.json --peft lora,lora+cobot --seeds 3 "
+        "--dataset_dir data/adome --output_dir outputs/sweep -- --lr 1e-4"
+    )
+    parser.add_argument("--config", required=True, help="the bundle config, e.g. bundles/adome.json")
+    parser.add_argument("--peft", required=True, nargs="+", metavar="NAMES",
+                        help="PEFT methods, comma- or space-separated, e.g. lora,lora+cobot")
+    parser.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or seeds separated by commas")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking store for the runs and the skip check (default: the bundle's "
+                        "tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    for name in PASSED_THROUGH:
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=name, default=None, help=f"bundle override {name}")
+    parser.add_argument("--run-id", default="training", help="the bundle's workflow to run (default: training)")
+    parser.add_argument("--dry-run", action="store_true", help="say what would run and what is skipped; run nothing")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="after --: more bundle overrides, as on the monai.bundle command line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..peft import METHODS
+    from ..sweep import parse_methods, parse_seeds, run_sweep
+
+    methods = parse_methods(args.peft)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"cobot-med sweep: unknown PEFT method {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}",
+              file=sys.stderr)
+        return 2
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        print(f"cobot-med sweep: {err}", file=sys.stderr)
+        return 2
+    overrides = []
+    for name in PASSED_THROUGH:
+        value = getattr(args, name)
+        if value is not None:
+            if name in ("dataset_dir", "output_dir"):  # given from here; the bundles run from the repository root
+                value = os.path.abspath(value)
+            overrides += [f"--{name}", str(value)]
+    rest = list(args.overrides)
+    overrides += rest[1:] if rest[:1] == ["--"] else rest
+    result = run_sweep(args.config, methods, seeds, overrides, args.tracking_uri, run_id=args.run_id,
+                       dry_run=args.dry_run, log=lambda line: print(line, flush=True))
+    return 0 if result.ok else 1

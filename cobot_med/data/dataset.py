@@ -1,0 +1,101 @@
+"""Datasets: volumes read once and cached, slices drawn from the cache with fresh box jitter.
+
+``VolumeDataset`` runs every case through the volume chain exactly once (MONAI
+``CacheDataset``); ``SliceDataset`` indexes the (case, slice) pairs of the cached volumes and
+runs the slice chain per draw, so a volume is never re-read for a slice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from monai.data import CacheDataset
+from torch.utils.data import Dataset
+
+from .datalist import build_datalist, load_datalist, write_datalist
+from .transforms import GuardedVolume, axial_slice, organ_area_threshold
+from .validation import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class VolumeDataset(Dataset):
+    """Every case through the volume chain exactly once, cached in memory by MONAI's ``CacheDataset``.
+
+    Items are the chain's output: ``image`` (1, X, Y, Z) float32 in [0, 255] and ``label``
+    (1, X, Y, Z) uint8 as ``MetaTensor`` (oriented RAS, invertible with ``Invertd``), ``case_id``.
+    A case that fails (missing, unreadable or inconsistent files...) is reported in ``failures``
+    as ``{"case_id", "image_path", "error"}`` and left out; the other cases go on.
+    Memory: the cache holds every volume (about 5 bytes per voxel).
+    """
+
+    def __init__(self, cases: Sequence[dict], transform: Any, num_workers: int | None = 0, progress: bool = False):
+        self.volume_transform = transform
+        self.cache = CacheDataset(list(cases), transform=GuardedVolume(transform), cache_rate=1.0,
+                                  num_workers=num_workers, progress=progress, copy_cache=False)
+        items = [self.cache[i] for i in range(len(self.cache))]  # served from the cache: no re-read
+        self.failures = [item for item in items if "error" in item]
+        self.items = [item for item in items if "error" not in item]
+        for failure in self.failures:
+            logger.error("case %s left out: %s", failure["case_id"], failure["error"])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class SliceDataset(Dataset):
+    """Axial slices of cached volumes as samples of docs/CONTRACTS.md (all organs of a slice together).
+
+    The slice index is built once from the cached labels: a slice enters when at least one organ's
+    area passes the threshold (``min_area`` px at 256 x 256, scaled by area to the slice grid; the
+    slice chain must use the same ``min_area``). ``transform`` is the slice chain
+    (``transforms/slices.json``); its randomness (box jitter) is seeded with ``seed`` and drawn anew
+    at every access. Volumes are only indexed, never copied or re-read.
+    """
+
+    def __init__(self, volumes: VolumeDataset | Sequence[dict], transform: Any, organ_ids: Sequence[int],
+                 min_area: float = 100, seed: int = 0) -> None:
+        self.volumes, self.organ_ids = volumes, [int(i) for i in organ_ids]
+        self.transform = transform
+        if hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed)
+        self.index: list[tuple[int, int]] = []
+        for v in range(len(volumes)):
+            volume = volumes[v]
+            if volume.get("label") is None:
+                raise DataError(f"case {volume.get('case_id')}: no label, so no training slices")
+            label = torch.as_tensor(volume["label"])[0]  # (X, Y, Z)
+            threshold = organ_area_threshold(min_area, label.shape[0], label.shape[1])
+            areas = torch.stack([(label == i).sum(dim=(0, 1)) for i in self.organ_ids])  # (K, Z)
+            for z in (areas > threshold).any(dim=0).nonzero(as_tuple=True)[0].tolist():
+                self.index.append((v, z))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        v, z = self.index[i]
+        volume = self.volumes[v]
+        sample = self.transform(axial_slice(volume, z))
+        sample.pop("boxes_original", None)
+        sample["case_id"] = str(volume["case_id"])
+        sample["slice_index"] = int(z)
+        return sample
+
+
+def resolve_datalist(layout: str, dataset_dir: str, datalist: str | None, output_dir: str | None = None,
+                     val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
+    """The given datalist file, or a split of ``dataset_dir`` (written to ``output_dir/datalist.json``)."""
+    if datalist:
+        return load_datalist(datalist)
+    split = build_datalist(layout, dataset_dir, val_fraction, test_fraction, seed)
+    if output_dir:
+        write_datalist(split, Path(output_dir) / "datalist.json", layout=layout, seed=seed,
+                       val_fraction=val_fraction, test_fraction=test_fraction)
+    return split

@@ -1,0 +1,11 @@
+"""Ignite/MONAI handlers, one class per module, each with ``attach(engine)``."""
+
+from .adapter_saver import AdapterSaver
+from .epoch_loss import EpochLoss
+from .nan_guard import StopOnNanLoss
+from .organ_metrics import PerOrganMetrics
+from .overlays import ValidationOverlays
+from .progress import ProgressBar
+from .resume import ResumeCheckpoint
+
+__all__ = ["AdapterSaver", "EpochLoss", "PerOrganMetrics", "ProgressBar", "ResumeCheckpoint", "StopOnNanLoss", "ValidationOverlays"]

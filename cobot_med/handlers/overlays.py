@@ -1,0 +1,73 @@
+"""Pictures of a few validation slices: image, reference contour and predicted contour per organ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from ._distributed import is_rank0
+
+COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def draw_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, organs: Mapping[str, int], path: Path,
+                 title: str = "") -> None:
+    """image (H,W); label (H,W) label map with the ``organs`` ids, or None; pred (K,H,W) binary, K = len(organs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.imshow(image.T, cmap="gray", origin="lower")
+    handles = []
+    for k, (organ, label_id) in enumerate(organs.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        if label is not None and (label == label_id).any():
+            ax.contour((label == label_id).T.astype(float), levels=[0.5], colors=[colour], linewidths=1.0, linestyles="--")
+        if pred[k].any():
+            ax.contour(pred[k].T.astype(float), levels=[0.5], colors=[colour], linewidths=1.5)
+        handles.append(Line2D([], [], color=colour, label=organ))
+    ax.legend(handles=handles, loc="upper right", fontsize=7, title="solid: prediction\ndashed: reference",
+              title_fontsize=6)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class ValidationOverlays:
+    """For the first ``max_cases`` validation volumes, draw the axial slice with the most reference foreground."""
+
+    def __init__(self, output_dir: str | Path, organs: Mapping[str, int], max_cases: int = 3,
+                 epoch_fn: Callable[[], int] | None = None) -> None:
+        self.output_dir, self.organs, self.max_cases, self.epoch_fn = Path(output_dir), dict(organs), max_cases, epoch_fn
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_rank0() or engine.state.iteration > self.max_cases:
+            return
+        output = engine.state.output
+        output = output[0] if isinstance(output, list) else output
+        image = torch.as_tensor(output["image"]).detach().float().cpu().reshape(output["image"].shape[-3:]).numpy()
+        label = torch.as_tensor(output["label"]).detach().cpu().reshape(output["label"].shape[-3:]).numpy()
+        pred = torch.as_tensor(output["pred"]).detach().cpu()
+        pred = pred.reshape(-1, *pred.shape[-3:]).numpy() > 0.5
+        area = (label > 0).sum(axis=(0, 1))
+        z = int(area.argmax())
+        epoch = self.epoch_fn() if self.epoch_fn else engine.state.epoch
+        batch = engine.state.batch
+        batch = batch[0] if isinstance(batch, list) and batch else batch
+        case = batch.get("case_id", f"case{engine.state.iteration}") if isinstance(batch, dict) else None
+        case = str(case[0] if isinstance(case, (list, tuple)) else case or f"case{engine.state.iteration}")
+        draw_overlay(image[..., z], label[..., z], pred[..., z], self.organs,
+                     self.output_dir / f"epoch{epoch:03d}_{case}.png", title=f"{case}, axial slice {z}, epoch {epoch}")

@@ -1,0 +1,47 @@
+"""Build a PEFT-adapted, promptable SAM from one small spec (what an adapter checkpoint records)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .peft import apply_peft
+from .sam import PromptableSam, build_sam, load_sam_checkpoint
+from .sam.attention import DEFAULT_KIND, set_attention
+from .sam.build import get_architecture
+from .sam.speed import apply_speed_switches
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to rebuild the same network: arch, input size, method and its options."""
+
+    arch: str = "vit_b"
+    image_size: int | None = None  # None: the arch's default (1024 for the official ones)
+    peft: str = "lora+cobot"
+    peft_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    attention: str = DEFAULT_KIND  # the fastest exact kind (BENCHMARKS.md); "sdpa" and "eager" are the others
+    # speed switches (issue #7, cobot_med.sam.speed); exact, so they do not change the model's outputs
+    skip_window_padding: bool = True
+    gradient_checkpointing: str = "none"  # "none", "global" or "all" encoder blocks
+
+    def __post_init__(self) -> None:
+        if self.image_size is None:
+            self.image_size = get_architecture(self.arch).default_image_size
+        self.image_size = int(self.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_model(spec: ModelSpec, sam_checkpoint: str | Path | None = None) -> PromptableSam:
+    """SAM for ``spec``, the official checkpoint loaded strictly (if given), then the PEFT method injected."""
+    sam = build_sam(spec.arch, spec.image_size)
+    set_attention(sam.image_encoder, spec.attention)
+    sha256 = load_sam_checkpoint(sam, sam_checkpoint) if sam_checkpoint else None
+    config, adapter_keys = apply_peft(sam, spec.peft, spec.peft_options)
+    spec = dataclasses.replace(spec, peft_options=config.to_dict())
+    # --- speed switches (issue #7): one place, see cobot_med.sam.speed ---
+    apply_speed_switches(sam, spec.skip_window_padding, spec.gradient_checkpointing)
+    return PromptableSam(sam, spec=spec, adapter_keys=adapter_keys, base_sha256=sha256)

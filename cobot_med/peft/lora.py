@@ -1,0 +1,124 @@
+"""LoRA on the q and v slices of every block's fused qkv projection (Hu et al., ICLR 2022).
+
+Standard init (A Kaiming-uniform, B zero) so the adapted model equals SAM at step 0; the
+authors' code uses Xavier-normal for B. With ``cobot`` set, each bottleneck is a COBOT site
+(LoRA+COBOT, 24 sites on ViT-B) and the branch still folds into one dense ΔW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cobot import CobotConfig, CobotSite, attach_orchestrator
+from .config import PeftConfig
+
+_SLICES = ("q", "k", "v")
+
+
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    rank: int = 4
+    alpha: float = 4.0  # scale = alpha / rank = 1, as in the papers
+    targets: tuple[str, ...] = ("q", "v")
+    dropout: float = 0.0
+    cobot: dict[str, Any] | None = None  # COBOT options; None = plain LoRA
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
+        bad = [t for t in self.targets if t not in _SLICES] or ([] if self.targets else ["(none)"])
+        if bad:
+            raise ValueError(f"lora targets must be among {_SLICES}, got {list(self.targets)}")
+        if self.cobot is not None:
+            CobotConfig.from_dict(self.cobot)  # validate early
+            if self.rank % 4:
+                raise ValueError(f"lora+cobot needs a rank divisible by 4 (quaternion head), got {self.rank}")
+
+
+class LoraQkv(nn.Module):
+    """A fused qkv Linear plus low-rank updates on some of its q/k/v output slices."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        scale: float,
+        targets: tuple[str, ...],
+        dropout: float = 0.0,
+        sites: dict[str, CobotSite] | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.dim = base.out_features // 3
+        self.scale = scale
+        self.targets = tuple(targets)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ModuleDict({t: nn.Linear(base.in_features, rank, bias=False) for t in self.targets})
+        self.lora_B = nn.ModuleDict({t: nn.Linear(rank, self.dim, bias=False) for t in self.targets})
+        for t in self.targets:
+            nn.init.kaiming_uniform_(self.lora_A[t].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[t].weight)
+        self.sites = sites or {}
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        parts = list(out.split(self.dim, dim=-1))
+        x = self.dropout(x)
+        for t in self.targets:
+            d = self.lora_A[t](x)
+            if t in self.sites:
+                d = self.sites[t](d)
+            parts[_SLICES.index(t)] = parts[_SLICES.index(t)] + self.lora_B[t](d) * self.scale
+        return torch.cat(parts, dim=-1)
+
+    def delta_weight(self, target: str) -> torch.Tensor:
+        """ΔW (dim x in) of one slice: scale * B T^T A, T the COBOT site matrix (identity without COBOT)."""
+        a, b = self.lora_A[target].weight, self.lora_B[target].weight
+        if target in self.sites:
+            a = self.sites[target].matrix().t() @ a
+        return (b @ a) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._apply_delta(+1)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._apply_delta(-1)
+            self.merged = False
+
+    def _apply_delta(self, sign: int) -> None:
+        for t in self.targets:
+            i = _SLICES.index(t)
+            rows = self.base.weight[i * self.dim : (i + 1) * self.dim]
+            rows += sign * self.delta_weight(t).to(rows.dtype)
+
+
+def inject(sam: nn.Module, config: LoraConfig) -> None:
+    encoder = sam.image_encoder
+    sites: list[CobotSite] = []
+    if config.cobot is not None:
+        sites = attach_orchestrator(encoder, config.cobot, config.rank, len(encoder.blocks) * len(config.targets))
+    site_iter = iter(sites)
+    for block in encoder.blocks:
+        block_sites = {t: next(site_iter) for t in config.targets} if sites else None
+        block.attn.qkv = LoraQkv(
+            block.attn.qkv,
+            rank=config.rank,
+            scale=config.alpha / config.rank,
+            targets=config.targets,
+            dropout=config.dropout,
+            sites=block_sites,
+        )

@@ -1,0 +1,94 @@
+"""SSF: a learnable scale and shift after each operation (Lian et al., NeurIPS 2022).
+
+``y = γ ⊙ op(x) + β`` over the channel dimension, after every operation of every block of
+the frozen encoder, where the official SSF code for ViT puts it: after ``norm1``, the fused
+``attn.qkv`` (3C channels), ``attn.proj``, ``norm2``, ``mlp.lin1`` (4C) and ``mlp.lin2``;
+also after the patch embedding, as SSF does, and (our reading of SSF's "after the final
+norm" for SAM, which has a neck instead) after each of the neck's four operations
+(``conv 1x1``, ``LayerNorm2d``, ``conv 3x3``, ``LayerNorm2d``), switchable with ``neck``.
+
+segment-anything's modules are left as they are: each scale/shift pair lives on the module
+it follows (``blocks.0.attn.qkv.ssf.scale``, so the base keys are unchanged) and is applied
+by a forward hook (a bound method, so deep copies hook their own pair).
+
+Init: identity (γ = 1, β = 0), so the model equals SAM at step 0; the official code draws
+γ ~ N(1, 0.02) and β ~ N(0, 0.02), available as ``init_std=0.02``. Being linear and
+per-channel, a trained SSF folds into the preceding layer's weight for inference
+(re-parameterisation, as the paper notes); that folding is not implemented here.
+
+ViT-B, image encoder trainable: per block 2 x (768 + 2304 + 768 + 768 + 3072 + 768) = 16,896,
+x 12 = 202,752; patch embedding 2 x 768 = 1,536; neck 4 x 2 x 256 = 2,048; total **206,336**
+(204,288 with ``neck=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+
+_BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.lin1", "mlp.lin2")
+
+
+@dataclasses.dataclass
+class SsfConfig(PeftConfig):
+    init_std: float = 0.0  # 0: exact identity; the official code uses 0.02
+    patch_embed: bool = True  # after the patch embedding, as SSF does for ViT
+    neck: bool = True  # after each of the neck's four operations
+
+    def __post_init__(self) -> None:
+        if self.init_std < 0:
+            raise ValueError(f"ssf init_std must be >= 0, got {self.init_std}")
+
+
+class ScaleShift(nn.Module):
+    """γ ⊙ x + β over one channel dimension (-1 for (..., C) tokens, 1 for (B, C, H, W) maps)."""
+
+    def __init__(self, channels: int, channel_dim: int = -1, init_std: float = 0.0) -> None:
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+        if init_std > 0:
+            nn.init.normal_(self.scale, mean=1.0, std=init_std)
+            nn.init.normal_(self.shift, mean=0.0, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return x * self.scale.view(shape).to(x.dtype) + self.shift.view(shape).to(x.dtype)
+
+    def attach(self, module: nn.Module) -> None:
+        """Register on ``module`` as its child ``ssf`` and scale-and-shift its output."""
+        module.ssf = self
+        self._handle = module.register_forward_hook(self._after)
+
+    def _after(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self(output)
+
+
+def _channels(module: nn.Module) -> int:
+    for attr in ("out_features", "out_channels"):
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0]
+    return module.weight.shape[0]  # segment-anything's LayerNorm2d
+
+
+def inject(sam: nn.Module, config: SsfConfig) -> None:
+    encoder = sam.image_encoder
+    sites: list[tuple[nn.Module, int, int]] = []  # (module, channels, channel dim of its output)
+    if config.patch_embed:
+        sites.append((encoder.patch_embed, encoder.patch_embed.proj.out_channels, -1))  # (B, H, W, C)
+    for block in encoder.blocks:
+        for path in _BLOCK_OPS:
+            module = block.get_submodule(path)
+            sites.append((module, _channels(module), -1))
+    if config.neck:
+        sites.extend((module, _channels(module), 1) for module in encoder.neck)  # (B, C, H, W)
+    for module, channels, channel_dim in sites:
+        ScaleShift(channels, channel_dim, config.init_std).attach(module)

@@ -1,0 +1,136 @@
+"""One image-encoder pass per image, any number of box prompts decoded on it.
+
+segment-anything's ``Sam.forward`` is ``@torch.no_grad()`` and takes one dict per image;
+``PromptableSam`` calls the three parts directly so it trains, and decodes the K boxes of
+an image (one per organ) against a single image embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+
+class PromptableSam(nn.Module):
+    """SAM as ``(images (B,3,S,S) in [0,255], boxes (B,K,4) XYXY in pixels) -> logits (B,K,h,w)``."""
+
+    def __init__(
+        self,
+        sam: Sam,
+        spec: Any = None,
+        adapter_keys: Sequence[str] = (),
+        base_sha256: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.sam = sam
+        self.spec = spec  # cobot_med.model.ModelSpec when built by build_model
+        self.adapter_keys = list(adapter_keys)  # state-dict keys (of ``sam``) an adapter checkpoint holds
+        self.base_sha256 = base_sha256  # SHA-256 of the official checkpoint loaded, None without one
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise with SAM's pixel mean/std and run the image encoder: (B,3,S,S) -> (B,C,S/16,S/16)."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
+            )
+        x = (images - self.sam.pixel_mean) / self.sam.pixel_std
+        return self.sam.image_encoder(x)
+
+    def decode(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode K boxes per image against its embedding.
+
+        embeddings (B,C,h,w), boxes (B,K,4) -> low-res logits (B,K,4h,4w) and IoU predictions (B,K).
+        With ``valid`` (B,K) bool, only those boxes are decoded and the results come packed
+        in batch order: logits (N,1,4h,4w), IoU (N,), N = valid.sum().
+        """
+        if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"boxes must be (B, K, 4) with B={embeddings.shape[0]}, got {tuple(boxes.shape)}")
+        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        logits, ious = [], []
+        for b in range(boxes.shape[0]):  # MaskDecoder repeats its image embedding per prompt: decode per image
+            image_boxes = boxes[b] if valid is None else boxes[b][valid[b]]
+            if image_boxes.shape[0] == 0:
+                continue
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=image_boxes.to(embeddings.dtype), masks=None)
+            masks, iou = self.sam.mask_decoder(
+                image_embeddings=embeddings[b : b + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            logits.append(masks)
+            ious.append(iou[:, 0])
+        if valid is not None:
+            if not logits:
+                side = embeddings.shape[-1] * 4
+                return embeddings.new_zeros(0, 1, side, side), embeddings.new_zeros(0)
+            return torch.cat(logits), torch.cat(ious)
+        return torch.stack([m[:, 0] for m in logits]), torch.stack(ious)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        boxes: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        output_size: int | tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Mask logits (B,K,h,w), or (N,1,h,w) for the ``valid`` boxes only; low-res (S/4) unless
+        ``output_size`` asks for a bilinear upsampling."""
+        logits, _ = self.decode(self.encode(images), boxes, valid)
+        if output_size is not None and logits.shape[0]:
+            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+        return logits
+
+    @torch.no_grad()
+    def predict_slice(
+        self,
+        image: np.ndarray | torch.Tensor,
+        boxes: np.ndarray | torch.Tensor,
+        resize: Literal["square", "longest_side"] = "square",
+    ) -> torch.Tensor:
+        """Mask logits (K,H,W) for one slice at its own resolution.
+
+        ``image`` is (H,W) or (H,W,3) with intensities already in [0, 255]; ``boxes`` (K,4) XYXY
+        in the slice's own pixel grid. ``square`` resizes the slice to S x S as the training
+        pipeline does; ``longest_side`` is segment-anything's own preprocessing (as
+        ``SamPredictor``: resize the longest side, pad, crop back).
+        """
+        device = self.sam.pixel_mean.device
+        image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        if image.dim() == 2:
+            image = image[..., None].expand(*image.shape, 3)
+        if image.dim() != 3 or image.shape[-1] != 3:
+            raise ValueError(f"a slice must be (H, W) or (H, W, 3), got {tuple(image.shape)}")
+        H, W = image.shape[:2]
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        S = self.image_size
+        if resize == "longest_side":
+            transform = ResizeLongestSide(S)
+            resized = transform.apply_image(image.cpu().numpy().astype(np.uint8))
+            x = torch.as_tensor(resized, device=device).permute(2, 0, 1)[None].float()
+            input_size = tuple(x.shape[-2:])
+            x = self.sam.preprocess(x)
+            embeddings = self.sam.image_encoder(x)
+            model_boxes = transform.apply_boxes_torch(boxes, (H, W)).to(device)
+            low_res, _ = self.decode(embeddings, model_boxes[None])
+            return self.sam.postprocess_masks(low_res, input_size, (H, W))[0]
+        if resize != "square":
+            raise ValueError(f"resize must be 'square' or 'longest_side', got {resize!r}")
+        x = image.permute(2, 0, 1)[None].float().to(device)
+        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+        scale = torch.tensor([S / W, S / H, S / W, S / H])
+        logits = self(x, (boxes * scale)[None].to(device), output_size=(S, S))
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]

@@ -1,0 +1,48 @@
+"""Fixtures shared by the whole test suite. Keep them generic; add yours below with a docstring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+LAYOUT_NAMES = ("adome", "spleen", "segrap")
+
+
+@pytest.fixture(scope="session")
+def phantom_factory(tmp_path_factory) -> Callable[..., Path]:
+    """``make(layout, cases=5, seed=0, shape=(64, 64, 32)) -> folder`` of phantom cases in ``layout``'s tree.
+
+    Each argument set is written once per test session; treat the folders as read-only (copy
+    one to ``tmp_path`` before changing it).
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(layout: str, cases: int = 5, seed: int = 0, shape: tuple[int, int, int] = (64, 64, 32)) -> Path:
+        from cobot_med.data.phantoms import make_phantoms
+
+        key = (layout, int(cases), int(seed), tuple(shape))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"phantoms_{layout}")
+            made[key] = make_phantoms(layout, folder, cases=cases, seed=seed, shape=tuple(shape))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def phantom_dirs(phantom_factory) -> dict[str, Path]:
+    """One read-only phantom folder per layout (5 cases, seed 0): {"adome": ..., "spleen": ..., "segrap": ...}."""
+    return {layout: phantom_factory(layout) for layout in LAYOUT_NAMES}
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Run the test with one torch intra-op thread (small tensor work is faster, and fair on a busy CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

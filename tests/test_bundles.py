@@ -1,0 +1,173 @@
+"""The MONAI bundles end to end on phantoms: train, resume, evaluate, track, stitch (tiny SAM, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cobot_med.bundle import repository_root, run_bundle
+from cobot_med.data.phantoms import make_phantoms
+
+ROOT = repository_root()
+FAST = dict(arch="tiny", image_size=64, eval_batch_size=16, resume=False)
+
+
+@pytest.fixture(scope="module")
+def phantom_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bundle_phantoms")
+    return {layout: make_phantoms(layout, base / layout, cases=5, seed=3) or base / layout
+            for layout in ("adome", "spleen", "segrap")}
+
+
+def mlflow_run(output_dir: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir.absolute() / 'mlflow.db'}")
+    experiments = [e for e in client.search_experiments() if e.name.startswith("cobot-med/")]
+    runs = client.search_runs([e.experiment_id for e in experiments])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_adome_training_learns_tracks_and_stitches(phantom_dirs, tmp_path):
+    out = tmp_path / "adome"
+    run_bundle("adome", "training", dataset_dir=str(phantom_dirs["adome"]), output_dir=str(out), epochs=3,
+               peft="lora+cobot", lr=3e-3, cobot_lr=3e-3, val_at_start=True, **FAST)
+    assert (out / "adapter_best" / "adapter_config.json").is_file()
+    assert (out / "adapter_latest" / "adapter_model.safetensors").is_file()
+    assert (out / "loss_curve.png").is_file() and list((out / "overlays").glob("*.png"))
+
+    client, run = mlflow_run(out)
+    assert run.info.status == "FINISHED" and run.data.tags["cobot_med.status"] == "finished"
+    params = run.data.params
+    assert params["peft"] == "lora+cobot" and params["dataset"] == "adome" and params["arch"] == "tiny"
+    assert int(params["image_encoder_trainable"]) > 0
+    for organ in ("liver", "kidney", "spleen", "pancreas"):
+        assert f"val_dsc_{organ}" in run.data.metrics and f"test_dsc_{organ}" in run.data.metrics
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    dsc = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dsc"), key=lambda m: m.step)]
+    assert len(loss) == 3 and loss[-1] < loss[0]
+    assert len(dsc) == 4 and max(dsc[1:]) > dsc[0]  # epoch 0 is before training
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "loss_curve.png" in artifacts and "resolved_settings.json" in artifacts
+
+    # stitched validation volumes have their input's exact geometry
+    datalist = json.loads((out / "datalist.json").read_text())
+    for case in datalist["validation"]:
+        image = nib.load(case["image"])
+        name = Path(case["image"]).name.replace(".nii.gz", "_seg.nii.gz")
+        seg = nib.load(out / "val_predictions" / name)
+        assert seg.shape == image.shape
+        np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+        assert nib.aff2axcodes(seg.affine) == nib.aff2axcodes(image.affine)
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3, 4}
+
+    # evaluate: a saved adapter on the test split, nothing repeated on the command line
+    run_bundle("adome", "evaluate", dataset_dir=str(phantom_dirs["adome"]), output_dir=str(out / "eval"),
+               adapter=str(out / "adapter_best"), eval_batch_size=16)
+    report = json.loads((out / "eval" / "evaluation.json").read_text())
+    assert 0.0 < report["test_dsc"] <= 1.0
+
+
+@pytest.mark.parametrize("dataset", ["spleen", "segrap"])
+def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset):
+    out = tmp_path / dataset
+    run_bundle(dataset, "training", dataset_dir=str(phantom_dirs[dataset]), output_dir=str(out), epochs=1,
+               peft="adaptformer+cobot", **FAST)
+    _, run = mlflow_run(out)
+    assert run.info.status == "FINISHED" and "test_dsc" in run.data.metrics
+    assert (out / "adapter_best" / "adapter_config.json").is_file()
+
+
+def test_interrupted_training_resumes(phantom_dirs, tmp_path):
+    """Kill a training after its first epoch; the rerun goes on from there in the same MLflow run."""
+    import time
+
+    out = tmp_path / "resume"
+    settings = ["--dataset_dir", str(phantom_dirs["spleen"]), "--output_dir", str(out), "--peft", "lora",
+                "--arch", "tiny", "--image_size", "64", "--eval_batch_size", "16", "--epochs", "8"]
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/spleen.json",
+               "--meta_file", "bundles/metadata.json", "--logging_file", "bundles/logging.conf", *settings]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "adapter_latest" / "adapter_config.json"
+    deadline = time.time() + 300
+    while not (latest.is_file() and (out / "resume.pt").is_file()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    interrupted_at = json.loads(latest.read_text())["epoch"]
+    assert 1 <= interrupted_at < 8, "the run should have been stopped part-way"
+
+    run_bundle("spleen", "training", dataset_dir=str(phantom_dirs["spleen"]), output_dir=str(out), peft="lora",
+               arch="tiny", image_size=64, eval_batch_size=16, epochs=8)
+    assert json.loads(latest.read_text())["epoch"] == 8
+    client, run = mlflow_run(out)  # the interrupted (still running) MLflow run was taken up again
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert max(steps) == 8 and min(steps) == 1 and len(steps) == len(set(steps)) <= 8
+
+
+def error_chain(err: BaseException) -> str:
+    """MONAI wraps a failing config expression; the user sees the whole chain."""
+    messages = []
+    while err is not None:
+        messages.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__
+    return "\n".join(messages)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(dataset_dir="nowhere", arch="tiny", image_size=64), "SettingsError: dataset_dir .*nowhere.* does not exist. "
+                                                                 "The adome bundle expects the AbdomenCT-1K layout"),
+        (dict(arch="vit_b"), "sam_checkpoint is empty, but arch vit_b needs Meta's weights"),
+        (dict(arch="tiny", peft="lora-cobot"), "unknown peft method 'lora-cobot'"),
+        (dict(arch="tiny", image_size=100), "image_size 100 is not usable for tiny"),
+        (dict(arch="tiny", sam_checkpoint="missing.pth"), "sam_checkpoint missing.pth does not exist"),
+    ],
+)
+def test_clear_errors_before_any_work(phantom_dirs, tmp_path, overrides, message):
+    settings = {"dataset_dir": str(phantom_dirs["adome"]), "output_dir": str(tmp_path / "o"), **overrides}
+    with pytest.raises(Exception) as err:
+        run_bundle("adome", "training", **settings)
+    assert re.search(message, error_chain(err.value)), error_chain(err.value)
+
+
+def test_two_process_ddp_on_cpu(phantom_dirs, tmp_path):
+    """torchrun, gloo, the multi_gpu override: the same path as on GPUs."""
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", "['bundles/spleen.json','bundles/multi_gpu.json']",
+        "--meta_file", "bundles/metadata.json", "--logging_file", "bundles/logging.conf",
+        "--dataset_dir", str(phantom_dirs["spleen"]), "--output_dir", str(out),
+        "--arch", "tiny", "--image_size", "64", "--epochs", "1", "--peft", "lora", "--eval_batch_size", "16",
+        "--val_fraction", "0.4", "--test_fraction", "0.4",  # each rank needs at least one case to evaluate
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, run = mlflow_run(out)  # rank 0 alone tracked
+    assert run.info.status == "FINISHED"
+    assert (out / "adapter_best" / "adapter_config.json").is_file()
+
+
+def test_demo_finishes_and_training_helps(tmp_path, capsys):
+    from cobot_med.cli import main
+
+    status = main(["demo", "--out", str(tmp_path / "demo"), "--cases", "6", "--epochs", "4", "--image-size", "64"])
+    printed = capsys.readouterr().out
+    before = float(re.search(r"validation DSC before training: ([0-9.]+)", printed).group(1))
+    after = float(re.search(r"validation DSC after training:\s+([0-9.]+)", printed).group(1))
+    assert status == 0 and after > before
+    assert (tmp_path / "demo" / "outputs" / "adome" / "adapter_best" / "adapter_model.safetensors").is_file()
+    assert "mlflow ui --backend-store-uri sqlite:///" in printed
