@@ -157,6 +157,21 @@ def test_resume_checkpoint_restores_epoch_optimizer_and_adapter(tmp_path):
     assert fresh_optimizer.state_dict()["state"]  # Adam moments came back
 
 
+def test_resume_checkpoint_is_written_after_every_other_end_of_epoch_handler(tmp_path):
+    """A kill between logging and checkpointing must redo the epoch, not lose its log."""
+    network = tiny("lora")
+    optimizer = make_optimizer(network, lr=1e-2)
+    engine = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
+    path = tmp_path / "resume.pt"
+    ResumeCheckpoint(path, network, optimizer).attach(engine)
+    seen = []  # attached after the checkpoint handler, like MLflow logging in the bundles
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(path.is_file()))
+    engine.run([0], max_epochs=2)
+    assert seen == [False, True]  # at the end of epoch 1 the checkpoint was not yet written
+    engine.run([0], max_epochs=3)  # a second run does not register the save twice
+    assert sum(1 for h, *_ in engine._event_handlers[Events.EPOCH_COMPLETED] if h == ResumeCheckpoint.save) <= 1
+
+
 def test_adapter_saver_keeps_the_best(tmp_path):
     network = tiny("lora")
     scores = iter([0.3, 0.5, 0.4])

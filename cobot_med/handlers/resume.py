@@ -28,7 +28,14 @@ class ResumeCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.STARTED, self._save_last)
+
+    def _save_last(self, engine: Engine) -> None:
+        """Registered once the run starts, so the save comes after every other end-of-epoch
+        handler (validation, adapter saving, MLflow logging): a kill between them then
+        redoes the epoch instead of losing what it logged."""
+        if not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def save(self, engine: Engine) -> None:
         if not is_rank0():
