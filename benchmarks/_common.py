@@ -284,3 +284,21 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float | None:
+    """GFLOP/s of the best of ``repeats`` n x n x n matrix multiplies (None when the dtype is not supported)."""
+    try:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best / 1e9
+    except RuntimeError:
+        return None

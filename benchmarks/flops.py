@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,24 +64,6 @@ def count(arch: str, size: int, organs: int, peft: str) -> dict[str, float]:
     return out
 
 
-def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float | None:
-    """GFLOP/s of the best of ``repeats`` n x n x n matrix multiplies (None when the dtype is not supported)."""
-    try:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            C.sync(device)
-            start = time.perf_counter()
-            a @ b
-            C.sync(device)
-            best = min(best, time.perf_counter() - start)
-        return 2 * n**3 / best / 1e9
-    except RuntimeError:
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="vit_b")
@@ -97,7 +78,7 @@ def main() -> None:
     rows = [{"image_size": size, **count(args.arch, size, args.organs, args.peft)} for size in args.sizes]
     peak = {}
     if not args.no_peak:
-        peak = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16)}
+        peak = {"fp32": C.matmul_peak(args.device, torch.float32), "bf16": C.matmul_peak(args.device, torch.bfloat16)}
     result = {
         "benchmark": "flops", "arch": args.arch, "organs": args.organs, "peft": args.peft,
         "machine": C.machine(args.device), "matmul_peak_gflops": peak, "sizes": rows,

@@ -76,14 +76,24 @@ def test_adome_training_learns_tracks_and_stitches(phantom_dirs, tmp_path):
     assert 0.0 < report["test_dsc"] <= 1.0
 
 
-@pytest.mark.parametrize("dataset", ["spleen", "segrap"])
-def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset):
+SPEED_OFF = dict(attention="eager", skip_window_padding="false", gradient_checkpointing="global")
+
+
+@pytest.mark.parametrize("dataset, speed", [("spleen", {}), ("segrap", SPEED_OFF)])
+def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset, speed):
+    """The speed settings are plain bundle settings: turned off here for segrap, recorded with the run."""
     out = tmp_path / dataset
     run_bundle(dataset, "training", dataset_dir=str(phantom_dirs[dataset]), output_dir=str(out), epochs=1,
-               peft="adaptformer+cobot", **FAST)
+               peft="adaptformer+cobot", **FAST, **speed)
     _, run = mlflow_run(out)
     assert run.info.status == "FINISHED" and "test_dsc" in run.data.metrics
-    assert (out / "adapter_best" / "adapter_config.json").is_file()
+    expected = {"attention": "onehot", "skip_window_padding": "True", "gradient_checkpointing": "none",
+                "compile": "False"} | {k: str(v).capitalize() if k == "skip_window_padding" else v
+                                       for k, v in speed.items()}
+    assert {k: run.data.params[k] for k in expected} == expected
+    model = json.loads((out / "adapter_best" / "adapter_config.json").read_text())["model"]
+    assert model["attention"] == expected["attention"]
+    assert model["gradient_checkpointing"] == expected["gradient_checkpointing"]
 
 
 def test_interrupted_training_resumes(phantom_dirs, tmp_path):

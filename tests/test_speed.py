@@ -14,7 +14,14 @@ from segment_anything.modeling.image_encoder import Attention, Block
 from cobot_med.model import ModelSpec, build_model
 from cobot_med.peft import merge_adapters, unmerge_adapters
 from cobot_med.sam.attention import DEFAULT_KIND, KINDS, OneHotAttention, SdpaAttention, attention_kind, set_attention
-from cobot_med.sam.speed import FastBlock, compile_model, enable_gradient_checkpointing, set_window_padding
+from cobot_med.sam.speed import (
+    FastBlock,
+    apply_speed_settings,
+    compile_model,
+    enable_gradient_checkpointing,
+    is_compiled,
+    set_window_padding,
+)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -183,6 +190,30 @@ def test_checkpointing_from_model_spec():
     assert model.spec.gradient_checkpointing == "all" and model.spec.skip_window_padding
     with pytest.raises(ValueError, match="gradient checkpointing must be one of"):
         build_model(ModelSpec(arch="tiny", image_size=64, peft="lora", gradient_checkpointing="some"))
+
+
+def test_bundle_speed_settings_switch_the_model_and_keep_its_outputs():
+    """The bundles' settings (strings from a command line included) reach the blocks; typos fail."""
+    model = make_model().eval()
+    images, boxes, _ = inputs()
+    with torch.no_grad():
+        fast = model(images, boxes)
+        apply_speed_settings(model, {"attention": "eager", "skip_window_padding": "false",
+                                     "gradient_checkpointing": "all", "compile": "false"})
+        slow = model(images, boxes)
+    encoder = model.sam.image_encoder
+    assert attention_kind(encoder) == "eager"
+    assert not any(b.skip_padding for b in encoder.blocks) and all(b.checkpointing for b in encoder.blocks)
+    assert (model.spec.attention, model.spec.skip_window_padding, model.spec.gradient_checkpointing) == (
+        "eager", False, "all")
+    assert not is_compiled(model)
+    assert_close(slow, fast, 1e-5)
+    with pytest.raises(ValueError, match=r"unknown speed settings \['atention'\]"):
+        apply_speed_settings(model, {"atention": "sdpa"})
+    with pytest.raises(ValueError, match="attention must be one of"):
+        apply_speed_settings(model, {"attention": "flash"})
+    with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
+        apply_speed_settings(model, {"skip_window_padding": "maybe"})
 
 
 def test_merged_equals_unmerged_on_the_fast_path():

@@ -16,6 +16,7 @@ import torch
 from ..model import ModelSpec, build_model
 from ..peft import METHODS, count_parameters, parameter_groups
 from ..sam.build import ARCHITECTURES, check_image_size, get_architecture
+from ..sam.speed import apply_speed_settings, is_compiled
 
 SAM_DOWNLOADS = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 
@@ -61,12 +62,22 @@ def build_network(
     sam_checkpoint: str | None = None,
     device: torch.device | str = "cpu",
     adapter: str | None = None,
+    speed: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The PEFT-adapted PromptableSam on ``device``, after the early checks.
 
     With ``adapter``, the model is the adapter's own (its arch, method and input size win
-    over the settings, so evaluation and inference need nothing repeated).
+    over the settings, so evaluation and inference need nothing repeated). ``speed``: the
+    bundle's speed settings (``cobot_med.sam.speed.apply_speed_settings``; exact switches).
     """
+    network = _build_network(arch, image_size, peft, peft_options, sam_checkpoint, device, adapter)
+    try:
+        return apply_speed_settings(network, dict(speed or {}))
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+
+
+def _build_network(arch, image_size, peft, peft_options, sam_checkpoint, device, adapter) -> torch.nn.Module:
     if adapter:
         from ..adapter import AdapterError, load_adapter
 
@@ -123,6 +134,11 @@ def run_params(network: torch.nn.Module, **settings: Any) -> dict[str, Any]:
     counts = count_parameters(model.sam)
     params = {k: v for k, v in settings.items()}
     params["peft_options"] = json.dumps(model.spec.peft_options, sort_keys=True)
+    for key in ("attention", "skip_window_padding", "gradient_checkpointing"):  # as the model runs, not as typed
+        if key in params:
+            params[key] = getattr(model.spec, key)
+    if "compile" in params:
+        params["compile"] = is_compiled(model)
     params.update({k: counts[k] for k in ("image_encoder_trainable", "mask_decoder_trainable", "total_trainable")})
     return params
 

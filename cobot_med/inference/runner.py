@@ -143,18 +143,19 @@ def select_organs(label_map: Mapping[str, int], names: str | Sequence[str] | Non
 
 def load_network(adapter: str | Path | None = None, sam_checkpoint: str | Path | None = None, arch: str = "vit_b",
                  image_size: int | None = None, device: torch.device | str = "cpu",
-                 merge: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+                 merge: bool = True, speed: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model for inference and a description of it.
 
     With ``adapter``: the adapter's own model (arch, method, input size from its config; ``arch`` and
     ``image_size`` are not used). Without: zero-shot SAM (method ``frozen``, the papers' "Freeze" row).
-    LoRA and LoRA+COBOT branches are merged into the frozen weights (``cobot_med.peft.merge_adapters``).
+    LoRA and LoRA+COBOT branches are merged into the frozen weights (``cobot_med.peft.merge_adapters``)
+    unless ``merge`` is false; ``speed``: the bundle's speed settings (attention kind, ...).
     """
     from ..engine.setup import build_network
     from ..peft import merge_adapters
 
     network = build_network(arch, image_size, "frozen", None, str(sam_checkpoint) if sam_checkpoint else None,
-                            device, adapter=str(adapter) if adapter else None)
+                            device, adapter=str(adapter) if adapter else None, speed=speed)
     network.eval()
     merged = merge_adapters(network) if merge else 0
     spec = network.spec
@@ -293,6 +294,8 @@ def run_inference(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     amp: bool | str = True,
+    merge_adapters: bool | str = True,
+    speed: Mapping[str, Any] | None = None,
     probability_maps: bool = False,
     overlays: bool = True,
     nsd_tolerance_mm: float = 2.0,
@@ -308,7 +311,8 @@ def run_inference(
     ``volume_transforms`` is the bundle's volume chain; without it the layout's chain is built
     (``cobot_med.data.transforms.volume_transforms``, with ``modality`` / ``ct_window`` overriding the
     layout's). ``network`` (anything with PromptableSam's call signature and an ``image_size``)
-    replaces the model that ``adapter`` / zero-shot SAM would give. Prompts come from ``boxes_file``
+    replaces the model that ``adapter`` / zero-shot SAM would give; ``merge_adapters`` folds LoRA into
+    the frozen weights, ``speed`` holds the bundle's speed settings (BENCHMARKS.md). Prompts come from ``boxes_file``
     if given, else from ``labels_dir``; with both, the labels are the reference for metrics and
     overlays only. Returns the report; its ``exit_code`` is 1 when any case failed.
     """
@@ -341,7 +345,8 @@ def run_inference(
                                         modality or spec.modality, layout)
     device = resolve_device(device)
     if network is None:
-        network, model_info = load_network(adapter, sam_checkpoint, arch, image_size, device)
+        network, model_info = load_network(adapter, sam_checkpoint, arch, image_size, device,
+                                           merge=as_flag(merge_adapters, "merge_adapters"), speed=speed)
         log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
             f"{' (zero-shot SAM)' if model_info['zero_shot'] else ', adapter ' + str(adapter)}"
             f", {model_info['merged_layers']} LoRA layers merged")
@@ -410,7 +415,8 @@ def run_from_bundle(input_dir: str, output_dir: str, layout: str, label_map: Map
                     labels_dir: str | None = "", boxes_file: str | None = "", overwrite: bool = False,
                     device: str | torch.device = "auto", batch_size: int = 8, amp: bool | str = True,
                     probability_maps: bool = False, nsd_tolerance_mm: float = 2.0,
-                    dataset: str = "") -> InferenceReport:
+                    dataset: str = "", merge_adapters: bool | str = True,
+                    speed: Mapping[str, Any] | None = None) -> InferenceReport:
     """The bundles' ``inference`` run id: :func:`run_inference` with the bundle's settings; raises
     :class:`InferenceFailed` at the end when any case failed (so the process exits non-zero)."""
     if not input_dir:
@@ -420,7 +426,7 @@ def run_from_bundle(input_dir: str, output_dir: str, layout: str, label_map: Map
         volume_transforms=volume_transforms, adapter=adapter or None, sam_checkpoint=sam_checkpoint or None,
         arch=arch, image_size=image_size, labels_dir=labels_dir or None, boxes_file=boxes_file or None,
         overwrite=overwrite, device=device, batch_size=int(batch_size), amp=amp,
-        probability_maps=probability_maps, nsd_tolerance_mm=float(nsd_tolerance_mm), dataset=dataset or layout)
+        merge_adapters=merge_adapters, speed=speed, probability_maps=probability_maps, nsd_tolerance_mm=float(nsd_tolerance_mm), dataset=dataset or layout)
     if report.failed:
         raise InferenceFailed(report)
     return report

@@ -167,6 +167,11 @@ def compile_model(model: nn.Module, **options: Any) -> nn.Module:
     return model
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether the image encoder runs through ``torch.compile`` (``compile_model``)."""
+    return getattr(_image_encoder(model), "_compiled_call_impl", None) is not None
+
+
 def _image_encoder(model: nn.Module) -> nn.Module:
     if hasattr(model, "sam"):
         model = model.sam
@@ -178,3 +183,50 @@ def apply_speed_switches(model: nn.Module, skip_window_padding: bool = True, gra
     encoder = _image_encoder(model)
     set_window_padding(encoder, skip_window_padding)
     enable_gradient_checkpointing(encoder, gradient_checkpointing)
+
+
+SPEED_SETTINGS = ("attention", "skip_window_padding", "gradient_checkpointing", "compile")
+
+
+def apply_speed_settings(model: nn.Module, settings: dict[str, Any] | None) -> nn.Module:
+    """The bundles' speed settings on a built model (exact switches: the weights and outputs stay the same).
+
+    ``settings`` may hold ``attention`` (a kind of :mod:`cobot_med.sam.attention`),
+    ``skip_window_padding`` (bool), ``gradient_checkpointing`` (none / global / all) and
+    ``compile`` (bool: ``torch.compile`` the image encoder). Missing keys keep the model's own
+    choice; unknown keys raise, so a typo on the command line is not silently ignored.
+    """
+    from .attention import KINDS, set_attention
+
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(SPEED_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown speed settings {unknown}; the settings are {list(SPEED_SETTINGS)}")
+    encoder = _image_encoder(model)
+    spec = getattr(model, "spec", None)
+    if settings.get("attention"):
+        if settings["attention"] not in KINDS:
+            raise ValueError(f"attention must be one of {sorted(KINDS)}, got {settings['attention']!r}")
+        set_attention(encoder, settings["attention"])
+    skip = settings.get("skip_window_padding")
+    if skip is not None:
+        set_window_padding(encoder, _flag(skip))
+    blocks = settings.get("gradient_checkpointing")
+    if blocks is not None:
+        enable_gradient_checkpointing(encoder, blocks)
+    if spec is not None:  # what the model now runs as, for the adapter config and the run's record
+        for key in ("attention", "skip_window_padding", "gradient_checkpointing"):
+            if settings.get(key) is not None and hasattr(spec, key):
+                setattr(spec, key, _flag(settings[key]) if key == "skip_window_padding" else settings[key])
+    if _flag(settings.get("compile", False)):
+        compile_model(model)
+    return model
+
+
+def _flag(value: Any) -> bool:
+    """A bool from a setting that may come from the command line as a string."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return bool(value)
