@@ -325,3 +325,22 @@ def test_inference_benchmark_paths_agree():
     for key in kept_ref:
         assert_close(kept_ours[key], kept_ref[key], 1e-4)
     assert inference.dice_agreement(ours, ref, 3) > 0.999
+
+
+def test_training_benchmark_check_compares_the_same_math():
+    """The training benchmark's own check: our path (fp32) gives the reference's logits, loss and gradients
+    with fewer FLOPs; in bf16 it stays within the bf16 tolerance the benchmark reports."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+        import train_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = _common.make_model("tiny", 128, "lora+cobot", "cpu").train()
+    batch = train_step.make_batch(2, 3, 128, "cpu")
+    fp32 = _common.OURS.__class__("ours fp32", amp=False)
+    report, flops = train_step.check(model, [_common.REFERENCE, fp32, _common.OURS], batch, "cpu")
+    assert report["ours fp32"]["logits"] < 1e-5 and report["ours fp32"]["gradients"] < 1e-4
+    assert report["ours fp32"]["loss"] < 1e-5
+    assert report["ours"]["logits"] < 5e-2 and report["ours"]["gradients"] < 1e-1
+    assert flops["ours"] < flops["reference"] / 2  # one encoder pass for 3 organs, padded tokens skipped
