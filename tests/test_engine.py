@@ -19,7 +19,13 @@ from cobot_med.engine.evaluation import (
 )
 from cobot_med.engine.losses import PeftLoss
 from cobot_med.engine.prepare import PrepareSliceBatch
-from cobot_med.engine.setup import SettingsError, build_network, check_model_settings, make_optimizer
+from cobot_med.engine.setup import (
+    SettingsError,
+    build_network,
+    check_distributed_split,
+    check_model_settings,
+    make_optimizer,
+)
 from cobot_med.handlers import AdapterSaver, ResumeCheckpoint, StopOnNanLoss
 from cobot_med.handlers.nan_guard import NonFiniteLossError
 from cobot_med.model import ModelSpec, build_model
@@ -183,3 +189,13 @@ def test_adapter_saver_keeps_the_best(tmp_path):
     assert config["metric"]["val_dsc"] == 0.5 and config["epoch"] == 2
     again = AdapterSaver(tmp_path / "best", network, key_metric_name="val_dsc")
     assert again.best == 0.5  # survives a restart
+
+
+def test_distributed_runs_need_a_case_per_process_to_evaluate():
+    split = {"training": [{}] * 6, "validation": [{}] * 2, "test": [{}]}
+    check_distributed_split(split, world_size=1)
+    with pytest.raises(SettingsError, match=r"the test split has 1 case\(s\) but 2 processes were started"):
+        check_distributed_split(split, world_size=2)
+    with pytest.raises(SettingsError, match=r"the validation split has 2 case\(s\) but 4 processes"):
+        check_distributed_split(split, world_size=4)
+    check_distributed_split({"training": [{}], "validation": [], "test": []}, world_size=4)  # nothing to evaluate

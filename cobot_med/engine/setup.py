@@ -178,6 +178,21 @@ def check_data_settings(layout: str, dataset_dir: str, datalist: str | None = No
         )
 
 
+def check_distributed_split(split: Mapping[str, list], world_size: int | None = None) -> None:
+    """Under torchrun every process evaluates its share of the validation and test cases, and a process
+    with none would stall the others' metric gathering: say so before training instead."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("validation", "test"):
+        cases = len(split.get(name) or [])
+        if 0 < cases < world_size:
+            raise SettingsError(
+                f"the {name} split has {cases} case(s) but {world_size} processes were started: every process "
+                f"needs at least one {name} case; raise val_fraction / test_fraction, give a datalist with more "
+                f"{name} cases, or start at most {cases} processes"
+            )
+
+
 def load_best_adapter(network: torch.nn.Module, path: str | Path) -> bool:
     """Load the adapter tensors of ``path`` into ``network`` (built with the same spec); False if absent."""
     from ..adapter import read_adapter_config, resolve_adapter, unwrap
