@@ -6,7 +6,9 @@
 
 Counts run on the meta device (shapes only, seconds). "reference" is segment-anything's own
 computation (eager attention, padded tokens computed, one encoder pass per organ); "ours" the
-default attention kind with padded tokens skipped and one encoder pass for all organs. A
+default attention kind with padded tokens skipped and one encoder pass for all organs, counted
+with each core of the ``onehot`` attention: ``matmul`` (what runs in bf16 on a CPU) and ``sdpa``
+(on CUDA and in fp32; it pads v to the augmented head dim, so it counts more FLOPs). A
 multiply-add counts as 2 FLOPs. The peak is the best of a few large matrix multiplies
 (fp32, and bf16 where supported) on the chosen device.
 """
@@ -25,6 +27,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cobot_med.model import ModelSpec, build_model  # noqa: E402
+from cobot_med.sam.attention import OneHotAttention  # noqa: E402
+
+CORES = ("matmul", "sdpa")  # the onehot attention's two cores (see cobot_med/sam/attention.py)
 
 
 def _count(fn) -> int:
@@ -33,17 +38,28 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
+def set_core(model, core: str) -> None:
+    """Force the ``onehot`` attention's core (``sdpa``: CUDA and fp32; ``matmul``: bf16 on CPU)."""
+    for block in model.sam.image_encoder.blocks:
+        if isinstance(block.attn, OneHotAttention):
+            block.attn.core = core
+
+
 def count(arch: str, size: int, organs: int, peft: str) -> dict[str, float]:
-    """GFLOP of SAM's encoder forward (no PEFT; reference and ours), one box's decode, and a PEFT
-    training step (forward + backward) per slice with ``organs`` boxes."""
+    """GFLOP of SAM's encoder forward (no PEFT; reference and ours with each onehot core), one box's
+    decode, and a PEFT training step (forward + backward) per slice with ``organs`` boxes."""
     out: dict[str, float] = {}
     images = torch.empty(1, 3, size, size, device="meta")
     boxes = torch.zeros(1, organs, 4, device="meta")
     plain = build_model(ModelSpec(arch=arch, image_size=size, peft="frozen")).to("meta").eval()
-    for path in (C.REFERENCE, C.OURS):
-        C.configure(plain, path)
+    C.configure(plain, C.REFERENCE)
+    with torch.no_grad():
+        out["encoder_reference"] = _count(lambda: plain.encode(images)) / 1e9
+    C.configure(plain, C.OURS)
+    for core in CORES:
+        set_core(plain, core)
         with torch.no_grad():
-            out[f"encoder_{path.name}"] = _count(lambda: plain.encode(images)) / 1e9
+            out[f"encoder_ours_{core}"] = _count(lambda: plain.encode(images)) / 1e9
     with torch.no_grad():
         embeddings = plain.encode(images)
         out["decoder_per_box"] = _count(lambda: plain.decode(embeddings, boxes[:, :1])) / 1e9
@@ -58,9 +74,12 @@ def count(arch: str, size: int, organs: int, peft: str) -> dict[str, float]:
 
         return run
 
-    for path in (C.REFERENCE, C.OURS):
-        C.configure(model, path)
-        out[f"train_step_{path.name}"] = _count(step(path)) / 1e9
+    C.configure(model, C.REFERENCE)
+    out["train_step_reference"] = _count(step(C.REFERENCE)) / 1e9
+    C.configure(model, C.OURS)
+    for core in CORES:
+        set_core(model, core)
+        out[f"train_step_ours_{core}"] = _count(step(C.OURS)) / 1e9
     return out
 
 
@@ -87,9 +106,10 @@ def main() -> None:
     print(f"\nGFLOP, {args.arch}, {args.peft}, {args.organs} organs per slice (a multiply-add = 2 FLOPs)")
     print(C.table(rows, [
         ("image_size", "input", "d"), ("encoder_reference", "encoder fwd (segment-anything)", ".1f"),
-        ("encoder_ours", "encoder fwd (ours)", ".1f"), ("decoder_per_box", "decoder / box", ".2f"),
+        ("encoder_ours_matmul", "ours, matmul core", ".1f"), ("encoder_ours_sdpa", "ours, sdpa core", ".1f"),
+        ("decoder_per_box", "decoder / box", ".2f"),
         ("train_step_reference", "train step / slice (ref)", ".1f"),
-        ("train_step_ours", "train step / slice (ours)", ".1f"),
+        ("train_step_ours_matmul", "ours, matmul core", ".1f"), ("train_step_ours_sdpa", "ours, sdpa core", ".1f"),
     ]))
     if peak:
         print(f"\nmatrix-multiply peak on {args.device}: " + ", ".join(
