@@ -70,6 +70,24 @@ def test_infer_command_runs_the_bundle_with_the_adapters_own_settings(phantoms, 
     assert "0 done, 4 skipped" in capsys.readouterr().out
 
 
+def test_speed_switches_off_on_the_command_line_give_the_same_probabilities(phantoms, adapter, tmp_path, capsys):
+    images, labels = phantoms
+    outputs = {}
+    for name, extra in {"fast": [], "slow": ["--attention", "eager", "--no-merge"]}.items():
+        outputs[name] = tmp_path / name
+        assert main(["infer", "--config", "adome", "--input", str(images), "--output", str(outputs[name]),
+                     "--adapter", str(adapter), "--labels", str(labels), "--organs", "liver", "--device", "cpu",
+                     "--no-amp", "--probabilities", *extra]) == 0
+    capsys.readouterr()
+    models = {name: json.loads((out / "summary.json").read_text())["model"] for name, out in outputs.items()}
+    assert (models["fast"]["merged_layers"], models["fast"]["attention"]) == (4, "onehot")
+    assert (models["slow"]["merged_layers"], models["slow"]["attention"]) == (0, "eager")
+    for fast in sorted(outputs["fast"].glob("*_prob_liver.nii.gz")):
+        a = np.asarray(nib.load(str(fast)).dataobj)
+        b = np.asarray(nib.load(str(outputs["slow"] / fast.name)).dataobj)
+        assert a.max() > 0.5 and np.abs(a - b).max() < 1e-4
+
+
 def test_merged_lora_predicts_what_the_unmerged_adapter_predicts(phantoms, adapter):
     images, labels = phantoms
     image, label = oriented(sorted(images.glob("*.nii.gz"))[1], label_of(labels, sorted(images.glob("*.nii.gz"))[1]))

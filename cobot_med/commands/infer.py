@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probability maps")
     parser.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in mm (default 2)")
     parser.add_argument("--no-amp", action="store_true", help="full precision (default: the bundle's amp)")
+    parser.add_argument("--attention", default=None, choices=["onehot", "sdpa", "eager"],
+                        help="attention kind (default: the bundle's, onehot; the same math, BENCHMARKS.md)")
+    parser.add_argument("--no-merge", action="store_true", help="keep LoRA branches unmerged (default: merged)")
     parser.add_argument("--arch", default=None, help="zero-shot only: SAM architecture (default: the bundle's)")
     parser.add_argument("--image-size", type=int, default=None, help="zero-shot only: model input size")
 
@@ -61,7 +64,8 @@ def bundle_overrides(args: argparse.Namespace, config: dict) -> dict:
     if args.probabilities:
         overrides["probability_maps"] = True
     optional = {"device": args.device, "eval_batch_size": args.batch_size, "nsd_tolerance_mm": args.nsd_tolerance,
-                "arch": args.arch, "image_size": args.image_size, "amp": False if args.no_amp else None}
+                "arch": args.arch, "image_size": args.image_size, "amp": False if args.no_amp else None,
+                "attention": args.attention, "merge_adapters": False if args.no_merge else None}
     overrides.update({k: v for k, v in optional.items() if v is not None})
     for key, default in BUNDLE_SETTINGS.items():
         if key not in overrides and key not in config:

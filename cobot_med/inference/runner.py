@@ -39,6 +39,13 @@ BUNDLE_SETTINGS: dict[str, Any] = {
     "overwrite": False,  # redo cases whose segmentation already exists
     "probability_maps": False,  # also write <case>_prob_<organ>.nii.gz (float32)
     "nsd_tolerance_mm": 2.0,  # tolerance of the normalised surface distance (mm)
+    "merge_adapters": True,  # fold LoRA / LoRA+COBOT into the frozen weights
+    # the speed switches (BENCHMARKS.md), for a bundle written before they existed
+    "attention": "onehot",
+    "skip_window_padding": True,
+    "gradient_checkpointing": "none",
+    "compile": False,
+    "speed": "%bundles/common.json::speed",
 }
 INIT_ID = "inference_initialize"  # not in the bundles: the training data check of ``initialize`` is not run
 FINAL_ID = "inference_finalize"
@@ -161,6 +168,7 @@ def load_network(adapter: str | Path | None = None, sam_checkpoint: str | Path |
     spec = network.spec
     info = {"adapter": str(adapter) if adapter else None, "zero_shot": not adapter, "arch": spec.arch,
             "peft": spec.peft, "image_size": int(spec.image_size), "merged_layers": int(merged),
+            "attention": spec.attention,
             "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None}
     return network, info
 
