@@ -573,3 +573,31 @@ def test_slices_reach_the_model_as_in_training():
     for i, z in enumerate([1, 3, 4]):
         sample = chain({"image": volume[..., z][None], "label": torch.zeros(1, 100, 90)})
         torch.testing.assert_close(ours[i], sample["image"], atol=1e-3, rtol=0)
+
+
+def test_the_next_case_is_read_in_the_background_and_changes_nothing(phantoms, tmp_path, monkeypatch):
+    import threading
+
+    from cobot_med.inference import runner
+
+    images, labels = phantoms
+    readers = []
+    load = runner._Job.load
+
+    def recording_load(self, case):
+        readers.append((case.case_id, threading.current_thread().name))
+        return load(self, case)
+
+    monkeypatch.setattr(runner._Job, "load", recording_load)
+    outputs = {}
+    for prefetch in (True, False):
+        readers.clear()
+        outputs[prefetch] = tmp_path / f"prefetch_{prefetch}"
+        report = run_inference(images, outputs[prefetch], layout="adome", network=perfect(images, labels),
+                               labels_dir=labels, prefetch=prefetch, progress=False, log=lambda _: None)
+        assert report.exit_code == 0 and len(report.done) == 4
+        assert [case for case, _ in readers] == sorted(case for case, _ in readers)  # in order, each once
+        background = {case for case, thread in readers if thread.startswith("cobot-med-read")}
+        assert background == ({case for case, _ in readers} if prefetch else set())
+    for seg in sorted(outputs[True].glob("*_seg.nii.gz")):
+        assert np.array_equal(stored(seg), stored(outputs[False] / seg.name))

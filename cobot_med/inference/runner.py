@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -232,15 +233,17 @@ class _Job:
             return "boxes", self.boxes.for_case(case.case_id, data["image"], self.organs, case.image.name)
         return "labels", from_labels(data["label"], self.organs)
 
-    def run_case(self, case: Case) -> int:
-        """Predict and write one case; returns the number of slice images sent to the model."""
+    def run_case(self, case: Case, loading: Future | None = None) -> int:
+        """Predict and write one case; returns the number of slice images sent to the model.
+
+        ``loading``: the case's ``load`` already under way in a background thread (see ``prefetch``)."""
         from tqdm.auto import tqdm
 
         from ..engine.evaluation import merge_organs
         from .metrics import case_scores, spacing_of
 
         files = case_files(self.output_dir, case.case_id)
-        data = self.load(case)
+        data = loading.result() if loading is not None else self.load(case)
         image, label = data["image"], data.get("label")
         source, prompts = self.prompts(case, data)
         if not prompts.has_prompt:
@@ -304,6 +307,7 @@ def run_inference(
     amp: bool | str = True,
     merge_adapters: bool | str = True,
     speed: Mapping[str, Any] | None = None,
+    prefetch: bool | str = "auto",
     probability_maps: bool = False,
     overlays: bool = True,
     nsd_tolerance_mm: float = 2.0,
@@ -320,7 +324,9 @@ def run_inference(
     (``cobot_med.data.transforms.volume_transforms``, with ``modality`` / ``ct_window`` overriding the
     layout's). ``network`` (anything with PromptableSam's call signature and an ``image_size``)
     replaces the model that ``adapter`` / zero-shot SAM would give; ``merge_adapters`` folds LoRA into
-    the frozen weights, ``speed`` holds the bundle's speed settings (BENCHMARKS.md). Prompts come from ``boxes_file``
+    the frozen weights, ``speed`` holds the bundle's speed settings (BENCHMARKS.md), ``prefetch`` reads
+    the next case in a background thread while the current one is predicted (``"auto"``: on a GPU only;
+    on a 2-core CPU the reading thread competed with the model for the cores and made runs slower). Prompts come from ``boxes_file``
     if given, else from ``labels_dir``; with both, the labels are the reference for metrics and
     overlays only. Returns the report; its ``exit_code`` is 1 when any case failed.
     """
@@ -371,27 +377,43 @@ def run_inference(
                predictor=SlicePredictor(network, device, batch_size, amp), labels=bool(labels_dir), boxes=boxes,
                probability_maps=probability_maps, overlays=overlays, tolerance_mm=float(nsd_tolerance_mm),
                progress=progress)
-    outcomes: list[CaseOutcome] = []
-    for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
+    def finished(case: Case) -> bool:
         files = case_files(out, case.case_id)
-        outcome = CaseOutcome(case.case_id, str(case.image), "done")
-        tic = time.perf_counter()
-        if case.error:
-            outcome.status, outcome.reason = "failed", case.error
-        elif not overwrite and files["seg"].is_file() and (not labels_dir or files["metrics"].is_file()):
-            outcome.status = "skipped"
-            if labels_dir:
-                kept = json.loads(files["metrics"].read_text())["organs"]
-                job.scores[case.case_id] = {o: kept[o] for o in selected if o in kept}
-        else:
-            try:
-                outcome.slices_sent = job.run_case(case)
-            except (CaseFailed, PromptError) as err:
-                outcome.status, outcome.reason = "failed", str(err)
-            except Exception as err:  # noqa: BLE001 - one case's failure never stops the others
-                outcome.status, outcome.reason = "failed", f"{type(err).__name__}: {err}"
-        outcome.seconds = round(time.perf_counter() - tic, 3)
-        outcomes.append(outcome)
+        return not overwrite and files["seg"].is_file() and (not labels_dir or files["metrics"].is_file())
+
+    to_run = [case for case in cases if not case.error and not finished(case)]
+    position = {case.case_id: i for i, case in enumerate(to_run)}
+    prefetch = device.type == "cuda" if str(prefetch) == "auto" else as_flag(prefetch, "prefetch")
+    outcomes: list[CaseOutcome] = []
+    # the next case is read while this one is predicted (at most two volumes in memory)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cobot-med-read") as loader:
+        loading: dict[str, Future] = {}
+
+        def start_loading(index: int) -> None:
+            if prefetch and index < len(to_run):
+                loading[to_run[index].case_id] = loader.submit(job.load, to_run[index])
+
+        start_loading(0)
+        for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
+            outcome = CaseOutcome(case.case_id, str(case.image), "done")
+            tic = time.perf_counter()
+            if case.error:
+                outcome.status, outcome.reason = "failed", case.error
+            elif finished(case):
+                outcome.status = "skipped"
+                if labels_dir:
+                    kept = json.loads(case_files(out, case.case_id)["metrics"].read_text())["organs"]
+                    job.scores[case.case_id] = {o: kept[o] for o in selected if o in kept}
+            else:
+                start_loading(position.get(case.case_id, len(to_run)) + 1)
+                try:
+                    outcome.slices_sent = job.run_case(case, loading.pop(case.case_id, None))
+                except (CaseFailed, PromptError) as err:
+                    outcome.status, outcome.reason = "failed", str(err)
+                except Exception as err:  # noqa: BLE001 - one case's failure never stops the others
+                    outcome.status, outcome.reason = "failed", f"{type(err).__name__}: {err}"
+            outcome.seconds = round(time.perf_counter() - tic, 3)
+            outcomes.append(outcome)
 
     if labels_dir:
         from .metrics import write_metrics
