@@ -96,16 +96,20 @@ class LoadVolumed(LoadImaged):
 LoadVolumeD = LoadVolumeDict = LoadVolumed
 
 
-class OrganFilesToLabeld(MapTransform):
+class _OrganIdsTransform(MapTransform):
+    """A dictionary transform configured with the label map's organ ids."""
+
+    def __init__(self, keys: KeysCollection, organ_ids: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.organ_ids = [int(i) for i in organ_ids]
+
+
+class OrganFilesToLabeld(_OrganIdsTransform):
     """One binary file per organ (loaded from a list as K channels) -> one label map with the organs' ids.
 
     A label loaded from a single file passes through unchanged. The list must hold one file per
     organ of the label map, in its order; where files overlap, the later organ wins.
     """
-
-    def __init__(self, keys: KeysCollection, organ_ids: Sequence[int], allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.organ_ids = [int(i) for i in organ_ids]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -123,12 +127,8 @@ class OrganFilesToLabeld(MapTransform):
         return d
 
 
-class SelectOrgansd(MapTransform):
+class SelectOrgansd(_OrganIdsTransform):
     """Label values that are not trained organs become background (e.g. SegRap's other classes)."""
-
-    def __init__(self, keys: KeysCollection, organ_ids: Sequence[int], allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.organ_ids = [int(i) for i in organ_ids]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
