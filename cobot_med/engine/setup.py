@@ -178,11 +178,9 @@ def check_data_settings(layout: str, dataset_dir: str, datalist: str | None = No
         )
 
 
-def check_distributed_split(split: Mapping[str, list], world_size: int | None = None) -> None:
+def check_distributed_split(split: Mapping[str, list], world_size: int) -> None:
     """Under torchrun every process evaluates its share of the validation and test cases, and a process
     with none would stall the others' metric gathering: say so before training instead."""
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     for name in ("validation", "test"):
         cases = len(split.get(name) or [])
         if 0 < cases < world_size:

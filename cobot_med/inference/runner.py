@@ -13,6 +13,7 @@ segmentation exists is finished and a rerun skips it (unless ``overwrite``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import flags
 from . import io as case_io
 from .io import Case, InputError
 from .outputs import prompts_record, write_label_files, write_overlay
@@ -41,11 +43,11 @@ BUNDLE_SETTINGS: dict[str, Any] = {
     "probability_maps": False,  # also write <case>_prob_<organ>.nii.gz (float32)
     "nsd_tolerance_mm": 2.0,  # tolerance of the normalised surface distance (mm)
     "merge_adapters": True,  # fold LoRA / LoRA+COBOT into the frozen weights
-    # the speed switches (BENCHMARKS.md), for a bundle written before they existed
-    "attention": "onehot",
-    "skip_window_padding": True,
-    "gradient_checkpointing": "none",
-    "compile": False,
+    # the speed switches (BENCHMARKS.md), for a bundle written before they existed: the model's own choice
+    "attention": None,
+    "skip_window_padding": None,
+    "gradient_checkpointing": None,
+    "compile": None,
     "speed": "%bundles/common.json::speed",
 }
 INIT_ID = "inference_initialize"  # not in the bundles: the training data check of ``initialize`` is not run
@@ -116,16 +118,7 @@ class InferenceReport:
 # --- settings ----------------------------------------------------------------------------------
 
 
-def as_flag(value: Any, name: str = "setting") -> bool:
-    """A yes/no setting given as a bool, a number or text ('false' from a command line must not be truthy)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off", "", "none"):
-            return False
-        raise InputError(f"{name} must be true or false, got {value!r}")
-    return bool(value)
+as_flag = functools.partial(flags.as_flag, error=InputError)  # a bad yes/no setting is the run's input error
 
 
 def as_amp(value: Any) -> bool | str:

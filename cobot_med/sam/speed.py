@@ -28,6 +28,7 @@ from segment_anything.modeling.image_encoder import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..flags import as_flag
 from .attention import SdpaAttention
 
 CHECKPOINT_CHOICES = ("none", "global", "all")
@@ -189,44 +190,29 @@ SPEED_SETTINGS = ("attention", "skip_window_padding", "gradient_checkpointing", 
 
 
 def apply_speed_settings(model: nn.Module, settings: dict[str, Any] | None) -> nn.Module:
-    """The bundles' speed settings on a built model (exact switches: the weights and outputs stay the same).
+    """The bundles' speed settings on a built ``PromptableSam`` (exact switches: same weights, same outputs).
 
-    ``settings`` may hold ``attention`` (a kind of :mod:`cobot_med.sam.attention`),
-    ``skip_window_padding`` (bool), ``gradient_checkpointing`` (none / global / all) and
-    ``compile`` (bool: ``torch.compile`` the image encoder). Missing keys keep the model's own
-    choice; unknown keys raise, so a typo on the command line is not silently ignored.
+    ``attention``, ``skip_window_padding`` and ``gradient_checkpointing`` are fields of the model's
+    ``ModelSpec``: they are written there (so the adapter config and the run's record say how the
+    model runs) and applied as ``build_model`` applies them. ``compile`` (bool) ``torch.compile``-s
+    the image encoder. ``None`` keeps the model's own choice; an unknown key or value raises
+    ``ValueError``, so a typo on the command line is not silently ignored.
     """
-    from .attention import KINDS, set_attention
+    from .attention import set_attention
 
-    settings = dict(settings or {})
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
     unknown = sorted(set(settings) - set(SPEED_SETTINGS))
     if unknown:
         raise ValueError(f"unknown speed settings {unknown}; the settings are {list(SPEED_SETTINGS)}")
-    encoder = _image_encoder(model)
-    spec = getattr(model, "spec", None)
-    if settings.get("attention"):
-        if settings["attention"] not in KINDS:
-            raise ValueError(f"attention must be one of {sorted(KINDS)}, got {settings['attention']!r}")
-        set_attention(encoder, settings["attention"])
-    skip = settings.get("skip_window_padding")
-    if skip is not None:
-        set_window_padding(encoder, _flag(skip))
-    blocks = settings.get("gradient_checkpointing")
-    if blocks is not None:
-        enable_gradient_checkpointing(encoder, blocks)
-    if spec is not None:  # what the model now runs as, for the adapter config and the run's record
-        for key in ("attention", "skip_window_padding", "gradient_checkpointing"):
-            if settings.get(key) is not None and hasattr(spec, key):
-                setattr(spec, key, _flag(settings[key]) if key == "skip_window_padding" else settings[key])
-    if _flag(settings.get("compile", False)):
+    compile_encoder = as_flag(settings.pop("compile", False), "compile")
+    if "skip_window_padding" in settings:
+        settings["skip_window_padding"] = as_flag(settings["skip_window_padding"], "skip_window_padding")
+    spec = model.spec
+    wanted = {key: settings.get(key, getattr(spec, key)) for key in SPEED_SETTINGS[:3]}
+    set_attention(model.sam.image_encoder, wanted["attention"])  # each raises on a value it does not know
+    apply_speed_switches(model, wanted["skip_window_padding"], wanted["gradient_checkpointing"])
+    for key, value in wanted.items():
+        setattr(spec, key, value)
+    if compile_encoder:
         compile_model(model)
     return model
-
-
-def _flag(value: Any) -> bool:
-    """A bool from a setting that may come from the command line as a string."""
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    return bool(value)
