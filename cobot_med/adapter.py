@@ -1,35 +1,43 @@
-"""Adapter-only checkpoints in peft's shape: a folder with ``adapter_config.json`` and
-``adapter_model.safetensors``.
+"""Adapter-only checkpoints in peft's shape, and the one way to load them.
 
-The tensors are the method's own plus every trainable one (the mask decoder), keyed as in
-segment-anything's ``Sam`` state dict without DDP's ``module.`` prefix; the config holds
-the :class:`~cobot_med.model.ModelSpec` and the SHA-256 of the base SAM checkpoint, so an
-adapter loaded onto another base fails clearly. A model built without a base checkpoint
-(the ``tiny`` demo model) saves its full weights instead.
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. The tensors are the
+method's own plus every trainable one (the mask decoder), keyed as in segment-anything's ``Sam``
+state dict; the config holds the :class:`~cobot_med.model.ModelSpec`, the SHA-256 of the base
+checkpoint and the SHA-256 of the weights file. Loading checks all three: the spec must name a
+model that exists and that the tensors fit key for key, the base must be the checkpoint the adapter
+was trained on, and the weights must be the bytes that were saved (a flipped byte is an error, not
+a silently worse model). A model built without a base checkpoint (the random ``tiny`` test model)
+saves its full weights instead.
+
+:func:`load_adapter` rebuilds a model from a folder; :func:`load_adapter_weights` loads a folder
+into a model that exists (the best adapter before the test split), and :func:`load_adapter_tensors`
+loads tensors (a resume checkpoint's) -- the same key, shape and base checks for all three.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CobotMedError
+from .files import atomic_path, write_json
 from .model import ModelSpec, build_model
-from .peft.lora import LoraQkv
 from .sam import PromptableSam, file_sha256
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "cobot-med-adapter"
+VERSION = 2  # 2: the weights file's SHA-256 is recorded and checked
 
 
-class AdapterError(ValueError):
+class AdapterError(CobotMedError, ValueError):
     """An adapter checkpoint that cannot be used, with the file and the reason."""
 
 
@@ -43,38 +51,43 @@ def unwrap(model: torch.nn.Module) -> PromptableSam:
     return model
 
 
+def _merged(model: PromptableSam) -> bool:
+    return any(getattr(m, "merged", False) for m in model.sam.modules())
+
+
+def adapter_keys(model: PromptableSam) -> list[str]:
+    """The state-dict keys an adapter of ``model`` holds: all of them without a base checkpoint."""
+    return list(model.sam.state_dict()) if model.base_sha256 is None else list(model.adapter_keys)
+
+
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = unwrap(model)
-    if any(m.merged for m in model.modules() if isinstance(m, LoraQkv)):
+    if _merged(model):
         raise AdapterError("cannot save an adapter while LoRA weights are merged; unmerge first")
     state = model.sam.state_dict()
-    keys = list(state) if model.base_sha256 is None else model.adapter_keys
-    return {k: state[k].detach().cpu().contiguous().clone() for k in keys}
+    return {k: state[k].detach().cpu().contiguous().clone() for k in adapter_keys(model)}
 
 
 def save_adapter(model: torch.nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the adapter folder atomically (temporary names, then rename); returns the folder."""
+    """Write the adapter folder atomically (the weights, then the config that vouches for them)."""
     model = unwrap(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        weights_sha256 = file_sha256(tmp)
     config = {
         "format": FORMAT,
-        "version": 1,
+        "version": VERSION,
         "model": model.spec.to_dict(),
         "base_checkpoint_sha256": model.base_sha256,
+        "weights_sha256": weights_sha256,
         "full_weights": model.base_sha256 is None,
         "num_tensors": len(tensors),
         "num_parameters": int(sum(t.numel() for t in tensors.values())),
         **(extra or {}),
     }
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".safetensors.tmp", delete=False) as tmp:
-        weights_tmp = Path(tmp.name)
-    save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-    config_tmp = directory / f".{CONFIG_NAME}.tmp"
-    config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(weights_tmp, directory / WEIGHTS_NAME)
-    os.replace(config_tmp, directory / CONFIG_NAME)
+    write_json(directory / CONFIG_NAME, config)
     return directory
 
 
@@ -91,53 +104,139 @@ def resolve_adapter(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The config of an adapter folder, checked: its format, and a model spec that can be built."""
     config_path, _ = resolve_adapter(path)
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{config_path}: not valid JSON ({err})") from err
-    if config.get("format") != FORMAT or "model" not in config:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
         raise AdapterError(f"{config_path}: not a cobot-med adapter config")
+    config["spec"] = spec_of(config["model"], config_path)
     return config
 
 
-def load_adapter(
-    path: str | Path, sam_checkpoint: str | Path | None = None, map_location: str | torch.device = "cpu"
-) -> PromptableSam:
-    """Rebuild the model an adapter was trained as: base SAM (checked by SHA-256) + method + tensors."""
-    config = read_adapter_config(path)
-    _, weights = resolve_adapter(path)
-    spec = ModelSpec(**config["model"])
+def spec_of(model: Mapping[str, Any], source: Path | str) -> ModelSpec:
+    """The :class:`ModelSpec` an adapter config records; AdapterError for unknown fields or values."""
+    from .peft import METHODS
+    from .sam.build import ARCHITECTURES
+
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(model) - fields)
+    if unknown:
+        raise AdapterError(f"{source}: unknown model field(s) {unknown}; a cobot-med adapter has {sorted(fields)}")
+    if model.get("arch") not in ARCHITECTURES:
+        raise AdapterError(f"{source}: unknown arch {model.get('arch')!r}; known: {sorted(ARCHITECTURES)}")
+    if model.get("peft") not in METHODS:
+        raise AdapterError(f"{source}: unknown PEFT method {model.get('peft')!r}; known: {sorted(METHODS)}")
+    try:
+        return ModelSpec(**model)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{source}: the recorded model cannot be built ({err})") from None
+
+
+def check_base(config: Mapping[str, Any], source: Path | str, sam_checkpoint: str | Path | None = None,
+               base_sha256: str | None = None) -> str | None:
+    """The base checkpoint an adapter needs is the one given (by file, or by a loaded model's SHA-256)."""
     expected = config.get("base_checkpoint_sha256")
-    if expected and not sam_checkpoint:
-        raise AdapterError(
-            f"{weights}: this adapter belongs to a {spec.arch} SAM checkpoint (sha256 {expected[:12]}...); "
-            "pass that checkpoint (sam_checkpoint / --sam-checkpoint)"
-        )
-    if expected:
-        actual = file_sha256(sam_checkpoint)
-        if actual != expected:
-            raise AdapterError(
-                f"{weights}: trained on the SAM checkpoint with sha256 {expected[:12]}..., "
-                f"but {sam_checkpoint} has sha256 {actual[:12]}...; load it onto the checkpoint it was trained on"
-            )
-    model = build_model(spec, sam_checkpoint if expected else None)
+    if not expected:
+        return None
+    spec = config["spec"]
+    if base_sha256 is None and sam_checkpoint:
+        base_sha256 = file_sha256(sam_checkpoint)
+    if base_sha256 is None:
+        raise AdapterError(f"{source}: this adapter belongs to a {spec.arch} checkpoint (sha256 {expected[:12]}...); "
+                           "pass that checkpoint (sam_checkpoint / --sam-checkpoint)")
+    if base_sha256 != expected:
+        given = str(sam_checkpoint) if sam_checkpoint else "the model's base"
+        raise AdapterError(f"{source}: trained on the checkpoint with sha256 {expected[:12]}..., but {given} has "
+                           f"sha256 {base_sha256[:12]}...; load it onto the checkpoint it was trained on")
+    return expected
+
+
+def read_weights(path: str | Path, config: Mapping[str, Any] | None = None,
+                 map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder, after checking the file is the one its config vouches for."""
+    config = dict(config or read_adapter_config(path))
+    _, weights = resolve_adapter(path)
+    expected = config.get("weights_sha256")
+    if expected and file_sha256(weights) != expected:
+        raise AdapterError(f"{weights}: the file's SHA-256 differs from the one recorded in {CONFIG_NAME} when it "
+                           "was saved: it is damaged or was changed; use a good copy of the adapter")
     try:
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as err:
-        raise AdapterError(f"{weights}: unreadable safetensors file ({err})") from err
-    tensors = {k.removeprefix("module.").removeprefix("sam."): v for k, v in tensors.items()}
-    wanted = set(model.sam.state_dict()) if config.get("full_weights") else set(model.adapter_keys)
+        raise AdapterError(f"{weights}: unreadable safetensors file ({err})") from None
+    return {k.removeprefix("module.").removeprefix("sam."): v for k, v in tensors.items()}
+
+
+def load_adapter_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Load adapter ``tensors`` into ``model``: exactly the model's adapter keys, every shape equal."""
+    model = unwrap(model)
+    wanted = set(adapter_keys(model))
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or unexpected:
+        spec = model.spec
         raise AdapterError(
-            f"{weights}: keys do not match a {spec.arch}/{spec.peft} model: "
+            f"{source}: keys do not match a {spec.arch}/{spec.peft} model: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    device = next(model.parameters()).device
     try:
-        model.sam.load_state_dict(tensors, strict=bool(config.get("full_weights")))
+        model.sam.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=model.base_sha256 is None)
     except RuntimeError as err:
-        raise AdapterError(f"{weights}: tensor shapes do not match the model ({err})") from err
-    model.base_sha256 = expected
+        raise AdapterError(f"{source}: tensor shapes do not match the model ({err})") from None
+
+
+def load_adapter_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the adapter folder ``path`` into ``model`` (built with the same spec on the same base); its config."""
+    target = unwrap(model)
+    config = read_adapter_config(path)
+    spec = config["spec"]
+    ours = target.spec
+    differs = [name for name in ("arch", "peft", "image_size", "peft_options")
+               if _canonical(getattr(spec, name)) != _canonical(getattr(ours, name))]
+    if differs:
+        raise AdapterError(f"{path}: the adapter is {spec.arch}/{spec.peft} at {spec.image_size} px, the network "
+                           f"{ours.arch}/{ours.peft} at {ours.image_size} px (differs in {', '.join(differs)})")
+    if bool(config.get("full_weights")) != (target.base_sha256 is None):
+        raise AdapterError(f"{path}: the adapter and the network do not agree on a base checkpoint")
+    check_base(config, path, base_sha256=target.base_sha256)
+    load_adapter_tensors(target, read_weights(path, config), resolve_adapter(path)[1])
+    return config
+
+
+SPEED_FIELDS = ("attention", "skip_window_padding", "gradient_checkpointing")
+
+
+def _canonical(value: Any) -> str:
+    """A value as JSON records it (tuples become lists), for comparing a recorded spec with a live one."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def load_adapter(path: str | Path, sam_checkpoint: str | Path | None = None,
+                 map_location: str | torch.device = "cpu", speed: Mapping[str, Any] | None = None) -> PromptableSam:
+    """Rebuild the model an adapter was trained as: base (checked by SHA-256) + method + its tensors.
+
+    ``speed``: speed switches of the spec to run it with instead of the recorded ones (exact: same outputs).
+    """
+    config = read_adapter_config(path)
+    base = check_base(config, path, sam_checkpoint=sam_checkpoint)
+    unknown = sorted(set(speed or {}) - set(SPEED_FIELDS))
+    if unknown:
+        raise AdapterError(f"{path}: only the speed switches {list(SPEED_FIELDS)} can be changed, not {unknown}")
+    spec = dataclasses.replace(config["spec"], **dict(speed or {}))
+    model = build_model(spec, sam_checkpoint if base else None)
+    load_adapter_tensors(model, read_weights(path, config), resolve_adapter(path)[1])
     return model.to(map_location)
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 of tensors by name (what made a prediction, for records that must name their model)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

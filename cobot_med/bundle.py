@@ -1,37 +1,48 @@
-"""Run the repository's MONAI bundles from Python (the demo, sweeps and inference use this)."""
+"""The repository's MONAI bundles: find them, layer them, run them from Python.
+
+A run is ``bundles/common.json`` (the workflow and every default) with a dataset layer on top
+(``bundles/adome.json``...), and optionally more layers (``bundles/multi_gpu.json``), exactly as
+``python -m monai.bundle run ID --config_file "['bundles/common.json','bundles/adome.json']"`` does; nothing
+depends on the working directory. A dataset layer run on its own says how to run it.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import cobot_med
 
+from .errors import SettingsError
 
-class BundleNotFound(FileNotFoundError):
-    pass
+WORKFLOW = "common.json"
+_workflow_loaded = False
+
+
+class BundleNotFound(SettingsError, FileNotFoundError):
+    """A bundle name or config file that does not exist."""
 
 
 def repository_root() -> Path:
-    """The folder holding ``bundles/`` and ``transforms/`` (bundle macros are relative to it)."""
-    candidates = [Path.cwd(), Path(cobot_med.__file__).resolve().parents[1]]
+    """The folder holding ``bundles/`` and ``transforms/``: next to the package (a source checkout), else
+    ``$COBOT_MED_ROOT``, else the working directory."""
+    candidates = [Path(cobot_med.__file__).resolve().parents[1]]
     if os.environ.get("COBOT_MED_ROOT"):
-        candidates.insert(0, Path(os.environ["COBOT_MED_ROOT"]))
+        candidates.append(Path(os.environ["COBOT_MED_ROOT"]))
+    candidates.append(Path.cwd())
     for root in candidates:
-        if (root / "bundles" / "common.json").is_file() and (root / "transforms").is_dir():
+        if (root / "bundles" / WORKFLOW).is_file() and (root / "transforms").is_dir():
             return root
     raise BundleNotFound(
-        "cannot find the bundles/ and transforms/ folders: run from the cobot-med repository root "
-        "or set COBOT_MED_ROOT to it"
-    )
+        "cannot find the bundles/ and transforms/ folders of cobot-med: install the package from its repository "
+        "(pip install -e .) or set COBOT_MED_ROOT to the repository")
 
 
 def bundle_path(name_or_path: str | Path) -> Path:
-    """``adome`` or ``bundles/adome.json`` -> the config file."""
+    """``adome`` or ``bundles/adome.json`` (relative to the working directory or the repository) -> the file."""
     path = Path(name_or_path)
-    if path.suffix != ".json":
+    if path.suffix not in (".json", ".yaml", ".yml"):
         path = repository_root() / "bundles" / f"{name_or_path}.json"
     elif not path.is_absolute() and not path.is_file():
         path = repository_root() / path
@@ -40,22 +51,36 @@ def bundle_path(name_or_path: str | Path) -> Path:
     return path.resolve()
 
 
-@contextlib.contextmanager
-def in_repository() -> Iterator[Path]:
-    """Work from the repository root while a bundle runs (its ``%file::id`` macros are cwd-relative)."""
-    root, previous = repository_root(), Path.cwd()
-    os.chdir(root)
-    try:
-        yield root
-    finally:
-        os.chdir(previous)
+def config_files(config: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The layers of a run: the workflow first (added when a dataset layer is given alone), then the rest."""
+    items = [config] if isinstance(config, (str, Path)) else list(config)
+    parts = [part for item in items for part in (str(item).split(",") if isinstance(item, str) else [item]) if part]
+    files = [bundle_path(part) for part in parts]
+    workflow = repository_root() / "bundles" / WORKFLOW
+    if all(f.name != WORKFLOW for f in files):
+        files.insert(0, workflow.resolve())
+    return files
 
 
-def run_bundle(config: str | Path, run_id: str = "training", **overrides: Any) -> None:
-    """``python -m monai.bundle run RUN_ID --config_file CONFIG --key value ...`` in this process."""
+def run_bundle(config: str | Path | Sequence[str | Path], run_id: str = "training", **overrides: Any) -> None:
+    """``python -m monai.bundle run RUN_ID --config_file LAYERS --key value ...`` in this process."""
     from monai.bundle import run
 
-    config_file = bundle_path(config)
-    with in_repository() as root:
-        run(run_id, config_file=str(config_file), meta_file=str(root / "bundles" / "metadata.json"),
-            logging_file=str(root / "bundles" / "logging.conf"), **overrides)
+    files = config_files(config)
+    run(run_id, config_file=[str(f) for f in files], **overrides)
+
+
+def mark_workflow_loaded() -> None:
+    """Called first by the workflow's ``initialize``; a dataset layer's check then knows it is not alone."""
+    global _workflow_loaded
+    _workflow_loaded = True
+
+
+def require_workflow(dataset: str) -> None:
+    """A dataset layer's ``initialize`` item: run without the workflow beneath, it says how to run it."""
+    global _workflow_loaded
+    loaded, _workflow_loaded = _workflow_loaded, False
+    if not loaded:
+        raise SettingsError(
+            f"bundles/{dataset}.json holds the {dataset} settings only; run it on the workflow: python -m monai.bundle "
+            f"run training --config_file \"['bundles/common.json','bundles/{dataset}.json']\" [--key value ...]")

@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
 
 from cobot_med.adapter import CONFIG_NAME
-from cobot_med.engine.evaluation import (
-    SliceDiceMetric,
-    label_prompts,
-    merge_organs,
-    organ_channels,
-    predict_volume,
-    tight_boxes,
-)
+from cobot_med.data.boxes import MaskToBoxesd, mask_boxes
 from cobot_med.engine.losses import PeftLoss
+from cobot_med.engine.network import make_optimizer
 from cobot_med.engine.prepare import PrepareSliceBatch
-from cobot_med.engine.setup import (
-    SettingsError,
-    build_network,
-    check_distributed_split,
-    check_model_settings,
-    make_optimizer,
-)
-from cobot_med.handlers import AdapterSaver, ResumeCheckpoint, StopOnNanLoss
+from cobot_med.handlers import AdapterSaver, EpochSeeds, ResumeCheckpoint, StopOnNanLoss
 from cobot_med.handlers.nan_guard import NonFiniteLossError
+from cobot_med.metrics import OrganDiceMetric, SliceDiceMetric, dice
 from cobot_med.model import ModelSpec, build_model
+from cobot_med.predict import SlicePredictor, from_labels, organ_channels, predict_volume, to_label_map
+from cobot_med.settings import load_settings
 
 
 def tiny(peft="lora+cobot", size=64):
@@ -36,25 +27,42 @@ def tiny(peft="lora+cobot", size=64):
     return build_model(ModelSpec(arch="tiny", image_size=size, peft=peft))
 
 
-def test_tight_boxes_and_exclusive_edges():
+def test_tight_boxes_have_exclusive_ends_as_an_array_and_a_dictionary_transform():
     label = torch.zeros(1, 10, 12, 3)
     label[0, 2:5, 3:9, 1] = 4
-    boxes, present = label_prompts(label, [4, 7])
+    prompts = from_labels(label, {"a": 4, "b": 7})
+    boxes, present = prompts.fixed()
     assert present.tolist() == [[False, False], [True, False], [False, False]]
     assert boxes[1, 0].tolist() == [3.0, 2.0, 9.0, 5.0]  # x along columns (Y), y along rows (X), ends exclusive
     assert boxes[0].abs().sum() == 0 and boxes[1, 1].abs().sum() == 0
-    raw, _ = tight_boxes(organ_channels(label, [4]).permute(3, 0, 1, 2).bool())
-    assert raw[1, 0].tolist() == [3.0, 2.0, 8.0, 4.0]
+    masks = organ_channels(label, [4]).permute(3, 0, 1, 2)  # (Z, K, X, Y)
+    out = MaskToBoxesd("masks", box_keys="b", present_keys="p")({"masks": masks})
+    assert torch.equal(out["b"], boxes[:, :1]) and torch.equal(out["p"], present[:, :1])
+    single, found = mask_boxes(torch.zeros(5, 5, dtype=torch.bool))
+    assert not found and single.tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
-def test_merge_organs_resolves_overlaps_by_probability():
+def test_label_map_resolves_overlaps_by_probability():
     probs = torch.zeros(2, 2, 2, 1)
     probs[0, 0, 0, 0], probs[1, 0, 0, 0] = 0.9, 0.6  # both organs claim this voxel: organ 0 is surer
     probs[0, 1, 1, 0], probs[1, 1, 1, 0] = 0.55, 0.8
     probs[1, 0, 1, 0] = 0.4  # below threshold: background
-    merged = merge_organs(probs, [3, 9])
+    merged = to_label_map(probs, [3, 9])
     assert merged.dtype == torch.uint8
     assert merged[0, ..., 0].tolist() == [[3, 0], [0, 9]]
+
+
+def test_dice_policy_counts_one_sided_empties_and_skips_double_empties():
+    ref = torch.zeros(3, 4, 4, 2, dtype=torch.bool)
+    pred = torch.zeros_like(ref)
+    ref[0, :2, :2] = True
+    pred[0, :2, :1] = True  # 2*4/(4+8) = 2/3
+    pred[1, 0, 0, 0] = True  # reference empty, prediction not: 0, counted
+    values = dice(pred, ref)  # organ 2: both empty -> NaN, not counted
+    assert values[0].item() == pytest.approx(2 / 3) and values[1].item() == 0 and torch.isnan(values[2])
+    metric = OrganDiceMetric()
+    metric(pred[None].float(), ref[None].float())
+    assert metric.aggregate().item() == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_slice_dice_pools_over_slices_with_reference():
@@ -71,18 +79,18 @@ def test_slice_dice_pools_over_slices_with_reference():
     assert torch.isclose(mean, torch.tensor((1 + 2 / 3) / 2))
 
 
-def test_predict_volume_skips_slices_without_prompts():
+def test_predictor_skips_slices_without_prompts():
     network = tiny("frozen")
     calls = []
     network.sam.image_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     volume = torch.rand(30, 40, 7) * 255
     label = torch.zeros(1, 30, 40, 7)
     label[0, 5:20, 8:30, 2:5] = 1
-    boxes, present = label_prompts(label, [1])
-    probs = predict_volume(network, volume, boxes, present, image_size=64, batch_size=2)
+    probs, used = predict_volume(SlicePredictor(network, "cpu", batch_size=2), volume, from_labels(label, {"x": 1}))
     assert probs.shape == (1, 30, 40, 7)
     assert sum(calls) == 3  # slices 2, 3, 4 only, in batches of two: 2 + 1
     assert (probs[..., [0, 1, 5, 6]] == 0).all() and (probs[..., 2:5] > 0).all()
+    assert sorted(used[0]) == [2, 3, 4]
 
 
 def test_prepare_batch_packs_present_organs():
@@ -113,19 +121,6 @@ def test_peft_loss_adds_conv_lora_aux_loss():
     assert "network" not in dict(loss.named_modules())  # the network is referenced, not owned
 
 
-def test_settings_errors_are_clear(tmp_path):
-    with pytest.raises(SettingsError, match="sam_checkpoint is empty.*sam_vit_b_01ec64.pth"):
-        check_model_settings("vit_b", 1024, "lora", "")
-    with pytest.raises(SettingsError, match="unknown peft method 'lora-cobot'"):
-        check_model_settings("tiny", 64, "lora-cobot", "")
-    with pytest.raises(SettingsError, match="multiple of the patch size"):
-        check_model_settings("tiny", 100, "lora", "")
-    with pytest.raises(SettingsError, match="does not exist"):
-        check_model_settings("vit_b", 1024, "lora", str(tmp_path / "missing.pth"))
-    with pytest.raises(SettingsError, match="not an adapter checkpoint"):
-        build_network("tiny", 64, "lora", adapter=str(tmp_path))
-
-
 def test_nan_loss_stops_with_a_message():
     engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan"))})
     StopOnNanLoss().attach(engine)
@@ -133,9 +128,16 @@ def test_nan_loss_stops_with_a_message():
         engine.run([0, 1], max_epochs=1)
 
 
+def _session(tmp_path, checkpoint=None):
+    """The parts of a TrainingSession the checkpoint handler reads."""
+    return types.SimpleNamespace(identity={"peft": "lora"}, run_key="k1", run_name="r-k1",
+                                 checkpoint_path=tmp_path / "resume.pt", checkpoint=checkpoint)
+
+
 def test_resume_checkpoint_restores_epoch_optimizer_and_adapter(tmp_path):
     network = tiny("lora")
-    optimizer = make_optimizer(network, lr=1e-2)
+    settings = types.SimpleNamespace(lr=1e-2, cobot_lr=1e-2, weight_decay=0.0)
+    optimizer = make_optimizer(network, settings)
     images, boxes = torch.rand(1, 3, 64, 64) * 255, torch.tensor([[[4.0, 4, 50, 50]]])
 
     def step(engine, batch):
@@ -146,16 +148,20 @@ def test_resume_checkpoint_restores_epoch_optimizer_and_adapter(tmp_path):
         return {"loss": loss.detach()}
 
     first = Engine(step)
-    ResumeCheckpoint(tmp_path / "resume.pt", network, optimizer).attach(first)
+    ResumeCheckpoint(_session(tmp_path), network, optimizer).attach(first)
     first.run([0, 1], max_epochs=2)
     trained = {k: v.clone() for k, v in network.sam.state_dict().items() if "lora_B" in k}
 
+    from cobot_med.engine.session import read_checkpoint
+
+    state = read_checkpoint(tmp_path / "resume.pt")
+    assert state["run_key"] == "k1" and state["identity"] == {"peft": "lora"} and not state["finished"]
     fresh = tiny("lora")
-    fresh_optimizer = make_optimizer(fresh, lr=1e-2)
+    fresh_optimizer = make_optimizer(fresh, settings)
     second = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
     epochs_run = []
     second.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs_run.append(e.state.epoch))
-    ResumeCheckpoint(tmp_path / "resume.pt", fresh, fresh_optimizer).attach(second)
+    ResumeCheckpoint(_session(tmp_path, state), fresh, fresh_optimizer).attach(second)
     second.run([0, 1], max_epochs=3)
     assert epochs_run == [3]  # epochs 1-2 were done before the interruption
     for key, value in trained.items():
@@ -166,10 +172,10 @@ def test_resume_checkpoint_restores_epoch_optimizer_and_adapter(tmp_path):
 def test_resume_checkpoint_is_written_after_every_other_end_of_epoch_handler(tmp_path):
     """A kill between logging and checkpointing must redo the epoch, not lose its log."""
     network = tiny("lora")
-    optimizer = make_optimizer(network, lr=1e-2)
+    optimizer = make_optimizer(network, types.SimpleNamespace(lr=1e-2, cobot_lr=1e-2, weight_decay=0.0))
     engine = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
     path = tmp_path / "resume.pt"
-    ResumeCheckpoint(path, network, optimizer).attach(engine)
+    ResumeCheckpoint(_session(tmp_path), network, optimizer).attach(engine)
     seen = []  # attached after the checkpoint handler, like MLflow logging in the bundles
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(path.is_file()))
     engine.run([0], max_epochs=2)
@@ -178,24 +184,47 @@ def test_resume_checkpoint_is_written_after_every_other_end_of_epoch_handler(tmp
     assert sum(1 for h, *_ in engine._event_handlers[Events.EPOCH_COMPLETED] if h == ResumeCheckpoint.save) <= 1
 
 
-def test_adapter_saver_keeps_the_best(tmp_path):
+def test_epoch_seeds_make_every_epoch_depend_on_its_number_only():
+    from cobot_med.data.slices import BoxPromptsd
+
+    def draws(start_epoch, epochs):
+        jitter = BoxPromptsd(image_size=64, jitter=50)
+        seen = []
+        engine = Engine(lambda e, b: seen.append((e.state.epoch, torch.rand(1).item(), jitter.R.randint(1000))))
+        EpochSeeds(seed=3, transform=jitter).attach(engine)
+        if start_epoch:  # as ResumeCheckpoint loads a killed run's progress
+            engine.load_state_dict({"epoch": start_epoch, "epoch_length": 1, "max_epochs": epochs})
+        engine.run([0], max_epochs=epochs)
+        return seen
+
+    uninterrupted = draws(0, 3)
+    resumed = draws(1, 3)  # epoch 1 was done before a kill
+    assert resumed == uninterrupted[1:]
+    assert uninterrupted[0][1:] != uninterrupted[1][1:]
+
+
+def test_adapter_saver_keeps_the_best_of_its_own_run(tmp_path):
     network = tiny("lora")
     scores = iter([0.3, 0.5, 0.4])
     engine = Engine(lambda e, b: None)
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_dsc=next(scores)))
-    AdapterSaver(tmp_path / "best", network, key_metric_name="val_dsc").attach(engine)
+    AdapterSaver(tmp_path / "best", network, key_metric_name="val_dsc", run_key="k1").attach(engine)
     engine.run([0], max_epochs=3)
     config = json.loads((tmp_path / "best" / CONFIG_NAME).read_text())
-    assert config["metric"]["val_dsc"] == 0.5 and config["epoch"] == 2
-    again = AdapterSaver(tmp_path / "best", network, key_metric_name="val_dsc")
-    assert again.best == 0.5  # survives a restart
+    assert config["metric"]["val_dsc"] == 0.5 and config["epoch"] == 2 and config["run_key"] == "k1"
+    assert AdapterSaver(tmp_path / "best", network, key_metric_name="val_dsc", run_key="k1").best == 0.5
+    assert AdapterSaver(tmp_path / "best", network, key_metric_name="val_dsc", run_key="k2").best == -float("inf")
 
 
-def test_distributed_runs_need_a_case_per_process_to_evaluate():
-    split = {"training": [{}] * 6, "validation": [{}] * 2, "test": [{}]}
-    check_distributed_split(split, world_size=1)
-    with pytest.raises(SettingsError, match=r"the test split has 1 case\(s\) but 2 processes were started"):
-        check_distributed_split(split, world_size=2)
-    with pytest.raises(SettingsError, match=r"the validation split has 2 case\(s\) but 4 processes"):
-        check_distributed_split(split, world_size=4)
-    check_distributed_split({"training": [{}], "validation": [], "test": []}, world_size=4)  # nothing to evaluate
+def test_settings_are_checked_once_with_clear_messages(tmp_path):
+    from cobot_med.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="unknown peft 'lora-cobot'"):
+        load_settings("adome", peft="lora-cobot")
+    with pytest.raises(SettingsError, match="multiple of the patch size"):
+        load_settings("adome", arch="tiny", image_size=100)
+    with pytest.raises(SettingsError, match="lr must be > 0"):
+        load_settings("adome", lr=-1e-3)
+    settings = load_settings("adome", dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+    with pytest.raises(SettingsError, match="sam_checkpoint is empty.*sam_vit_b_01ec64.pth"):
+        settings.check("training")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 HELP = "compare finished runs of an MLflow tracking store: test DSC per method and dataset, per organ, paper beside"
 
@@ -30,12 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import format_markdown, load_runs, summarize, write_report
+    from ..engine.checks import check_output_dir
 
-    try:
-        runs = load_runs(args.tracking_uri, args.experiment)
-    except (FileNotFoundError, LookupError) as err:
-        print(f"cobot-med compare: {err}", file=sys.stderr)
-        return 2
+    check_output_dir(Path(args.out).absolute())
+    runs = load_runs(args.tracking_uri, args.experiment)
     summary = summarize(runs, paper={} if args.no_paper else None)
     print(format_markdown(summary, args.digits), end="")
     paths = write_report(summary, args.out, args.digits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 HELP = "scan a dataset folder in its layout and write a training/validation/test datalist (split by case)"
 
@@ -21,17 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.datalist import scan_cases, split_cases, write_datalist
     from ..data.validation import DataError
+    from ..errors import SettingsError
 
+    if Path(args.out).is_dir():
+        raise SettingsError(f"--out {args.out} is a folder; give the datalist a file name, e.g. {Path(args.out) / 'datalist.json'}")
+    cases, problems = scan_cases(args.layout, args.data)
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    if not cases:
+        raise DataError(f"{args.data}: no usable cases in the {args.layout} layout")
     try:
-        cases, problems = scan_cases(args.layout, args.data)
-        for problem in problems:
-            print(f"skipped {problem}", file=sys.stderr)
-        if not cases:
-            raise DataError(f"{args.data}: no usable cases in the {args.layout} layout")
         datalist = split_cases(cases, args.val_fraction, args.test_fraction, args.seed)
-    except (DataError, ValueError) as err:
-        print(f"cobot-med datalist: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
     path = write_datalist(datalist, args.out, layout=args.layout, seed=args.seed,
                           val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     counts = ", ".join(f"{split} {len(items)}" for split, items in datalist.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 HELP = "make AbdomenCT-1K-layout phantoms and fine-tune a tiny SAM with lora+cobot through the adome bundle"
@@ -18,47 +19,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mlflow
-
     from ..bundle import run_bundle
     from ..data.phantoms import make_phantoms
-    from ..engine.setup import experiment_name, run_name, tracking_uri
+    from ..engine.tracking import client, find_run, resolve_tracking_uri
 
     out = Path(args.out).absolute()
     data_dir, output_dir = out / "phantoms" / "adome", out / "outputs" / "adome"
     if not data_dir.is_dir():
         print(f"making {args.cases} AbdomenCT-1K-layout phantoms in {data_dir}")
         make_phantoms("adome", data_dir, cases=args.cases, seed=args.seed)
-    uri = tracking_uri("", output_dir)
-    run_bundle(
-        "adome",
-        "training",
-        dataset_dir=str(data_dir),
-        arch="tiny",
-        image_size=args.image_size,
-        peft=args.peft,
-        epochs=args.epochs,
-        seed=args.seed,
-        output_dir=str(output_dir),
-        lr=2e-3,
-        cobot_lr=2e-3,
-        val_at_start=True,
-        resume=False,
-    )
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(experiment_name("adome"))
-    name = run_name("adome", args.peft, "tiny", args.image_size, args.seed)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "val_dsc"), key=lambda m: m.step)
+    run_bundle("adome", "training", dataset_dir=str(data_dir), arch="tiny", image_size=args.image_size,
+               peft=args.peft, epochs=args.epochs, seed=args.seed, output_dir=str(output_dir), lr=2e-3,
+               cobot_lr=2e-3, val_at_start=True, overwrite=True)
+    record = json.loads((output_dir / "resolved_settings.json").read_text())
+    uri = resolve_tracking_uri("", output_dir)
+    run = find_run(uri, "cobot-med/adome", record["run_name"])
+    history = sorted(client(uri).get_metric_history(run.info.run_id, "val_dsc"), key=lambda m: m.step)
     before, after = history[0].value, max(m.value for m in history[1:])
-    test = runs[0].data.metrics.get("test_dsc")
+    test = run.data.metrics.get("test_dsc")
     print("\ncobot-med demo finished")
     print(f"  validation DSC before training: {before:.4f}")
     print(f"  validation DSC after training:  {after:.4f} (best epoch)")
     if test is not None:
         print(f"  test DSC (best adapter):        {test:.4f}")
-    print(f"  MLflow run:   {runs[0].info.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
+    print(f"  MLflow run:   {run.info.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
     print(f"  adapter:      {output_dir / 'adapter_best'}")
     print(f"  predictions:  {output_dir / 'val_predictions'} (validation), {output_dir / 'test_predictions'} (test)")
     print(f"  pictures:     {output_dir / 'overlays'}, {output_dir / 'loss_curve.png'}")

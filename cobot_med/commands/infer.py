@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "segment a folder of NIfTI volumes / DICOM series with box prompts (labels, 3D boxes or key slices)"
@@ -16,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "evaluation: ... --labels labels/ (docs/inference.md)"
     )
     parser.add_argument("--config", required=True,
-                        help="the dataset bundle (label map, CT window), e.g. bundles/adome.json")
+                        help="the dataset bundle (label map, CT window), e.g. bundles/adome.json or adome")
     parser.add_argument("--input", required=True,
                         help="folder of .nii/.nii.gz volumes and DICOM folders (never written)")
     parser.add_argument("--output", required=True, help="folder for <case>_seg.nii.gz and the other outputs")
@@ -35,70 +34,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="slices per model call (bundle: eval_batch_size)")
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probability maps")
     parser.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in mm (default 2)")
-    parser.add_argument("--no-amp", action="store_true", help="full precision (default: the bundle's amp)")
+    parser.add_argument("--amp", default=None, help="auto (default: what the device runs fast), true, false, bf16, fp16")
+    parser.add_argument("--no-amp", action="store_true", help="full precision (the same as --amp false)")
     parser.add_argument("--attention", default=None, choices=["onehot", "sdpa", "eager"],
-                        help="attention kind (default: the bundle's, onehot; the same math, BENCHMARKS.md)")
+                        help="attention kind (default: the model's; the same math, BENCHMARKS.md)")
     parser.add_argument("--no-merge", action="store_true", help="keep LoRA branches unmerged (default: merged)")
     parser.add_argument("--arch", default=None, help="zero-shot only: SAM architecture (default: the bundle's)")
     parser.add_argument("--image-size", type=int, default=None, help="zero-shot only: model input size")
 
 
-def bundle_overrides(args: argparse.Namespace, config: dict) -> dict:
-    """The bundle overrides for these arguments: paths made absolute (the bundle runs from the repository root),
-    and every setting the inference id needs that the bundle does not define yet."""
-    from ..inference.runner import BUNDLE_SETTINGS
+def bundle_overrides(args: argparse.Namespace) -> dict:
+    """The bundle settings for these arguments (paths absolute, so the run does not depend on the folder)."""
 
     def absolute(path: str | None) -> str:
         return str(Path(path).absolute()) if path else ""
 
     overrides: dict = {
-        "input_dir": absolute(args.input),
-        "output_dir": absolute(args.output),
-        "labels_dir": absolute(args.labels),
-        "boxes_file": absolute(args.boxes),
-        "adapter": absolute(args.adapter),
-        "sam_checkpoint": absolute(args.sam_checkpoint),
-        "infer_organs": ",".join(args.organs or []),
-        "overwrite": bool(args.overwrite),
+        "input_dir": absolute(args.input), "output_dir": absolute(args.output), "labels_dir": absolute(args.labels),
+        "boxes_file": absolute(args.boxes), "adapter": absolute(args.adapter),
+        "sam_checkpoint": absolute(args.sam_checkpoint), "infer_organs": ",".join(args.organs or []),
+        "overwrite": bool(args.overwrite), "probability_maps": bool(args.probabilities),
     }
-    if args.probabilities:
-        overrides["probability_maps"] = True
     optional = {"device": args.device, "eval_batch_size": args.batch_size, "nsd_tolerance_mm": args.nsd_tolerance,
-                "arch": args.arch, "image_size": args.image_size, "amp": False if args.no_amp else None,
+                "arch": args.arch, "image_size": args.image_size, "amp": "false" if args.no_amp else args.amp,
                 "attention": args.attention, "merge_adapters": False if args.no_merge else None}
     overrides.update({k: v for k, v in optional.items() if v is not None})
-    for key, default in BUNDLE_SETTINGS.items():
-        if key not in overrides and key not in config:
-            overrides[key] = default
-    if "inference" not in config:
-        overrides["inference"] = "%bundles/common.json::inference"
     return overrides
 
 
 def run(args: argparse.Namespace) -> int:
-    from monai.bundle import ConfigParser
+    from ..bundle import run_bundle
 
-    from ..bundle import BundleNotFound, bundle_path, run_bundle
-    from ..engine.setup import SettingsError
-    from ..inference import InferenceFailed, InputError, PromptError
-    from ..inference.runner import FINAL_ID, INIT_ID
-
-    try:
-        config_file = bundle_path(args.config)
-    except BundleNotFound as err:
-        print(f"cobot-med infer: {err}", file=sys.stderr)
-        return 2
-    config = ConfigParser.load_config_file(str(config_file))
-    try:
-        run_bundle(config_file, "inference", init_id=INIT_ID, final_id=FINAL_ID, **bundle_overrides(args, config))
-    except Exception as err:  # noqa: BLE001 - MONAI wraps the runner's errors; report the one that says what to do
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, (InferenceFailed, InputError, PromptError, SettingsError)):
-            cause = cause.__cause__
-        if isinstance(cause, InferenceFailed):
-            return 1  # the summary, naming each failed case and its reason, is already printed
-        if cause is not None:
-            print(f"cobot-med infer: {cause}", file=sys.stderr)
-            return 2
-        raise
+    run_bundle(args.config, "inference", **bundle_overrides(args))
     return 0

@@ -18,7 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..data.phantoms import make_phantoms
+    from ..errors import SettingsError
+
+    if any(n < 8 for n in args.shape):
+        raise SettingsError(f"--shape {' '.join(map(str, args.shape))}: every side needs at least 8 voxels")
+    if args.cases < 1:
+        raise SettingsError(f"--cases {args.cases}: make at least one case")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SettingsError(f"--out {args.out} is a file, not a folder")
 
     out = make_phantoms(args.layout, args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape))
     print(f"wrote {args.cases} {args.layout} phantom cases to {out}")

@@ -23,7 +23,15 @@ def run(args: argparse.Namespace) -> int:
     from ..model import ModelSpec, build_model
     from ..peft import count_parameters
 
-    spec = ModelSpec(arch=args.arch, image_size=args.image_size, peft=args.peft, peft_options=json.loads(args.options))
+    from ..errors import SettingsError
+    from ..peft import METHODS
+
+    try:
+        options = json.loads(args.options)
+        METHODS[args.peft].make_config(options)
+        spec = ModelSpec(arch=args.arch, image_size=args.image_size, peft=args.peft, peft_options=options)
+    except (ValueError, TypeError) as err:
+        raise SettingsError(f"--options {args.options}: {err}") from None
     model = build_model(spec)
     counts = count_parameters(model.sam)
     if args.json:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 HELP = "train and evaluate every PEFT method over seeds, one MLflow run each; skips pairs already finished"
 
@@ -18,13 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "example: cobot-med sweep --config bundles/adome.json --peft lora,lora+cobot --seeds 3 "
         "--dataset_dir data/adome --output_dir outputs/sweep -- --lr 1e-4"
     )
-    parser.add_argument("--config", required=True, help="the bundle config, e.g. bundles/adome.json")
+    parser.add_argument("--config", required=True, help="the dataset bundle, e.g. bundles/adome.json or adome")
     parser.add_argument("--peft", required=True, nargs="+", metavar="NAMES",
                         help="PEFT methods, comma- or space-separated, e.g. lora,lora+cobot")
     parser.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or seeds separated by commas")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking store for the runs and the skip check (default: the bundle's "
-                        "tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+                        "tracking_uri, else $MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db)")
     for name in PASSED_THROUGH:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*flags, dest=name, default=None, help=f"bundle override {name}")
@@ -35,25 +34,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import SettingsError
     from ..peft import METHODS
     from ..sweep import parse_methods, parse_seeds, run_sweep
 
     methods = parse_methods(args.peft)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        print(f"cobot-med sweep: unknown PEFT method {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}",
-              file=sys.stderr)
-        return 2
+        raise SettingsError(f"unknown PEFT method {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as err:
-        print(f"cobot-med sweep: {err}", file=sys.stderr)
-        return 2
+        raise SettingsError(str(err)) from None
     overrides = []
     for name in PASSED_THROUGH:
         value = getattr(args, name)
         if value is not None:
-            if name in ("dataset_dir", "output_dir"):  # given from here; the bundles run from the repository root
+            if name in ("dataset_dir", "output_dir"):  # relative to where the user is, whatever runs the pair
                 value = os.path.abspath(value)
             overrides += [f"--{name}", str(value)]
     rest = list(args.overrides)

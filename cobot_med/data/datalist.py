@@ -9,13 +9,12 @@ Paths are written absolute; relative paths in a hand-written file are taken rela
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import logging
 from pathlib import Path
 
 from monai.data import load_decathlon_datalist, partition_dataset
 
+from ..files import write_json
 from .layouts import get_layout
 from .validation import DataError
 
@@ -102,13 +101,10 @@ def split_cases(cases: list[dict], val_fraction: float = 0.2, test_fraction: flo
 def write_datalist(datalist: dict, path: str | Path, **description: object) -> Path:
     """Write ``datalist`` (splits of items) as JSON, with ``description`` keys (``layout``, ``seed``...) first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the datalist a file name (e.g. {path / 'datalist.json'})")
     content = {**description, **{split: datalist.get(split, []) for split in SPLITS}}
-    # a unique temporary name, then rename: every rank of a distributed run writes the same split
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(json.dumps(content, indent=2))
-    os.replace(tmp.name, path)
-    return path
+    return write_json(path, content)
 
 
 def load_datalist(path: str | Path) -> dict[str, list[dict]]:
@@ -130,6 +126,14 @@ def load_datalist(path: str | Path) -> dict[str, list[dict]]:
             out[split] = []
             continue
         items = content[split]
+        if not isinstance(items, list):
+            raise DataError(f"{path}: '{split}' must be a list of {{'image', 'label'}} items")
+        for number, item in enumerate(items):
+            if isinstance(item, dict) and "image" not in item:
+                raise DataError(f"{path}: item {number} of '{split}' has no 'image' ({item})")
+            if split != "test" and isinstance(item, dict) and "label" not in item:
+                raise DataError(f"{path}: item {number} of '{split}' has no 'label' ({item}); "
+                                f"{split} cases need their reference label")
         if split == "test" and not isinstance(items[0], dict):  # MSD style: a list of image paths
             items = [{"image": item} for item in items]
         ids = [item.get("case_id") if isinstance(item, dict) else None for item in items]
@@ -140,8 +144,29 @@ def load_datalist(path: str | Path) -> dict[str, list[dict]]:
             raise DataError(f"{path}: '{split}' must be a list of {{'image', 'label'}} items ({err})") from err
         for item, case_id in zip(items, ids):
             item["case_id"] = str(case_id) if case_id else _image_case_id(item["image"])
+        seen = [item["case_id"] for item in items]
+        repeated = sorted({c for c in seen if seen.count(c) > 1})
+        if repeated:
+            raise DataError(f"{path}: case ids {repeated} appear more than once in '{split}'")
         out[split] = items
+    check_leakage(out, str(path))
     return out
+
+
+def check_leakage(split: dict[str, list[dict]], source: str) -> list[str]:
+    """Warn about cases that are in more than one split (a test score from a trained-on case means little)."""
+    owner: dict[str, str] = {}
+    shared = []
+    for name in SPLITS:
+        for item in split.get(name) or []:
+            key = str(item.get("image"))
+            if key in owner and owner[key] != name:
+                shared.append(f"{item.get('case_id')} ({owner[key]} and {name})")
+            owner.setdefault(key, name)
+    if shared:
+        logger.warning("%s: cases in more than one split, their scores are not independent: %s", source,
+                       ", ".join(shared[:10]) + (" ..." if len(shared) > 10 else ""))
+    return shared
 
 
 def _image_case_id(image: str | list) -> str:

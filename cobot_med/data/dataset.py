@@ -8,7 +8,6 @@ runs the slice chain per draw, so a volume is never re-read for a slice.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -16,7 +15,8 @@ from monai.data import CacheDataset
 from torch.utils.data import Dataset
 
 from .datalist import build_datalist, load_datalist, write_datalist
-from .transforms import GuardedVolume, axial_slice, organ_area_threshold
+from .slices import axial_slice, organ_area_threshold
+from .volume import GuardedVolume
 from .validation import DataError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class SliceDataset(Dataset):
         self.volumes, self.organ_ids = volumes, [int(i) for i in organ_ids]
         self.transform = transform
         if hasattr(self.transform, "set_random_state"):
-            self.transform.set_random_state(seed)
+            self.transform.set_random_state(seed)  # a training run re-seeds it every epoch (EpochSeeds)
         self.index: list[tuple[int, int]] = []
         for v in range(len(volumes)):
             volume = volumes[v]
@@ -75,6 +75,11 @@ class SliceDataset(Dataset):
             areas = torch.stack([(label == i).sum(dim=(0, 1)) for i in self.organ_ids])  # (K, Z)
             for z in (areas > threshold).any(dim=0).nonzero(as_tuple=True)[0].tolist():
                 self.index.append((v, z))
+        if not self.index:
+            failures = getattr(volumes, "failures", [])
+            why = "; ".join(f"{f['case_id']}: {f['error']}" for f in failures[:5]) or (
+                f"no slice of the {len(volumes)} case(s) has an organ above min_area {min_area}")
+            raise DataError(f"no training slices: {why}")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -83,19 +88,37 @@ class SliceDataset(Dataset):
         v, z = self.index[i]
         volume = self.volumes[v]
         sample = self.transform(axial_slice(volume, z))
-        sample.pop("boxes_original", None)
         sample["case_id"] = str(volume["case_id"])
         sample["slice_index"] = int(z)
         return sample
 
 
-def resolve_datalist(layout: str, dataset_dir: str, datalist: str | None, output_dir: str | None = None,
-                     val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
-    """The given datalist file, or a split of ``dataset_dir`` (written to ``output_dir/datalist.json``)."""
-    if datalist:
-        return load_datalist(datalist)
-    split = build_datalist(layout, dataset_dir, val_fraction, test_fraction, seed)
-    if output_dir:
-        write_datalist(split, Path(output_dir) / "datalist.json", layout=layout, seed=seed,
-                       val_fraction=val_fraction, test_fraction=test_fraction)
+def resolve_datalist(settings: Any) -> dict[str, list[dict]]:
+    """The run's split: the given datalist file, or a split of ``dataset_dir`` written to
+    ``output_dir/datalist.json`` (on the first process). Checked: a training split to learn from, and
+    under torchrun at least one validation and test case per process (a process with none would stall
+    the others' metric gathering)."""
+    from ..engine.network import process_rank, world_size
+    from ..errors import SettingsError
+
+    if settings.datalist:
+        split = load_datalist(settings.datalist)
+    else:
+        split = build_datalist(settings.layout, settings.dataset_dir, settings.val_fraction, settings.test_fraction,
+                               settings.seed)
+        if process_rank() == 0:
+            write_datalist(split, settings.output_path / "datalist.json", layout=settings.layout, seed=settings.seed,
+                           val_fraction=settings.val_fraction, test_fraction=settings.test_fraction)
+    source = settings.datalist or settings.dataset_dir
+    if not split.get("training"):
+        raise SettingsError(f"{source}: no training cases (the split has "
+                            f"{', '.join(f'{k} {len(v)}' for k, v in split.items())}); training needs some")
+    processes = world_size()
+    for name in ("validation", "test"):
+        cases = len(split.get(name) or [])
+        if 0 < cases < processes:
+            raise SettingsError(
+                f"the {name} split has {cases} case(s) but {processes} processes were started: every process "
+                f"needs at least one {name} case; raise val_fraction / test_fraction, give a datalist with more "
+                f"{name} cases, or start at most {cases} processes")
     return split

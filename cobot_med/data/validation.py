@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from ..errors import CobotMedError
 
-class DataError(ValueError):
+
+class DataError(CobotMedError, ValueError):
     """A case that cannot be used: the message names the file and what is wrong."""
 
 

@@ -2,10 +2,13 @@
 
 from .adapter_saver import AdapterSaver
 from .epoch_loss import EpochLoss
+from .epoch_seeds import EpochSeeds
 from .nan_guard import StopOnNanLoss
 from .organ_metrics import PerOrganMetrics
 from .overlays import ValidationOverlays
 from .progress import ProgressBar
 from .resume import ResumeCheckpoint
+from .segmentation_writer import SegmentationWriter
 
-__all__ = ["AdapterSaver", "EpochLoss", "PerOrganMetrics", "ProgressBar", "ResumeCheckpoint", "StopOnNanLoss", "ValidationOverlays"]
+__all__ = ["AdapterSaver", "EpochLoss", "EpochSeeds", "PerOrganMetrics", "ProgressBar", "ResumeCheckpoint",
+           "SegmentationWriter", "StopOnNanLoss", "ValidationOverlays"]

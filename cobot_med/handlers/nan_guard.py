@@ -6,9 +6,13 @@ import math
 
 from ignite.engine import Engine, Events
 
+from ..errors import CobotMedError
 
-class NonFiniteLossError(RuntimeError):
-    pass
+
+class NonFiniteLossError(CobotMedError, RuntimeError):
+    """The training diverged; the message says where and what to try."""
+
+    exit_code = 1
 
 
 class StopOnNanLoss:

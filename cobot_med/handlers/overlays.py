@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -44,11 +44,11 @@ def draw_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, 
 
 
 class ValidationOverlays:
-    """For the first ``max_cases`` validation volumes, draw the axial slice with the most reference foreground."""
+    """For the first ``max_cases`` validation volumes, draw the axial slice with the most reference foreground
+    (``epochNNN_<case>.png``): the predicted label map's contours (solid) over the reference's (dashed)."""
 
-    def __init__(self, output_dir: str | Path, organs: Mapping[str, int], max_cases: int = 3,
-                 epoch_fn: Callable[[], int] | None = None) -> None:
-        self.output_dir, self.organs, self.max_cases, self.epoch_fn = Path(output_dir), dict(organs), max_cases, epoch_fn
+    def __init__(self, output_dir: str | Path, organs: Mapping[str, int], max_cases: int = 3) -> None:
+        self.output_dir, self.organs, self.max_cases = Path(output_dir), dict(organs), max_cases
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -56,18 +56,17 @@ class ValidationOverlays:
     def __call__(self, engine: Engine) -> None:
         if not is_rank0() or engine.state.iteration > self.max_cases:
             return
-        output = engine.state.output
-        output = output[0] if isinstance(output, list) else output
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        output, batch = outputs[0], batches[0]
         image = torch.as_tensor(output["image"]).detach().float().cpu().reshape(output["image"].shape[-3:]).numpy()
         label = torch.as_tensor(output["label"]).detach().cpu().reshape(output["label"].shape[-3:]).numpy()
-        pred = torch.as_tensor(output["pred"]).detach().cpu()
-        pred = pred.reshape(-1, *pred.shape[-3:]).numpy() > 0.5
-        area = (label > 0).sum(axis=(0, 1))
-        z = int(area.argmax())
-        epoch = self.epoch_fn() if self.epoch_fn else engine.state.epoch
-        batch = engine.state.batch
-        batch = batch[0] if isinstance(batch, list) and batch else batch
+        seg = torch.as_tensor(output["pred"]).detach().cpu().reshape(output["pred"].shape[-3:]).numpy()
+        pred = np.stack([seg == i for i in self.organs.values()])
+        z = int((label > 0).sum(axis=(0, 1)).argmax())
+        epoch = engine.state.epoch  # MONAI's ValidationHandler runs the evaluator at the trainer's epoch
         case = batch.get("case_id", f"case{engine.state.iteration}") if isinstance(batch, dict) else None
         case = str(case[0] if isinstance(case, (list, tuple)) else case or f"case{engine.state.iteration}")
         draw_overlay(image[..., z], label[..., z], pred[..., z], self.organs,
                      self.output_dir / f"epoch{epoch:03d}_{case}.png", title=f"{case}, axial slice {z}, epoch {epoch}")
+

@@ -1,30 +1,32 @@
-"""Resume an interrupted training from its last completed epoch."""
+"""Resume an interrupted training from its last completed epoch, as if it had never stopped."""
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from ..adapter import adapter_state_dict, unwrap
+from ..adapter import adapter_state_dict, load_adapter_tensors
+from ..files import atomic_path
 from ._distributed import is_rank0
 
 logger = logging.getLogger(__name__)
 
 
 class ResumeCheckpoint:
-    """Saves trainer progress, optimiser state and the adapter tensors after each epoch
-    (atomically, to ``path``) and, if ``path`` exists when training starts, loads them back.
+    """Saves the run's identity and key, trainer progress, optimiser state and the adapter tensors after each
+    epoch (atomically, to the session's ``resume.pt``) and, when the session resumes, loads them back.
 
+    Which run resumes (and which refuses) is decided by :class:`cobot_med.engine.session.TrainingSession`
+    before anything is built; the random streams of every epoch are seeded from the epoch number
+    (:class:`cobot_med.handlers.EpochSeeds`), so the epoch number is all the randomness a resume needs.
     Only the adapter's tensors are stored, never the frozen SAM weights.
     """
 
-    def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer, resume: bool = True):
-        self.path, self.network, self.optimizer, self.resume = Path(path), network, optimizer, resume
+    def __init__(self, session, network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.session, self.network, self.optimizer = session, network, optimizer
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -41,22 +43,25 @@ class ResumeCheckpoint:
         if not is_rank0():
             return
         state = {
+            "identity": self.session.identity,
+            "run_key": self.session.run_key,
+            "run_name": self.session.run_name,
             "trainer": engine.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "adapter": adapter_state_dict(self.network),
+            "finished": False,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.session.checkpoint_path) as tmp:
+            torch.save(state, tmp)
 
     def load(self, engine: Engine) -> None:
-        if not (self.resume and self.path.is_file()):
+        state = self.session.checkpoint
+        if state is None:
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
         max_epochs = engine.state.max_epochs
-        unwrap(self.network).sam.load_state_dict(state["adapter"], strict=False)
+        load_adapter_tensors(self.network, state["adapter"], self.session.checkpoint_path)
         self.optimizer.load_state_dict(state["optimizer"])
         engine.load_state_dict(state["trainer"])
         engine.state.max_epochs = max_epochs
-        logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+        logger.info("resumed %s from %s at epoch %d", self.session.run_name, self.session.checkpoint_path,
+                    engine.state.epoch)

@@ -1,15 +1,21 @@
-"""Files beside the segmentations: label descriptions for viewers, prompts used, overlay pictures."""
+"""Files beside the segmentations: label descriptions for viewers, prompts used, overlay pictures, metrics."""
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..files import atomic_path, write_json, write_text
 from ..handlers.overlays import COLOURS, draw_overlay
-from .io import atomic_path, write_json, write_text
+from ..metrics import summarise
+
+METRIC_FIELDS = ["case", "organ", "label_id", "dsc", "nsd", "hd95_mm", "reference_voxels", "predicted_voxels", "note"]
 
 LABELS_JSON = "labels.json"
 ITKSNAP_LABELS = "labels.itksnap.txt"
@@ -129,3 +135,35 @@ def prompts_record(case_id: str, source: str, organs: Mapping[str, int], prompts
         entry["slices"] = {str(z): [float(v) for v in boxes[z]] for z in sorted(boxes)}
         record["organs"][organ] = entry
     return record
+
+
+def write_metrics(output_dir: str | Path, cases: Mapping[str, Mapping[str, dict]], organs: Mapping[str, int],
+                  tolerance_mm: float) -> tuple[Path, Path]:
+    """``metrics.csv`` (one row per case and organ, then the means) and ``metrics.json``."""
+    out = Path(output_dir)
+    means = summarise(cases, list(organs))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+
+    def fmt(value: Any) -> Any:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+            f"{value:.6f}" if isinstance(value, float) else value)
+
+    for case in sorted(cases):
+        for organ, row in cases[case].items():
+            writer.writerow({"case": case, "organ": organ, **{k: fmt(row.get(k)) for k in METRIC_FIELDS[2:]}})
+    for name, row in means.items():
+        writer.writerow({"case": "mean", "organ": name, "label_id": organs.get(name, ""),
+                         "dsc": fmt(row["dsc"]), "nsd": fmt(row["nsd"]), "hd95_mm": fmt(row["hd95_mm"]),
+                         "note": f"{row['cases']} cases counted, HD95 undefined in {row['hd95_undefined']}"})
+    csv_path = write_text(out / "metrics.csv", buffer.getvalue())
+    json_path = write_json(out / "metrics.json", {
+        "nsd_tolerance_mm": float(tolerance_mm),
+        "empty_mask_policy": "both empty: DSC 1, NSD 1, HD95 0, not counted in means; one empty: DSC 0, NSD 0, "
+                             "HD95 undefined (null, left out of the HD95 mean)",
+        "grid": "written label map vs reference, oriented volume, spacing from the image affine (mm)",
+        "cases": {case: dict(cases[case]) for case in sorted(cases)},
+        "mean": means,
+    })
+    return csv_path, json_path

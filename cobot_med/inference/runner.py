@@ -1,175 +1,38 @@
 """The batch job: every volume of a folder -> box prompts -> SAM slice by slice -> one label map per case
 in the input's exact geometry, plus prompts, pictures, label descriptions and (with labels) metrics.
 
-Per case: the volume chain of the bundle (load, checks, ``Orientationd("RAS")``, CT window) ->
-prompts (labels, 3D boxes or key slices) -> :func:`~cobot_med.inference.predict.predict_case` ->
-overlaps to the most probable organ (``merge_organs``) -> MONAI ``Invertd`` undoes the
-reorientation -> MONAI ``NibabelWriter`` writes ``<case>_seg.nii.gz`` (uint8) with the input's
-affine. A failing case is reported with its reason and the others go on; every file is written
-under a temporary name and renamed when complete, the segmentation last, so a case whose
-segmentation exists is finished and a rerun skips it (unless ``overwrite``).
+Per case: the run's volume chain (load, checks, ``Orientationd("RAS")``, CT window) -> prompts
+(labels, 3D boxes or key slices) -> :func:`cobot_med.predict.predict_volume` -> the label map
+(:func:`cobot_med.predict.to_label_map`) -> written in the input's geometry
+(:func:`cobot_med.predict.writing.write_label_map`) -- the same predictor, label map and metric policy as
+validation and test. A failing case is reported with its reason and the others go on; every file is
+written atomically, the segmentation last. A case is done when its segmentation exists *and* its record
+names the same model and prompt source as this run: a rerun skips it, a run with another model redoes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from .. import flags
-from . import io as case_io
-from .io import Case, InputError
-from .outputs import prompts_record, write_label_files, write_overlay
-from .predict import SlicePredictor, predict_case
-from .prompts import BoxFile, CasePrompts, PromptError, from_labels
-
-
-# Bundle settings ids the ``inference`` run id reads (besides the dataset bundles' usual ones:
-# layout, dataset, organs, volume_transforms, adapter, sam_checkpoint, arch, image_size, device,
-# eval_batch_size, amp, output_dir), with their defaults.
-BUNDLE_SETTINGS: dict[str, Any] = {
-    "input_dir": "",  # folder of .nii / .nii.gz volumes and DICOM folders to segment
-    "labels_dir": "",  # reference labels with the same names: prompts from them (or only metrics with boxes_file)
-    "boxes_file": "",  # JSON of 3D boxes / key slices per case and organ (docs/inference.md)
-    "infer_organs": "",  # organs to segment, comma-separated names of the label map; "" = all
-    "overwrite": False,  # redo cases whose segmentation already exists
-    "probability_maps": False,  # also write <case>_prob_<organ>.nii.gz (float32)
-    "nsd_tolerance_mm": 2.0,  # tolerance of the normalised surface distance (mm)
-    "merge_adapters": True,  # fold LoRA / LoRA+COBOT into the frozen weights
-    # the speed switches (BENCHMARKS.md), for a bundle written before they existed: the model's own choice
-    "attention": None,
-    "skip_window_padding": None,
-    "gradient_checkpointing": None,
-    "compile": None,
-    "speed": "%bundles/common.json::speed",
-}
-INIT_ID = "inference_initialize"  # not in the bundles: the training data check of ``initialize`` is not run
-FINAL_ID = "inference_finalize"
-
-
-class InferenceFailed(RuntimeError):
-    """Raised by :func:`run_from_bundle` after the whole run when any case failed (non-zero exit status)."""
-
-    def __init__(self, report: "InferenceReport") -> None:
-        super().__init__(report.summary())
-        self.report = report
-
-
-class CaseFailed(ValueError):
-    """One case cannot be processed; the message is the reason reported."""
-
-
-@dataclasses.dataclass
-class CaseOutcome:
-    case_id: str
-    image: str
-    status: str  # "done", "skipped" or "failed"
-    reason: str = ""
-    seconds: float = 0.0
-    slices_sent: int = 0
-
-
-@dataclasses.dataclass
-class InferenceReport:
-    output_dir: Path
-    cases: list[CaseOutcome]
-    ignored: list[tuple[str, str]]
-    model: dict[str, Any]
-    seconds: float = 0.0
-
-    def _with(self, status: str) -> list[CaseOutcome]:
-        return [c for c in self.cases if c.status == status]
-
-    @property
-    def done(self) -> list[CaseOutcome]:
-        return self._with("done")
-
-    @property
-    def skipped(self) -> list[CaseOutcome]:
-        return self._with("skipped")
-
-    @property
-    def failed(self) -> list[CaseOutcome]:
-        return self._with("failed")
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def summary(self) -> str:
-        lines = [f"cobot-med infer: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
-                 f"{len(self.failed)} failed, of {len(self.cases)} cases in {self.seconds:.1f} s -> {self.output_dir}"]
-        if self.failed:
-            lines.append("failed:")
-            lines += [f"  {c.case_id}: {c.reason}" for c in self.failed]
-        if self.ignored:
-            lines.append("not cases (left alone):")
-            lines += [f"  {name}: {why}" for name, why in self.ignored]
-        return "\n".join(lines)
-
-
-# --- settings ----------------------------------------------------------------------------------
-
-
-as_flag = functools.partial(flags.as_flag, error=InputError)  # a bad yes/no setting is the run's input error
-
-
-def as_amp(value: Any) -> bool | str:
-    """``amp``: true/false (bf16 when true) or a dtype name (bfloat16, float16)."""
-    from ..engine.amp import DTYPES
-
-    if isinstance(value, str) and value.strip().lower() in DTYPES:
-        return value.strip().lower()
-    return as_flag(value, "amp")
-
-
-def select_organs(label_map: Mapping[str, int], names: str | Sequence[str] | None) -> dict[str, int]:
-    """The organs to segment, in label-map order: all of them, or ``names`` (a list or 'liver,spleen')."""
-    if names is None or (isinstance(names, str) and not names.strip()) or (not isinstance(names, str) and not names):
-        return dict(label_map)
-    if isinstance(names, str):
-        names = [n for n in names.replace(" ", ",").split(",") if n]
-    unknown = [n for n in names if n not in label_map]
-    if unknown:
-        raise InputError(f"unknown organs {unknown}; the label map has {list(label_map)}")
-    return {organ: label_id for organ, label_id in label_map.items() if organ in set(names)}
-
-
-def load_network(adapter: str | Path | None = None, sam_checkpoint: str | Path | None = None, arch: str = "vit_b",
-                 image_size: int | None = None, device: torch.device | str = "cpu",
-                 merge: bool = True, speed: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model for inference and a description of it.
-
-    With ``adapter``: the adapter's own model (arch, method, input size from its config; ``arch`` and
-    ``image_size`` are not used). Without: zero-shot SAM (method ``frozen``, the papers' "Freeze" row).
-    LoRA and LoRA+COBOT branches are merged into the frozen weights (``cobot_med.peft.merge_adapters``)
-    unless ``merge`` is false; ``speed``: the bundle's speed settings (attention kind, ...).
-    """
-    from ..engine.setup import build_network
-    from ..peft import merge_adapters
-
-    network = build_network(arch, image_size, "frozen", None, str(sam_checkpoint) if sam_checkpoint else None,
-                            device, adapter=str(adapter) if adapter else None, speed=speed)
-    network.eval()
-    merged = merge_adapters(network) if merge else 0
-    spec = network.spec
-    info = {"adapter": str(adapter) if adapter else None, "zero_shot": not adapter, "arch": spec.arch,
-            "peft": spec.peft, "image_size": int(spec.image_size), "merged_layers": int(merged),
-            "attention": spec.attention,
-            "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None}
-    return network, info
+from ..files import remove_stale_temporaries, write_json
+from ..predict import BoxFile, CasePrompts, PromptError, SlicePredictor, from_labels, predict_volume, to_label_map
+from ..predict.writing import segmentation_path, to_input_geometry, write_label_map, write_volume
+from .cases import Case, attach_labels, find_cases
+from .outputs import prompts_record, write_label_files, write_metrics, write_overlay
+from .report import CaseFailed, CaseOutcome, InferenceFailed, InferenceReport
 
 
 def case_files(output_dir: Path, case_id: str) -> dict[str, Path]:
     return {
-        "seg": output_dir / f"{case_id}{case_io.SEG_SUFFIX}",
+        "seg": segmentation_path(output_dir, case_id),
         "prompts": output_dir / f"{case_id}_prompts.json",
         "overlay": output_dir / f"{case_id}_overlay.png",
         "metrics": output_dir / f"{case_id}_metrics.json",
@@ -180,65 +43,103 @@ def probability_path(output_dir: Path, case_id: str, organ: str) -> Path:
     return output_dir / f"{case_id}_prob_{organ}.nii.gz"
 
 
-def to_input_geometry(tensor: torch.Tensor, image: Any, chain: Any, nearest: bool) -> Any:
-    """An oriented (C, X, Y, Z) tensor -> MetaTensor in the input file's grid (MONAI ``Invertd`` of the chain)."""
-    from monai.data import MetaTensor
-    from monai.transforms import Invertd
+def load_network(settings: Any, device: torch.device | str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model for inference and what it is: the adapter's own model, or zero-shot SAM (``frozen``, the
+    papers' "Freeze" row) of the settings' arch; LoRA folded into the frozen weights when ``merge_adapters``."""
+    import dataclasses as dc
 
-    item = MetaTensor(torch.as_tensor(tensor), meta=dict(image.meta), applied_operations=list(image.applied_operations))
-    inverted = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=nearest)(
-        {"image": image, "pred": item})
-    return inverted["pred"]
+    from ..adapter import read_adapter_config
+    from ..engine.network import build_network, for_inference
+    from ..peft import merge_adapters
+
+    zero_shot = not settings.adapter
+    run_settings = dc.replace(settings, peft="frozen", peft_options={}) if zero_shot else settings
+    network = build_network(run_settings, device)
+    for_inference(network, merge=False)
+    merged = merge_adapters(network) if settings.merge_adapters else 0
+    spec = network.spec
+    config = None if zero_shot else read_adapter_config(settings.adapter)
+    info = {
+        "adapter": None if zero_shot else str(Path(settings.adapter).absolute()),
+        "adapter_weights_sha256": None if zero_shot else config.get("weights_sha256"),
+        "zero_shot": zero_shot, "arch": spec.arch, "peft": spec.peft, "image_size": int(spec.image_size),
+        "base_checkpoint_sha256": network.base_sha256, "merged_layers": int(merged), "attention": spec.attention,
+        "sam_checkpoint": settings.sam_checkpoint or None,
+    }
+    return network, info
 
 
-# --- the job -----------------------------------------------------------------------------------
+def model_identity(info: Mapping[str, Any], settings: Any) -> dict[str, Any]:
+    """What decides a case's segmentation besides its image: the model, its input recipe and the organs."""
+    keys = ("arch", "peft", "image_size", "adapter_weights_sha256", "base_checkpoint_sha256")
+    return {**{k: info.get(k) for k in keys}, "ct_window": settings.effective_ct_window,
+            "modality": settings.effective_modality}
 
 
-class _Job:
-    def __init__(self, *, output_dir: Path, organs: dict[str, int], chain: Any, predictor: SlicePredictor,
-                 labels: bool, boxes: BoxFile | None, probability_maps: bool, overlays: bool,
-                 tolerance_mm: float, progress: bool) -> None:
-        self.output_dir, self.organs, self.chain, self.predictor = output_dir, organs, chain, predictor
-        self.labels, self.boxes = labels, boxes
-        self.probability_maps, self.overlays, self.tolerance_mm, self.progress = (
-            probability_maps, overlays, tolerance_mm, progress)
+class CaseJob:
+    """Everything one case needs: the chain, the predictor, the prompt source, what to write."""
+
+    def __init__(self, settings: Any, organs: dict[str, int], chain: Any, predictor: SlicePredictor,
+                 boxes: BoxFile | None, identity: dict[str, Any], progress: bool) -> None:
+        self.settings, self.organs, self.chain, self.predictor = settings, organs, chain, predictor
+        self.out = settings.output_path
+        self.boxes, self.identity, self.progress = boxes, identity, progress
+        self.source = {"kind": "boxes" if boxes is not None else "labels",
+                       "file": str(Path(settings.boxes_file).absolute()) if boxes is not None else None,
+                       "organs": dict(organs)}
         self.scores: dict[str, dict] = {}
 
     def load(self, case: Case) -> dict:
         from ..data.validation import DataError
+        from ..errors import find_in_chain
 
         item = {"image": str(case.image)}
         if case.label is not None:
             item["label"] = str(case.label)
         try:
             return self.chain(item)
-        except DataError as err:
-            raise CaseFailed(str(err)) from err
         except Exception as err:  # noqa: BLE001 - anything the readers raise is this case's reason
+            named = find_in_chain(err, DataError)
+            if named is not None:
+                raise CaseFailed(str(named)) from err
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
-            reason = f"{case.image}: unreadable, truncated or corrupt ({type(cause).__name__}: {cause})"
-            raise CaseFailed(reason) from err
+            raise CaseFailed(f"{case.image}: unreadable, truncated or corrupt ({type(cause).__name__}: {cause})") from err
 
-    def prompts(self, case: Case, data: dict) -> tuple[str, CasePrompts]:
+    def finished(self, case: Case) -> tuple[bool, str]:
+        """(done before by this model and prompt source, why not when it exists but must be redone)."""
+        files = case_files(self.out, case.case_id)
+        if self.settings.overwrite or not files["seg"].is_file():
+            return False, ""
+        try:
+            record = json.loads(files["prompts"].read_text())
+            scores = json.loads(files["metrics"].read_text())["organs"] if case.label is not None else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, "its record is missing or unreadable"
+        if record.get("model") != self.identity:
+            return False, "it was made by another model"
+        if record.get("prompt_source") != self.source:
+            return False, "it was made from other prompts"
+        if scores is not None:
+            self.scores[case.case_id] = {o: scores[o] for o in self.organs if o in scores}
+        return True, ""
+
+    def prompts(self, case: Case, data: dict) -> CasePrompts:
         if self.boxes is not None:
-            return "boxes", self.boxes.for_case(case.case_id, data["image"], self.organs, case.image.name)
-        return "labels", from_labels(data["label"], self.organs)
+            return self.boxes.for_case(case.case_id, data["image"], self.organs, case.image.name)
+        return from_labels(data["label"], self.organs)
 
-    def run_case(self, case: Case, loading: Future | None = None) -> int:
-        """Predict and write one case; returns the number of slice images sent to the model.
-
-        ``loading``: the case's ``load`` already under way in a background thread (see ``prefetch``)."""
+    def run(self, case: Case, loading: Future | None = None) -> int:
+        """Predict and write one case; returns the number of slice images sent to the model."""
         from tqdm.auto import tqdm
 
-        from ..engine.evaluation import merge_organs
-        from .metrics import case_scores, spacing_of
+        from ..metrics import case_scores, spacing_of
 
-        files = case_files(self.output_dir, case.case_id)
+        files = case_files(self.out, case.case_id)
         data = loading.result() if loading is not None else self.load(case)
         image, label = data["image"], data.get("label")
-        source, prompts = self.prompts(case, data)
+        prompts = self.prompts(case, data)
         if not prompts.has_prompt:
             reasons = "; ".join(f"{o}: {p.note}" for o, p in zip(self.organs, prompts.prompts) if p.note)
             raise CaseFailed(f"no prompt for any organ ({reasons or 'nothing to prompt'})")
@@ -253,132 +154,91 @@ class _Job:
 
             self.predictor.on_slices = advance
             sent_before = self.predictor.images_sent
-            probs, used = predict_case(self.predictor, volume, prompts)
+            probs, used = predict_volume(self.predictor, volume, prompts)
             self.predictor.on_slices = None
-        seg = merge_organs(probs, list(self.organs.values()))  # (1, X, Y, Z) uint8, overlaps to the most probable
+        seg = to_label_map(probs, list(self.organs.values()))
 
-        case_io.write_json(files["prompts"], prompts_record(case.case_id, source, self.organs, prompts.prompts, used,
-                                                            image))
+        record = prompts_record(case.case_id, self.source["kind"], self.organs, prompts.prompts, used, image)
+        write_json(files["prompts"], {**record, "model": self.identity, "prompt_source": self.source})
         label_map = None if label is None else torch.as_tensor(label)[0].numpy()
-        if self.overlays:
-            write_overlay(files["overlay"], volume.numpy(), seg[0].numpy(), label_map, self.organs, case.case_id)
-        if self.probability_maps:
+        write_overlay(files["overlay"], volume.numpy(), seg[0].numpy(), label_map, self.organs, case.case_id)
+        if self.settings.probability_maps:
+            from monai.data import MetaTensor
+
             inverted = to_input_geometry(probs, image, self.chain, nearest=False)
             for k, organ in enumerate(self.organs):
-                from monai.data import MetaTensor
-
                 channel = MetaTensor(inverted[k : k + 1].as_tensor(), meta=dict(inverted.meta))
-                case_io.write_volume(channel, probability_path(self.output_dir, case.case_id, organ), np.float32)
+                write_volume(channel, probability_path(self.out, case.case_id, organ), np.float32)
         if label is not None:
-            scores = case_scores(seg[0], torch.as_tensor(label)[0], self.organs, spacing_of(image.affine),
-                                 self.tolerance_mm)
-            case_io.write_json(files["metrics"], {"case_id": case.case_id, "nsd_tolerance_mm": self.tolerance_mm,
-                                                  "organs": scores})
+            tolerance = self.settings.nsd_tolerance_mm
+            scores = case_scores(seg[0], torch.as_tensor(label)[0], self.organs, spacing_of(image.affine), tolerance)
+            write_json(files["metrics"], {"case_id": case.case_id, "nsd_tolerance_mm": tolerance, "organs": scores})
             self.scores[case.case_id] = scores
-        case_io.write_volume(to_input_geometry(seg.float(), image, self.chain, nearest=True), files["seg"], np.uint8)
+        write_label_map(seg, image, self.chain, files["seg"])
         return self.predictor.images_sent - sent_before
 
 
-def run_inference(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    layout: str = "adome",
-    organs: str | Sequence[str] | None = None,
-    label_map: Mapping[str, int] | None = None,
-    volume_transforms: Any = None,
-    network: torch.nn.Module | None = None,
-    adapter: str | Path | None = None,
-    sam_checkpoint: str | Path | None = None,
-    arch: str = "vit_b",
-    image_size: int | None = None,
-    labels_dir: str | Path | None = None,
-    boxes_file: str | Path | None = None,
-    overwrite: bool = False,
-    device: str | torch.device = "auto",
-    batch_size: int = 8,
-    amp: bool | str = True,
-    merge_adapters: bool | str = True,
-    speed: Mapping[str, Any] | None = None,
-    prefetch: bool | str = "auto",
-    probability_maps: bool = False,
-    overlays: bool = True,
-    nsd_tolerance_mm: float = 2.0,
-    modality: str | None = None,
-    ct_window: Sequence[float] | None = None,
-    dataset: str | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> InferenceReport:
-    """Segment every volume of ``input_dir`` into ``output_dir``; see docs/inference.md.
+def select_organs(label_map: Mapping[str, int], names: str) -> dict[str, int]:
+    """The organs to segment, in label-map order: all of them, or those named (``'liver,spleen'``)."""
+    wanted = [n for n in names.replace(" ", ",").split(",") if n] if names else []
+    return {organ: i for organ, i in label_map.items() if not wanted or organ in wanted}
 
-    ``organs`` selects organs of ``label_map`` (the layout's label map by default) by name.
-    ``volume_transforms`` is the bundle's volume chain; without it the layout's chain is built
-    (``cobot_med.data.transforms.volume_transforms``, with ``modality`` / ``ct_window`` overriding the
-    layout's). ``network`` (anything with PromptableSam's call signature and an ``image_size``)
-    replaces the model that ``adapter`` / zero-shot SAM would give; ``merge_adapters`` folds LoRA into
-    the frozen weights, ``speed`` holds the bundle's speed settings (BENCHMARKS.md), ``prefetch`` reads
-    the next case in a background thread while the current one is predicted (``"auto"``: on a GPU only;
-    on a 2-core CPU the reading thread competed with the model for the cores and made runs slower). Prompts come from ``boxes_file``
-    if given, else from ``labels_dir``; with both, the labels are the reference for metrics and
-    overlays only. Returns the report; its ``exit_code`` is 1 when any case failed.
+
+def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module | None = None,
+                  progress: bool = True, log: Callable[[str], None] = print) -> InferenceReport:
+    """Segment every volume of ``settings.input_dir`` into ``settings.output_dir``; see docs/inference.md.
+
+    ``settings`` is a checked :class:`cobot_med.settings.RunSettings` (its ``check("inference")`` has run);
+    ``precision`` the resolved ``amp`` (:func:`cobot_med.engine.amp.resolve_precision`); ``network``
+    (anything with PromptableSam's call signature and an ``image_size``) replaces the model the settings
+    name. Returns the report; its ``exit_code`` is 1 when any case failed.
     """
     from tqdm.auto import tqdm
 
-    from ..data.layouts import get_layout
-    from ..engine.setup import resolve_device
+    from ..data.chains import run_volume_chain
+    from ..engine.amp import resolve_precision
+    from ..engine.network import resolve_device
 
     started = time.perf_counter()
-    overwrite, overlays = as_flag(overwrite, "overwrite"), as_flag(overlays, "overlays")
-    probability_maps = as_flag(probability_maps, "probability_maps")
-    amp = as_amp(amp)
-    spec = get_layout(layout)
-    label_map = dict(label_map or spec.organs)
-    selected = select_organs(label_map, organs)
-    if not labels_dir and not boxes_file:
-        raise InputError("no prompt source: give a labels folder (--labels DIR) or a boxes file (--boxes FILE)")
-    out = Path(output_dir)
-    case_io.check_folders(input_dir, out, labels_dir)
-    cases, ignored = case_io.find_cases(input_dir)
+    device = resolve_device(settings.device)
+    precision = precision or resolve_precision(settings.amp, device)
+    organs = select_organs(settings.organs, settings.infer_organs)
+    out = settings.output_path
+    cases, ignored = find_cases(settings.input_dir)
     if not cases:
-        raise InputError(f"{input_dir}: no .nii / .nii.gz files or DICOM folders to segment")
-    if labels_dir:
-        case_io.attach_labels([c for c in cases if not c.error], labels_dir)
-    boxes = BoxFile(boxes_file, label_map) if boxes_file else None
-    if volume_transforms is None:
-        from ..data.transforms import volume_transforms as build_chain
+        from .cases import InputError
 
-        volume_transforms = build_chain(list(label_map.values()), list(ct_window or spec.ct_window),
-                                        modality or spec.modality, layout)
-    device = resolve_device(device)
+        raise InputError(f"{settings.input_dir}: no .nii / .nii.gz files or DICOM folders to segment")
+    if settings.labels_dir:
+        attach_labels([c for c in cases if not c.error], settings.labels_dir)
+    boxes = BoxFile(settings.boxes_file, settings.organs) if settings.boxes_file else None
     if network is None:
-        network, model_info = load_network(adapter, sam_checkpoint, arch, image_size, device,
-                                           merge=as_flag(merge_adapters, "merge_adapters"), speed=speed)
+        network, model_info = load_network(settings, device)
         log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
-            f"{' (zero-shot SAM)' if model_info['zero_shot'] else ', adapter ' + str(adapter)}"
-            f", {model_info['merged_layers']} LoRA layers merged")
+            f"{' (zero-shot)' if model_info['zero_shot'] else ', adapter ' + str(settings.adapter)}"
+            f", {model_info['merged_layers']} LoRA layers merged; precision {precision.record()['precision']} "
+            f"({precision.reason})")
     else:
         model_info = {"adapter": None, "zero_shot": False, "arch": "custom", "peft": type(network).__name__,
                       "image_size": int(network.image_size), "merged_layers": 0}
         if hasattr(network, "eval"):
             network.eval()
+    identity = model_identity(model_info, settings)
 
     out.mkdir(parents=True, exist_ok=True)
-    case_io.remove_stale_temporaries(out)
-    write_label_files(out, selected, dataset or layout)
-    job = _Job(output_dir=out, organs=selected, chain=volume_transforms,
-               predictor=SlicePredictor(network, device, batch_size, amp), labels=bool(labels_dir), boxes=boxes,
-               probability_maps=probability_maps, overlays=overlays, tolerance_mm=float(nsd_tolerance_mm),
-               progress=progress)
-    def finished(case: Case) -> bool:
-        files = case_files(out, case.case_id)
-        return not overwrite and files["seg"].is_file() and (not labels_dir or files["metrics"].is_file())
-
-    to_run = [case for case in cases if not case.error and not finished(case)]
+    remove_stale_temporaries(out)
+    write_label_files(out, organs, settings.dataset)
+    chain = run_volume_chain(settings)
+    predictor = SlicePredictor(network, device, settings.eval_batch_size, precision.autocast)
+    job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress)
+    status: dict[str, tuple[bool, str]] = {c.case_id: job.finished(c) for c in cases if not c.error}
+    to_run = [c for c in cases if not c.error and not status[c.case_id][0]]
+    for case in to_run:
+        if status[case.case_id][1]:
+            log(f"{case.case_id}: redone, {status[case.case_id][1]}")
     position = {case.case_id: i for i, case in enumerate(to_run)}
-    prefetch = device.type == "cuda" if str(prefetch) == "auto" else as_flag(prefetch, "prefetch")
+    prefetch = device.type == "cuda"  # measured slower on a 2-core CPU (the reading thread competes for the cores)
     outcomes: list[CaseOutcome] = []
-    # the next case is read while this one is predicted (at most two volumes in memory)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cobot-med-read") as loader:
         loading: dict[str, Future] = {}
 
@@ -392,15 +252,12 @@ def run_inference(
             tic = time.perf_counter()
             if case.error:
                 outcome.status, outcome.reason = "failed", case.error
-            elif finished(case):
+            elif status[case.case_id][0]:
                 outcome.status = "skipped"
-                if labels_dir:
-                    kept = json.loads(case_files(out, case.case_id)["metrics"].read_text())["organs"]
-                    job.scores[case.case_id] = {o: kept[o] for o in selected if o in kept}
             else:
-                start_loading(position.get(case.case_id, len(to_run)) + 1)
+                start_loading(position[case.case_id] + 1)
                 try:
-                    outcome.slices_sent = job.run_case(case, loading.pop(case.case_id, None))
+                    outcome.slices_sent = job.run(case, loading.pop(case.case_id, None))
                 except (CaseFailed, PromptError) as err:
                     outcome.status, outcome.reason = "failed", str(err)
                 except Exception as err:  # noqa: BLE001 - one case's failure never stops the others
@@ -408,22 +265,21 @@ def run_inference(
             outcome.seconds = round(time.perf_counter() - tic, 3)
             outcomes.append(outcome)
 
-    if labels_dir:
-        from .metrics import write_metrics
-
-        write_metrics(out, job.scores, selected, nsd_tolerance_mm)
+    if settings.labels_dir:
+        write_metrics(out, job.scores, organs, settings.nsd_tolerance_mm)
     report = InferenceReport(out, outcomes, ignored, model_info, time.perf_counter() - started)
-    case_io.write_json(out / "summary.json", {
-        "input_dir": str(Path(input_dir).resolve()),
+    write_json(out / "summary.json", {
+        "input_dir": str(Path(settings.input_dir).resolve()),
         "output_dir": str(out.resolve()),
-        "dataset": dataset or layout,
-        "organs": selected,
-        "prompt_source": "boxes" if boxes_file else "labels",
-        "labels_dir": str(labels_dir) if labels_dir else None,
-        "boxes_file": str(boxes_file) if boxes_file else None,
+        "dataset": settings.dataset,
+        "organs": organs,
+        "prompt_source": job.source["kind"],
+        "labels_dir": settings.labels_dir or None,
+        "boxes_file": settings.boxes_file or None,
         "model": model_info,
-        "settings": {"batch_size": int(batch_size), "amp": amp, "device": str(device),
-                     "nsd_tolerance_mm": float(nsd_tolerance_mm), "probability_maps": bool(probability_maps)},
+        "model_identity": identity,
+        "settings": {"batch_size": settings.eval_batch_size, "device": str(device), **precision.record(),
+                     "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps},
         "cases": [dataclasses.asdict(c) for c in outcomes],
         "ignored": [{"name": n, "reason": r} for n, r in ignored],
         "seconds": round(report.seconds, 3),
@@ -432,24 +288,10 @@ def run_inference(
     return report
 
 
-def run_from_bundle(input_dir: str, output_dir: str, layout: str, label_map: Mapping[str, int],
-                    volume_transforms: Any, organs: str | Sequence[str] | None = "", adapter: str | None = "",
-                    sam_checkpoint: str | None = "", arch: str = "vit_b", image_size: int | None = None,
-                    labels_dir: str | None = "", boxes_file: str | None = "", overwrite: bool = False,
-                    device: str | torch.device = "auto", batch_size: int = 8, amp: bool | str = True,
-                    probability_maps: bool = False, nsd_tolerance_mm: float = 2.0,
-                    dataset: str = "", merge_adapters: bool | str = True,
-                    speed: Mapping[str, Any] | None = None) -> InferenceReport:
-    """The bundles' ``inference`` run id: :func:`run_inference` with the bundle's settings; raises
-    :class:`InferenceFailed` at the end when any case failed (so the process exits non-zero)."""
-    if not input_dir:
-        raise InputError("input_dir is empty: pass --input_dir DIR (a folder of .nii/.nii.gz files or DICOM folders)")
-    report = run_inference(
-        input_dir, output_dir, layout=layout, organs=organs or None, label_map=label_map,
-        volume_transforms=volume_transforms, adapter=adapter or None, sam_checkpoint=sam_checkpoint or None,
-        arch=arch, image_size=image_size, labels_dir=labels_dir or None, boxes_file=boxes_file or None,
-        overwrite=overwrite, device=device, batch_size=int(batch_size), amp=amp,
-        merge_adapters=merge_adapters, speed=speed, probability_maps=probability_maps, nsd_tolerance_mm=float(nsd_tolerance_mm), dataset=dataset or layout)
+def run_from_settings(settings: Any, precision: Any = None) -> InferenceReport:
+    """The bundles' ``inference`` run id: :func:`run_inference`; raises :class:`InferenceFailed` at the end
+    when any case failed (so the process exits non-zero)."""
+    report = run_inference(settings, precision)
     if report.failed:
         raise InferenceFailed(report)
     return report

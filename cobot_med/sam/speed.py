@@ -28,7 +28,6 @@ from segment_anything.modeling.image_encoder import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..flags import as_flag
 from .attention import SdpaAttention
 
 CHECKPOINT_CHOICES = ("none", "global", "all")
@@ -184,35 +183,3 @@ def apply_speed_switches(model: nn.Module, skip_window_padding: bool = True, gra
     encoder = _image_encoder(model)
     set_window_padding(encoder, skip_window_padding)
     enable_gradient_checkpointing(encoder, gradient_checkpointing)
-
-
-SPEED_SETTINGS = ("attention", "skip_window_padding", "gradient_checkpointing", "compile")
-
-
-def apply_speed_settings(model: nn.Module, settings: dict[str, Any] | None) -> nn.Module:
-    """The bundles' speed settings on a built ``PromptableSam`` (exact switches: same weights, same outputs).
-
-    ``attention``, ``skip_window_padding`` and ``gradient_checkpointing`` are fields of the model's
-    ``ModelSpec``: they are written there (so the adapter config and the run's record say how the
-    model runs) and applied as ``build_model`` applies them. ``compile`` (bool) ``torch.compile``-s
-    the image encoder. ``None`` keeps the model's own choice; an unknown key or value raises
-    ``ValueError``, so a typo on the command line is not silently ignored.
-    """
-    from .attention import set_attention
-
-    settings = {k: v for k, v in (settings or {}).items() if v is not None}
-    unknown = sorted(set(settings) - set(SPEED_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown speed settings {unknown}; the settings are {list(SPEED_SETTINGS)}")
-    compile_encoder = as_flag(settings.pop("compile", False), "compile")
-    if "skip_window_padding" in settings:
-        settings["skip_window_padding"] = as_flag(settings["skip_window_padding"], "skip_window_padding")
-    spec = model.spec
-    wanted = {key: settings.get(key, getattr(spec, key)) for key in SPEED_SETTINGS[:3]}
-    set_attention(model.sam.image_encoder, wanted["attention"])  # each raises on a value it does not know
-    apply_speed_switches(model, wanted["skip_window_padding"], wanted["gradient_checkpointing"])
-    for key, value in wanted.items():
-        setattr(spec, key, value)
-    if compile_encoder:
-        compile_model(model)
-    return model

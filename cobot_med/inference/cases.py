@@ -1,32 +1,23 @@
-"""Cases in an input folder, their label files, and atomic writing of every output.
+"""Cases in an input folder and their label files.
 
 A case is one ``.nii`` / ``.nii.gz`` file, or one sub-folder of DICOM files (one series, read
 through ITK by MONAI's ``ITKReader``). Its id is the file name without the extension, or the
-folder's name. Nothing is ever written into the input folder; every output file is written
-under a temporary name in its final folder and renamed when complete, so a killed run leaves
-no half-written file under a final name.
+folder's name. Nothing is ever written into the input folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
 import re
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
 
-import numpy as np
+from ..errors import CobotMedError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-TEMP_PREFIX = ".tmp-"
-SEG_SUFFIX = "_seg.nii.gz"
 
 
-class InputError(ValueError):
-    """Settings of a run that cannot work (folders, files), with what to do."""
+class InputError(CobotMedError, ValueError):
+    """Inputs of a run that cannot work (folders, files), with what to do."""
 
 
 @dataclasses.dataclass
@@ -115,82 +106,3 @@ def attach_labels(cases: list[Case], labels_dir: str | Path) -> None:
         if found is None:
             case.error = case.error or f"{root}: no label file for case {case.case_id} (tried {', '.join(names)})"
         case.label = found
-
-
-def check_folders(input_dir: str | Path, output_dir: str | Path, *others: str | Path | None) -> None:
-    """The output folder must not be, or lie inside, the input folder (or a labels folder): inputs are never written."""
-    output = Path(output_dir).resolve()
-    for folder in (input_dir, *others):
-        if not folder:
-            continue
-        source = Path(folder).resolve()
-        if output == source or source in output.parents:
-            raise InputError(f"the output folder {output} is inside the input folder {source}; "
-                             "choose an output folder elsewhere (inputs are never written)")
-
-
-# --- atomic writing ---------------------------------------------------------------------------
-
-
-def temporary_path(path: Path) -> Path:
-    """A hidden name in the same folder with the same extension (writers choose the format by it)."""
-    return path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path; on success it is renamed to ``path``, on failure removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_json(path: str | Path, content: Any) -> Path:
-    return write_text(path, json.dumps(content, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray,)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
-def remove_stale_temporaries(output_dir: str | Path) -> int:
-    """Delete the temporary files a killed run left behind (only this module's own names)."""
-    count = 0
-    for tmp in Path(output_dir).glob(f"{TEMP_PREFIX}*"):
-        if tmp.is_file():
-            tmp.unlink()
-            count += 1
-    return count
-
-
-def write_volume(volume: Any, path: str | Path, dtype: Any) -> Path:
-    """Write a (C, X, Y, Z) MetaTensor (C = 1) with MONAI's ``NibabelWriter``, its affine from the metadata,
-    no resampling (the caller has inverted the orientation with ``Invertd``)."""
-    from monai.data import NibabelWriter
-
-    writer = NibabelWriter(output_dtype=dtype)
-    writer.set_data_array(volume, channel_dim=0)
-    writer.set_metadata(volume.meta, resample=False)
-    with atomic_path(path) as tmp:
-        writer.write(str(tmp))
-    return Path(path)

@@ -1,8 +1,11 @@
-"""Per-case, per-organ DSC, normalised surface distance and HD95 (mm) with MONAI's metrics.
+"""The one metric policy: how a predicted label volume is scored against its reference, everywhere.
 
-Scored on the written label map (overlaps already resolved) against the reference label, both
-in the oriented grid, with the voxel spacing of the volume (mm). The NSD tolerance is
-``tolerance_mm`` (2 mm by default).
+Validation and test (MLflow's ``val_dsc`` / ``test_dsc``), ``cobot-med infer --labels``
+(``metrics.csv``) and the MONAI Label app score the same thing the same way: the written label map
+(overlaps already resolved, :func:`cobot_med.predict.to_label_map`) against the reference label, both
+in the oriented grid, one binary mask per organ; DSC for all of them, plus normalised surface distance
+(tolerance ``tolerance_mm``, 2 mm by default) and HD95 in mm for inference, with the voxel spacing of
+the volume.
 
 Empty masks (the policy, also in docs/inference.md):
 
@@ -17,18 +20,12 @@ Means: per organ over its counted cases, and ``all`` over every counted (case, o
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .io import write_json, write_text
-
-FIELDS = ["case", "organ", "label_id", "dsc", "nsd", "hd95_mm", "reference_voxels", "predicted_voxels", "note"]
+from monai.metrics import CumulativeIterationMetric
 
 
 def spacing_of(affine: Any) -> list[float]:
@@ -37,9 +34,59 @@ def spacing_of(affine: Any) -> list[float]:
     return [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
 
 
+def dice(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """DSC of binary masks (..., X, Y, Z) with the policy above: NaN where both are empty (not counted),
+    0 where exactly one is."""
+    dims = tuple(range(-3, 0))
+    pred, ref = torch.as_tensor(pred).bool(), torch.as_tensor(ref).bool()
+    inter = (pred & ref).sum(dim=dims).double()
+    total = (pred.sum(dim=dims) + ref.sum(dim=dims)).double()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+class OrganDiceMetric(CumulativeIterationMetric):
+    """Per-case, per-organ DSC of label volumes with the policy above, as a MONAI metric.
+
+    ``y_pred`` and ``y`` are (B, K, X, Y, Z) binary masks (one channel per organ, from the label maps);
+    the buffer holds (cases, K) with NaN for pairs that are not counted, and :meth:`aggregate` is the
+    mean over every counted (case, organ) pair -- ``metrics.csv``'s ``mean, all`` row.
+    """
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return dice(y_pred > 0.5, y > 0.5)
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        data = self.get_buffer()
+        counted = data[~torch.isnan(data)]
+        return counted.mean() if counted.numel() else torch.tensor(float("nan"))
+
+
+class SliceDiceMetric(CumulativeIterationMetric):
+    """The authors' pooled slice DSC: the mean 2D DSC over every (slice, organ) with reference foreground.
+
+    Inputs are (B, K, X, Y, Z) binary volumes; aggregate returns (mean, per-organ DSC (K,)) --
+    the mean first, as MONAI's metric handlers record the first value.
+    """
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y_pred, y = y_pred.float(), y.float()
+        inter = (y_pred * y).sum(dim=(2, 3))
+        total = y_pred.sum(dim=(2, 3)) + y.sum(dim=(2, 3))
+        has_ref = y.sum(dim=(2, 3)) > 0  # (B, K, Z)
+        scores = torch.where(has_ref, 2 * inter / total.clamp_min(1e-8), torch.zeros_like(inter))
+        return torch.stack([scores.sum(-1), has_ref.sum(-1).float()], dim=-1)  # (B, K, 2)
+
+    def aggregate(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        totals = self.get_buffer().sum(dim=0)  # (K, 2)
+        per_organ = totals[:, 0] / totals[:, 1].clamp_min(1)
+        per_organ = torch.where(totals[:, 1] > 0, per_organ, torch.full_like(per_organ, float("nan")))
+        valid = per_organ[~torch.isnan(per_organ)]
+        return (valid.mean() if valid.numel() else torch.tensor(float("nan"))), per_organ
+
+
 def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float], tolerance_mm: float = 2.0) -> dict:
     """DSC, NSD and HD95 (mm) of two binary (X, Y, Z) masks, with the empty-mask policy above."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
+    from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 
     pred, ref = torch.as_tensor(pred).bool(), torch.as_tensor(ref).bool()
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
@@ -51,11 +98,11 @@ def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float]
         return {**row, "dsc": 0.0, "nsd": 0.0, "hd95_mm": None, "counted": True, "note": note}
     y_pred, y = pred[None, None].float(), ref[None, None].float()
     spacing = [float(s) for s in spacing]
-    dsc = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred, y)
+    dsc = dice(pred, ref)
     nsd = SurfaceDiceMetric(class_thresholds=[float(tolerance_mm)], include_background=True,
                             reduction="none")(y_pred, y, spacing=spacing)
     hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(y_pred, y, spacing=spacing)
-    return {**row, "dsc": float(dsc.item()), "nsd": float(nsd.item()), "hd95_mm": float(hd95.item()),
+    return {**row, "dsc": float(dsc), "nsd": float(nsd.item()), "hd95_mm": float(hd95.item()),
             "counted": True, "note": ""}
 
 
@@ -85,35 +132,3 @@ def summarise(cases: Mapping[str, Mapping[str, dict]], organs: Sequence[str]) ->
         out[name] = {"dsc": _mean([r["dsc"] for r in rows]), "nsd": _mean([r["nsd"] for r in rows]),
                      "hd95_mm": _mean(hd), "cases": len(rows), "hd95_undefined": len(rows) - len(hd)}
     return out
-
-
-def write_metrics(output_dir: str | Path, cases: Mapping[str, Mapping[str, dict]], organs: Mapping[str, int],
-                  tolerance_mm: float) -> tuple[Path, Path]:
-    """``metrics.csv`` (one row per case and organ, then the means) and ``metrics.json``."""
-    out = Path(output_dir)
-    means = summarise(cases, list(organs))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
-    writer.writeheader()
-
-    def fmt(value: Any) -> Any:
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else (
-            f"{value:.6f}" if isinstance(value, float) else value)
-
-    for case in sorted(cases):
-        for organ, row in cases[case].items():
-            writer.writerow({"case": case, "organ": organ, **{k: fmt(row.get(k)) for k in FIELDS[2:]}})
-    for name, row in means.items():
-        writer.writerow({"case": "mean", "organ": name, "label_id": organs.get(name, ""),
-                         "dsc": fmt(row["dsc"]), "nsd": fmt(row["nsd"]), "hd95_mm": fmt(row["hd95_mm"]),
-                         "note": f"{row['cases']} cases counted, HD95 undefined in {row['hd95_undefined']}"})
-    csv_path = write_text(out / "metrics.csv", buffer.getvalue())
-    json_path = write_json(out / "metrics.json", {
-        "nsd_tolerance_mm": float(tolerance_mm),
-        "empty_mask_policy": "both empty: DSC 1, NSD 1, HD95 0, not counted in means; one empty: DSC 0, NSD 0, "
-                             "HD95 undefined (null, left out of the HD95 mean)",
-        "grid": "written label map vs reference, oriented volume, spacing from the image affine (mm)",
-        "cases": {case: dict(cases[case]) for case in sorted(cases)},
-        "mean": means,
-    })
-    return csv_path, json_path

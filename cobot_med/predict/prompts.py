@@ -12,7 +12,7 @@ Three sources:
 - **3D box** (``box3d`` in a boxes file): every axial slice inside the box gets the box's
   2D footprint as its prompt.
 - **key slice** (``key_slice`` in a boxes file): one 2D box on one slice, or the middle slice of
-  a 3D box; the runner propagates it (the predicted mask's bounding box on one slice prompts the
+  a 3D box; the predictor propagates it (the predicted mask's bounding box on one slice prompts the
   next, both ways, until the organ vanishes).
 
 A boxes file (JSON)::
@@ -46,12 +46,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..data.boxes import mask_boxes
+from ..errors import CobotMedError
+
 SPACES = ("voxel", "ras", "lps")
 KINDS = ("box3d", "key_slice")
 _EPS = 1e-3  # voxel units: a centre on the boundary of a world box counts as inside
 
 
-class PromptError(ValueError):
+class PromptError(CobotMedError, ValueError):
     """A boxes file or entry that cannot be used, naming the file and the entry."""
 
 
@@ -106,10 +109,11 @@ class CasePrompts:
 
 def from_labels(label: torch.Tensor, organs: Mapping[str, int]) -> CasePrompts:
     """Tight boxes of each organ on every slice of an oriented (1, X, Y, Z) label (no jitter)."""
-    from ..engine.evaluation import label_prompts
+    from .volume import organ_channels
 
     label = torch.as_tensor(label)
-    boxes, present = label_prompts(label, list(organs.values()))
+    masks = organ_channels(label, list(organs.values())).bool()  # (K, X, Y, Z)
+    boxes, present = mask_boxes(masks.permute(3, 0, 1, 2))  # (Z, K, 4), (Z, K)
     prompts = []
     for k, name in enumerate(organs):
         slices = present[:, k].nonzero(as_tuple=True)[0].tolist()
@@ -170,7 +174,8 @@ class BoxFile:
                     raise self._error(where, f"give exactly one of {list(KINDS)}, got {sorted(entry)}")
                 box = entry[kinds[0]]
                 if (not isinstance(box, list) or len(box) != 6
-                        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in box)):
                     raise self._error(where, f"{kinds[0]} must be 6 finite numbers (two opposite corners), got {box!r}")
                 space = entry.get("space", case_space)
                 if space not in SPACES:
@@ -264,12 +269,3 @@ def oriented_extent(box: Sequence[float], space: str, file_affine: np.ndarray, a
     if np.any(lo > hi):
         return None
     return lo, hi
-
-
-def mask_box(mask: torch.Tensor) -> list[float] | None:
-    """Tight XYXY box (x along columns, exclusive right/bottom) of a 2D (X, Y) mask, None when empty."""
-    rows = mask.any(dim=1).nonzero(as_tuple=True)[0]
-    cols = mask.any(dim=0).nonzero(as_tuple=True)[0]
-    if rows.numel() == 0:
-        return None
-    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]

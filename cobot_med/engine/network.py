@@ -1,0 +1,72 @@
+"""The network, its optimiser and its inference form, from a run's settings.
+
+``build_network`` is the one place a run's model comes from: a fresh one of the settings' spec on the
+base checkpoint, or, with ``adapter``, the adapter's own model (its arch, method and input size win,
+so evaluation and inference need nothing repeated). The speed switches are part of the spec
+(:func:`cobot_med.model.build_model` applies them); ``compile`` is the one switch outside it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..adapter import load_adapter, unwrap
+from ..model import build_model
+from ..peft import merge_adapters, parameter_groups
+from ..sam.speed import compile_model
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: this process's GPU under torchrun, else the first GPU, else the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def build_network(settings: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The PEFT-adapted PromptableSam of ``settings`` on ``device`` (see the module docstring)."""
+    checkpoint = settings.sam_checkpoint or None
+    if settings.adapter:  # an explicit speed setting wins over the adapter's record (exact switches)
+        speed = {k: v for k, v in settings.speed().items() if v is not None and k != "compile"}
+        model = load_adapter(settings.adapter, checkpoint, speed=speed)
+    else:
+        model = build_model(settings.model_spec(), checkpoint)
+    model = model.to(device)
+    if settings.compile:
+        compile_model(model)
+    return model
+
+
+def make_optimizer(network: torch.nn.Module, settings: Any) -> torch.optim.Optimizer:
+    """Adam with the authors' two groups (COBOT's C, R, heads at ``cobot_lr``; the rest at ``lr``)."""
+    groups = parameter_groups(network, lr=settings.lr, cobot_lr=settings.cobot_lr, weight_decay=settings.weight_decay)
+    if not groups:  # ``frozen``: nothing trains; a dummy group keeps the engine's optimiser step harmless
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.0}]
+    return torch.optim.Adam(groups)
+
+
+def for_inference(network: torch.nn.Module, merge: bool) -> torch.nn.Module:
+    """The trained network as evaluation and inference run it: eval mode, LoRA branches folded into the frozen
+    weights when ``merge`` (the same for the test split and ``cobot-med infer``, so both give the same numbers)."""
+    model = unwrap(network)
+    model.eval()
+    if merge:
+        merge_adapters(model)
+    return network

@@ -1,0 +1,211 @@
+"""Every MLflow rule of the project, in one place: where runs go, what they are called, when they count.
+
+- Store: the ``tracking_uri`` setting, else ``$MLFLOW_TRACKING_URI``, else a SQLite file under the
+  folder the work writes to (a run's ``output_dir``; a sweep's output folder), else MLflow's own
+  ``./mlflow.db``. :func:`check_tracking_uri` asks the store once, quickly, before any work (MLflow's
+  own client retries an unreachable server for minutes).
+- Names (docs/CONTRACTS.md): one experiment per dataset, ``cobot-med/<dataset>``; a training run is
+  ``<dataset>-<peft>-<arch>-<size>-seed<seed>-<key>``, the key new for each fresh run and kept by a
+  resumed one (so a resume continues its own run and a fresh run never continues another's).
+- Status: tag ``cobot_med.status = finished`` once the run's test evaluation is done; a crashed run is
+  marked FAILED. :func:`find_finished_run` is what the sweep uses to skip done pairs, and what
+  ``compare`` counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import SettingsError
+
+EXPERIMENT_PREFIX = "cobot-med/"
+STATUS_TAG = "cobot_med.status"
+FINISHED = "finished"
+KIND_TAG = "cobot_med.kind"  # "training" (joins comparisons) or "evaluation" (an adapter scored again)
+CHECK_TIMEOUT_S = 5.0
+
+
+def resolve_tracking_uri(uri: str | None = None, output_dir: str | Path | None = None) -> str:
+    """The tracking store of a piece of work (see the module docstring for the order)."""
+    if uri:
+        return str(uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path(output_dir).absolute() if output_dir else Path.cwd()
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(uri: str, must_exist: bool = False) -> str:
+    """Ask the store once, within a few seconds; SettingsError naming it when it cannot be used.
+
+    ``must_exist``: a SQLite store must be there already (reading one that is not would create it empty).
+    """
+    path = sqlite_path(uri)
+    if path is not None:
+        if path.exists():
+            if not path.is_file():
+                raise SettingsError(f"tracking_uri {uri}: {path} is a folder, not an MLflow SQLite store")
+            with open(path, "rb") as handle:
+                header = handle.read(16)
+            if header and header != b"SQLite format 3\x00":
+                raise SettingsError(f"tracking_uri {uri}: {path} is not a SQLite database (an MLflow store)")
+        elif must_exist:
+            raise SettingsError(f"no MLflow tracking store at {uri} (file {path} does not exist)")
+        else:
+            from .checks import check_output_dir
+
+            try:
+                check_output_dir(path.parent)
+            except SettingsError as err:
+                raise SettingsError(f"tracking_uri {uri}: cannot create the store ({err})") from None
+        return uri
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CHECK_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass  # the server answered (some proxies have no /health): reachable
+        except (urllib.error.URLError, socket.timeout, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise SettingsError(f"tracking_uri {uri}: no MLflow server answers ({reason}); start it or pass "
+                                "another --tracking_uri") from None
+        return uri
+    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        try:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(CHECK_TIMEOUT_S)})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as err:  # noqa: BLE001 - any driver error means the store cannot be used
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SettingsError(f"tracking_uri {uri}: cannot connect to the database ({first})") from None
+        return uri
+    if scheme in ("", "file"):
+        raise SettingsError(f"tracking_uri {uri}: MLflow no longer supports plain folders as stores; use "
+                            "sqlite:///PATH/mlflow.db, a database URI or an http:// tracking server")
+    return uri  # databricks and other schemes: left to MLflow
+
+
+def experiment_name(dataset: str) -> str:
+    return f"{EXPERIMENT_PREFIX}{dataset}"
+
+
+def run_name(dataset: str, peft: str, arch: str, image_size: int, seed: int, key: str) -> str:
+    return f"{dataset}-{peft}-{arch}-{image_size}-seed{seed}-{key}"
+
+
+def artifact_location(uri: str, output_dir: str | Path) -> str | None:
+    """Artifacts beside a local SQLite store; a tracking server keeps its own artifact root."""
+    return str(Path(output_dir).absolute() / "mlartifacts") if uri.startswith("sqlite:") else None
+
+
+def client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def find_run(uri: str, experiment: str, name: str):
+    """The latest run called ``name`` in ``experiment`` (None when there is none or no store yet)."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return None
+    store = client(uri)
+    exp = store.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = store.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = {_quote(name)}",
+                             order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def mark_finished(uri: str, experiment: str, name: str, output_dir: str | Path | None = None,
+                  artifacts: tuple[str, ...] = ("adapter_best", "test_predictions")) -> None:
+    """Tag the training run finished (its test evaluation is done), log the final folders, close it."""
+    run = find_run(uri, experiment, name)
+    if run is None:
+        return
+    store = client(uri)
+    for sub in artifacts if output_dir else ():
+        folder = Path(output_dir) / sub
+        if folder.is_dir():
+            store.log_artifacts(run.info.run_id, str(folder), artifact_path=sub)
+    store.set_tag(run.info.run_id, STATUS_TAG, FINISHED)
+    store.set_terminated(run.info.run_id, "FINISHED")
+
+
+def close_active_run() -> None:
+    """Leave no MLflow run of this process open (MONAI's MLFlowHandler keeps them open across engines)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def find_finished_run(uri: str, dataset: str, peft: str, seed: int, match: Mapping[str, Any] | None = None) -> str | None:
+    """The id of a finished training run of (dataset, peft, seed) whose params equal ``match``, or None.
+
+    Finished: MLflow status FINISHED and tag ``cobot_med.status=finished`` (its test evaluation done).
+    """
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return None  # no store yet; do not create one just to look
+    store = client(uri)
+    experiment = store.get_experiment_by_name(experiment_name(dataset))
+    if experiment is None:
+        return None
+    wanted = {"dataset": dataset, "peft": peft, "seed": seed, **{k: v for k, v in (match or {}).items() if v is not None}}
+    clauses = [f"params.{key} = {_quote(value)}" for key, value in wanted.items()]
+    clauses += [f"tags.`{STATUS_TAG}` = '{FINISHED}'", "attributes.status = 'FINISHED'"]
+    runs = store.search_runs([experiment.experiment_id], filter_string=" and ".join(clauses), max_results=1,
+                             order_by=["attributes.end_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def ensure_experiment(uri: str, dataset: str) -> str:
+    """Create ``cobot-med/<dataset>`` if it is missing (with the store's own artifact root); its id."""
+    store = client(uri)
+    experiment = store.get_experiment_by_name(experiment_name(dataset))
+    return experiment.experiment_id if experiment else store.create_experiment(experiment_name(dataset))
+
+
+def run_params(network: Any, settings: Any, precision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The MLflow params of a training run (docs/CONTRACTS.md): settings, method options as the model
+    runs them, speed switches as applied, trainable counts."""
+    from ..adapter import unwrap
+    from ..peft import count_parameters
+    from ..sam.speed import is_compiled
+
+    model = unwrap(network)
+    spec = model.spec
+    counts = count_parameters(model.sam)
+    params: dict[str, Any] = {
+        "dataset": settings.dataset, "peft": spec.peft, "arch": spec.arch, "image_size": spec.image_size,
+        "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,
+        "jitter": settings.jitter, "batch_size": settings.batch_size, "amp": settings.amp,
+        "ct_window": json.dumps(settings.effective_ct_window),
+        "peft_options": json.dumps(spec.peft_options, sort_keys=True),
+        "attention": spec.attention, "skip_window_padding": spec.skip_window_padding,
+        "gradient_checkpointing": spec.gradient_checkpointing, "compile": is_compiled(model),
+    }
+    params.update(dict(precision or {}))
+    params.update({k: counts[k] for k in ("image_encoder_trainable", "mask_decoder_trainable", "total_trainable")})
+    return params
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return f'"{text}"' if "'" in text else f"'{text}'"

@@ -1,0 +1,82 @@
+"""The steps of the bundles' run ids that are not an engine's own run: test the best adapter after training,
+evaluate a saved adapter, record the resolved settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter import AdapterError, load_adapter_weights, read_adapter_config
+from ..files import write_json
+from .network import for_inference
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def test_best_adapter(network: torch.nn.Module, session: Any, settings: Any, evaluator: Any,
+                      mlflow_handler: Any = None) -> dict[str, float] | None:
+    """After training: load this run's best adapter (checked: its run key, spec, base and weights), put the
+    network in its inference form (as ``cobot-med infer`` runs it) and score the test split, logged into the
+    run. Skipped when the split has no test case."""
+    _barrier()  # the first process wrote adapter_best
+    best = settings.output_path / "adapter_best"
+    if (best / "adapter_config.json").is_file():
+        config = read_adapter_config(best)
+        if config.get("run_key") != session.run_key:
+            raise AdapterError(f"{best} was written by another run (key {config.get('run_key')}), not by this one "
+                               f"({session.run_key}); its score would not be this run's")
+        load_adapter_weights(network, best)
+    for_inference(network, settings.merge_adapters)
+    if len(evaluator.data_loader.dataset) == 0:
+        return None
+    if mlflow_handler is not None:
+        mlflow_handler.attach(evaluator)
+    evaluator.run()
+    return scalar_metrics(evaluator)
+
+
+def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) -> dict[str, float]:
+    """The ``evaluate`` run id: score a saved adapter on the test split; print the table, write
+    ``evaluation.json`` (naming the adapter, its weights' SHA-256 and the base it ran on)."""
+    config = read_adapter_config(settings.adapter)
+    out = settings.output_path / "evaluation.json"
+    if out.is_file() and not settings.overwrite:
+        previous = json.loads(out.read_text()).get("adapter", {})
+        if previous.get("weights_sha256") != config.get("weights_sha256"):
+            raise AdapterError(f"{out} holds the evaluation of another adapter ({previous.get('path')}); choose "
+                               "another output_dir or pass --overwrite true")
+    for_inference(network, settings.merge_adapters)
+    evaluator.run()
+    metrics = scalar_metrics(evaluator)
+    lines = [f"{'organ':<16} {'3D DSC':>8}"]
+    for organ in settings.organs:
+        lines.append(f"{organ:<16} {metrics.get(f'test_dsc_{organ}', float('nan')):>8.4f}")
+    lines.append(f"{'mean':<16} {metrics.get('test_dsc', float('nan')):>8.4f}")
+    lines.append(f"{'pooled slice DSC':<16} {metrics.get('test_slice_dsc', float('nan')):>8.4f}")
+    print("\n".join(lines))
+    write_json(out, {"adapter": {"path": str(Path(settings.adapter).absolute()),
+                                 "weights_sha256": config.get("weights_sha256"),
+                                 "base_checkpoint_sha256": config.get("base_checkpoint_sha256")},
+                     "metrics": metrics, **metrics})
+    return metrics
+
+
+def scalar_metrics(engine: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in engine.state.metrics.items()
+            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
+
+
+def write_resolved_settings(settings: Any, session: Any) -> str:
+    """``resolved_settings.json``: every setting as this run used it, with its key (an MLflow artifact)."""
+    path = settings.output_path / "resolved_settings.json"
+    write_json(path, {"run_key": session.run_key, "run_name": session.run_name, "identity": session.identity,
+                      "settings": settings.to_dict()})
+    return str(path)

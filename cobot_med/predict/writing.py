@@ -1,0 +1,52 @@
+"""Predictions back into the input file's exact geometry, written atomically.
+
+The volume chain only reorients (``Orientationd("RAS")``); MONAI's ``Invertd`` undoes it from the
+image's recorded operations, and MONAI's ``NibabelWriter`` writes the file's own affine. Used for
+validation and test predictions and for ``cobot-med infer`` alike, so both write the same file for
+the same label map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import atomic_path
+
+SEG_SUFFIX = "_seg.nii.gz"
+
+
+def segmentation_path(output_dir: str | Path, case_id: str) -> Path:
+    return Path(output_dir) / f"{case_id}{SEG_SUFFIX}"
+
+
+def to_input_geometry(tensor: torch.Tensor, image: Any, chain: Any, nearest: bool) -> Any:
+    """An oriented (C, X, Y, Z) tensor -> MetaTensor in the input file's grid (MONAI ``Invertd`` of the chain)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    item = MetaTensor(torch.as_tensor(tensor), meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    inverted = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=nearest)(
+        {"image": image, "pred": item})
+    return inverted["pred"]
+
+
+def write_volume(volume: Any, path: str | Path, dtype: Any) -> Path:
+    """Write a (C, X, Y, Z) MetaTensor (C = 1) with MONAI's ``NibabelWriter``, its affine from the metadata,
+    no resampling (the caller has inverted the orientation with ``Invertd``)."""
+    from monai.data import NibabelWriter
+
+    writer = NibabelWriter(output_dtype=dtype)
+    writer.set_data_array(volume, channel_dim=0)
+    writer.set_metadata(volume.meta, resample=False)
+    with atomic_path(path) as tmp:
+        writer.write(str(tmp))
+    return Path(path)
+
+
+def write_label_map(seg: torch.Tensor, image: Any, chain: Any, path: str | Path) -> Path:
+    """An oriented (1, X, Y, Z) label map -> ``path`` (uint8 NIfTI) in the geometry of ``image``'s file."""
+    return write_volume(to_input_geometry(torch.as_tensor(seg).float(), image, chain, nearest=True), path, np.uint8)

@@ -1,0 +1,327 @@
+"""Every setting of a bundle run in one object, checked once, at the start.
+
+The defaults live in ``bundles/common.json`` (the dataset bundles override a few; anything can be
+overridden MONAI's way, ``--key value``); the bundle builds one :class:`RunSettings` from them and
+every part of the workflow reads it. Values may arrive as text from a command line: each field is
+converted and checked here (one yes/no parser, numbers that must be finite and in range, names that
+must exist), and a bad one raises :class:`~cobot_med.errors.SettingsError` naming the setting and
+its value, before any data is read or any weight is loaded. :meth:`RunSettings.check` adds what
+depends on the machine (files, folders, device, tracking store) for the run id about to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SettingsError
+from .flags import as_flag
+
+RUN_IDS = ("training", "evaluate", "inference")
+AMP_CHOICES = ("auto", "true", "false", "bf16", "bfloat16", "fp16", "float16")
+MAX_IMAGE_SIZE = 4096  # 4x SAM's 1024; beyond it the position tables alone take tens of GB
+
+
+def _number(name: str, value: Any, kind: type = float, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Any:
+    """``value`` as a finite ``kind`` within [low, high] (``(low, high]`` with ``low_open``), else SettingsError."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+    if kind is int:
+        if number != int(number):
+            raise SettingsError(f"{name} must be a whole number, got {value!r}")
+        number = int(number)
+    below = low is not None and (number <= low if low_open else number < low)
+    if below or (high is not None and number > high):
+        bound = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+        bound += (" and " if bound and high is not None else "") + (f"<= {high}" if high is not None else "")
+        raise SettingsError(f"{name} must be {bound}, got {value!r}")
+    return number
+
+
+def _text(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, (str, os.PathLike)):
+        raise SettingsError(f"{name} must be text (a name or a path), got {value!r}")
+    return str(value)
+
+
+def _choice(name: str, value: Any, choices: Any) -> str:
+    text = _text(name, value)
+    if text not in choices:
+        raise SettingsError(f"unknown {name} {text!r}; choose one of {sorted(choices)}")
+    return text
+
+
+def as_amp(value: Any, name: str = "amp") -> str:
+    """``amp``: ``auto`` (by what the device runs fast), true/false, or a dtype name; as lower-case text."""
+    text = str(value).strip().lower() if value is not None else "auto"
+    if text in ("", "none"):
+        text = "auto"
+    if text in ("1", "yes", "on"):
+        text = "true"
+    if text in ("0", "no", "off"):
+        text = "false"
+    if text not in AMP_CHOICES:
+        raise SettingsError(f"{name} must be one of {list(AMP_CHOICES)}, got {value!r}")
+    return text
+
+
+def _optional_flag(name: str, value: Any) -> bool | None:
+    return None if value is None else as_flag(value, name, error=SettingsError)
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """One bundle run's settings (the bundle's ids of the same names; ``bundles/common.json`` documents each)."""
+
+    # what and where
+    dataset: str
+    layout: str
+    dataset_dir: str
+    datalist: str
+    output_dir: str
+    tracking_uri: str
+    device: str
+    seed: int
+    # the model
+    arch: str
+    image_size: int | None
+    peft: str
+    peft_options: dict[str, Any]
+    sam_checkpoint: str
+    adapter: str
+    # data
+    modality: str | None
+    ct_window: list[float] | None
+    jitter: int
+    min_area: float
+    val_fraction: float
+    test_fraction: float
+    num_workers: int
+    # training
+    epochs: int
+    lr: float
+    cobot_lr: float
+    weight_decay: float
+    batch_size: int
+    val_interval: int
+    val_at_start: bool
+    resume: bool
+    overwrite: bool
+    # speed (exact switches; None: the model's own choice) and evaluation
+    amp: str
+    attention: str | None
+    skip_window_padding: bool | None
+    gradient_checkpointing: str | None
+    compile: bool | None
+    merge_adapters: bool
+    eval_batch_size: int
+    # inference (the ``inference`` run id and ``cobot-med infer``)
+    input_dir: str
+    labels_dir: str
+    boxes_file: str
+    infer_organs: str
+    probability_maps: bool
+    nsd_tolerance_mm: float
+
+    def __post_init__(self) -> None:
+        from .data.layouts import LAYOUTS
+        from .peft import METHODS
+        from .sam.build import ARCHITECTURES, check_image_size, get_architecture
+
+        if not self.layout:
+            raise SettingsError("layout is empty: run a dataset bundle on the workflow, e.g. --config_file "
+                                "\"['bundles/common.json','bundles/adome.json']\"")
+        self.layout = _choice("layout", self.layout, LAYOUTS)
+        self.dataset = _text("dataset", self.dataset) or self.layout
+        for name in ("dataset_dir", "datalist", "output_dir", "tracking_uri", "sam_checkpoint", "adapter",
+                     "input_dir", "labels_dir", "boxes_file", "infer_organs"):
+            setattr(self, name, _text(name, getattr(self, name)))
+        self.device = _text("device", self.device) or "auto"
+        self.seed = _number("seed", self.seed, int, 0)
+        self.arch = _choice("arch", self.arch, ARCHITECTURES)
+        self.peft = _choice("peft", self.peft, METHODS)
+        if self.image_size in (None, "", "none", "None"):
+            self.image_size = None
+        else:
+            self.image_size = _number("image_size", self.image_size, int, 1, MAX_IMAGE_SIZE)
+            try:
+                check_image_size(get_architecture(self.arch), self.image_size)
+            except ValueError as err:
+                raise SettingsError(str(err)) from None
+        if isinstance(self.peft_options, str):
+            try:
+                self.peft_options = json.loads(self.peft_options or "{}")
+            except json.JSONDecodeError as err:
+                raise SettingsError(f"peft_options must be a JSON object, got {self.peft_options!r} ({err})") from None
+        if not isinstance(self.peft_options, Mapping):
+            raise SettingsError(f"peft_options must be a mapping of method options, got {self.peft_options!r}")
+        self.peft_options = dict(self.peft_options)
+        try:
+            METHODS[self.peft].make_config(self.peft_options)
+        except (TypeError, ValueError) as err:
+            raise SettingsError(f"peft_options for {self.peft}: {err}") from None
+
+        if self.modality not in (None, ""):
+            self.modality = _choice("modality", str(self.modality).upper(), ("CT", "MR"))
+        else:
+            self.modality = None
+        if self.ct_window not in (None, ""):
+            window = self.ct_window
+            if isinstance(window, str):
+                window = [part for part in window.strip("[]() ").replace(",", " ").split() if part]
+            if not isinstance(window, (list, tuple)) or len(window) != 2:
+                raise SettingsError(f"ct_window must be [low, high] in HU, got {self.ct_window!r}")
+            low, high = (_number("ct_window", v) for v in window)
+            if not low < high:
+                raise SettingsError(f"ct_window must be [low, high] with low < high, got {self.ct_window!r}")
+            self.ct_window = [low, high]
+        else:
+            self.ct_window = None
+        self.jitter = _number("jitter", self.jitter, int, 0, 10_000)
+        self.min_area = _number("min_area", self.min_area, float, 0)
+        self.val_fraction = _number("val_fraction", self.val_fraction, float, 0, 0.99)
+        self.test_fraction = _number("test_fraction", self.test_fraction, float, 0, 0.99)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise SettingsError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} must leave "
+                                "cases to train on (sum < 1)")
+        self.num_workers = _number("num_workers", self.num_workers, int, 0, 256)
+
+        self.epochs = _number("epochs", self.epochs, int, 1)
+        self.lr = _number("lr", self.lr, float, 0, 1, low_open=True)
+        self.cobot_lr = _number("cobot_lr", self.cobot_lr, float, 0, 1, low_open=True)
+        self.weight_decay = _number("weight_decay", self.weight_decay, float, 0, 1)
+        self.batch_size = _number("batch_size", self.batch_size, int, 1, 4096)
+        self.val_interval = _number("val_interval", self.val_interval, int, 1)
+        for name in ("val_at_start", "resume", "overwrite", "merge_adapters", "probability_maps"):
+            setattr(self, name, as_flag(getattr(self, name), name, error=SettingsError))
+
+        self.amp = as_amp(self.amp)
+        from .sam.attention import KINDS
+        from .sam.speed import CHECKPOINT_CHOICES
+
+        if self.attention not in (None, ""):
+            self.attention = _choice("attention", self.attention, KINDS)
+        else:
+            self.attention = None
+        self.skip_window_padding = _optional_flag("skip_window_padding", self.skip_window_padding)
+        if self.gradient_checkpointing not in (None, ""):
+            self.gradient_checkpointing = _choice("gradient_checkpointing", self.gradient_checkpointing,
+                                                  CHECKPOINT_CHOICES)
+        else:
+            self.gradient_checkpointing = None
+        self.compile = _optional_flag("compile", self.compile)
+        self.eval_batch_size = _number("eval_batch_size", self.eval_batch_size, int, 1, 4096)
+        self.nsd_tolerance_mm = _number("nsd_tolerance_mm", self.nsd_tolerance_mm, float, 0, 1000, low_open=True)
+        wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
+        unknown = [n for n in wanted if n not in self.organs]
+        if unknown:
+            raise SettingsError(f"unknown organs {unknown}; the {self.layout} label map has {list(self.organs)}")
+
+    # --- what the parts of the workflow read ---------------------------------------------------
+
+    @property
+    def layout_spec(self):
+        from .data.layouts import get_layout
+
+        return get_layout(self.layout)
+
+    @property
+    def organs(self) -> dict[str, int]:
+        return dict(self.layout_spec.organs)
+
+    @property
+    def organ_ids(self) -> list[int]:
+        return list(self.organs.values())
+
+    @property
+    def effective_modality(self) -> str:
+        return self.modality or self.layout_spec.modality
+
+    @property
+    def effective_ct_window(self) -> list[float]:
+        """The window in force: the setting, else the dataset layout's."""
+        return list(self.ct_window or self.layout_spec.ct_window)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).absolute()
+
+    def speed(self) -> dict[str, Any]:
+        """The speed switches as given (None: the model's own choice)."""
+        return {"attention": self.attention, "skip_window_padding": self.skip_window_padding,
+                "gradient_checkpointing": self.gradient_checkpointing, "compile": self.compile}
+
+    def model_spec(self):
+        """The :class:`~cobot_med.model.ModelSpec` of a fresh model of these settings."""
+        from .model import ModelSpec
+
+        spec = ModelSpec(arch=self.arch, image_size=self.image_size, peft=self.peft,
+                         peft_options=dict(self.peft_options))
+        for key in ("attention", "skip_window_padding", "gradient_checkpointing"):
+            if getattr(self, key) is not None:
+                setattr(spec, key, getattr(self, key))
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --- what depends on the machine, checked before any work -----------------------------------
+
+    def check(self, run_id: str = "training") -> "RunSettings":
+        """Files, folders, device and tracking store for ``run_id``; returns self. Raises SettingsError."""
+        from .engine import checks
+
+        if run_id not in RUN_IDS:
+            raise SettingsError(f"unknown run id {run_id!r}; the bundles have {list(RUN_IDS)}")
+        checks.check_device(self.device)
+        checks.check_model_files(self)
+        if run_id == "training":
+            checks.check_data(self)
+            checks.check_output_dir(self.output_path)
+        elif run_id == "evaluate":
+            if not self.adapter:
+                raise SettingsError("no adapter given: pass --adapter OUTPUT_DIR/adapter_best (the folder or its "
+                                    "adapter_model.safetensors)")
+            checks.check_data(self)
+            checks.check_output_dir(self.output_path)
+        else:
+            checks.check_inference(self)
+        if run_id != "inference":
+            from .engine.tracking import check_tracking_uri, resolve_tracking_uri
+
+            check_tracking_uri(resolve_tracking_uri(self.tracking_uri, self.output_path))
+        return self
+
+
+def load_settings(dataset: str = "adome", **overrides: Any) -> RunSettings:
+    """The settings a bundle run of ``dataset`` (a name or config layers) has with ``overrides``: the bundles'
+    own defaults, checked as in a run (for code that runs parts of the workflow outside a bundle)."""
+    from monai.bundle import ConfigParser
+
+    from .bundle import config_files
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files(dataset)])
+    parser.update({k: v for k, v in overrides.items()})
+    try:
+        return parser.get_parsed_content("settings")
+    except Exception as err:  # MONAI wraps what the settings raise
+        from .errors import find_in_chain
+
+        ours = find_in_chain(err, SettingsError)
+        if ours is None:
+            raise
+        raise ours from None
