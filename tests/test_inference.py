@@ -19,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from cobot_med.data.chains import volume_chain
 from cobot_med.data.layouts import get_layout
-from cobot_med.data.transforms import volume_transforms
-from cobot_med.inference import BoxFile, InputError, PromptError, model_images, run_inference
-from cobot_med.inference.io import find_cases
-from cobot_med.inference.metrics import organ_scores
+from cobot_med.errors import SettingsError
+from cobot_med.inference import run_inference
+from cobot_med.inference.cases import find_cases
+from cobot_med.metrics import organ_scores
+from cobot_med.predict import BoxFile, PromptError, model_images
+from cobot_med.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -74,9 +77,20 @@ class PerfectSam(torch.nn.Module):
         return torch.stack(logits) if logits else images.new_zeros(0, 1, *output_size)
 
 
+def infer(input_dir, output_dir, network=None, check=True, progress=False, log=lambda _: None, prefetch=None,
+          **settings):
+    """``run_inference`` as the bundle's ``inference`` run id calls it: settings from the adome bundle, checked."""
+    settings = load_settings("adome", input_dir=str(input_dir), output_dir=str(output_dir), device="cpu",
+                             amp="false", arch="tiny", **{k: str(v) if hasattr(v, "is_dir") else v
+                                                          for k, v in settings.items()})
+    if check:
+        settings.check("inference")
+    return run_inference(settings, network=network, progress=progress, log=log, prefetch=prefetch)
+
+
 def oriented(image_path, label_path=None):
     """The volume chain's output (the runner's own grid) for the fake network's lookup."""
-    chain = volume_transforms(list(ADOME.values()), get_layout("adome").ct_window, layout="adome")
+    chain = volume_chain(list(ADOME.values()), get_layout("adome").ct_window)
     data = chain({"image": str(image_path), **({"label": str(label_path)} if label_path else {})})
     return data["image"], data.get("label")
 
@@ -129,8 +143,7 @@ def test_perfect_predictor_gives_back_the_labels_in_the_inputs_exact_geometry(ph
     before = snapshot(images.parent)
     network = perfect(images, labels)
     out = tmp_path / "out"
-    report = run_inference(images, out, layout="adome", network=network, labels_dir=labels, batch_size=4,
-                           progress=False, log=lambda _: None)
+    report = infer(images, out, network=network, labels_dir=labels, eval_batch_size=4)
     assert report.exit_code == 0 and len(report.done) == 4
     for image in sorted(images.glob("*.nii.gz")):
         case = image.name[: -len(".nii.gz")]
@@ -215,8 +228,7 @@ def test_3d_boxes_in_voxels_ras_and_lps_prompt_exactly_their_slices(phantoms, tm
     boxes.write_text(json.dumps({"space": "voxel", "cases": cases}))
 
     out = tmp_path / "out"
-    report = run_inference(images, out, layout="adome", network=perfect(images, labels), boxes_file=boxes,
-                           progress=False, log=lambda _: None)
+    report = infer(images, out, network=perfect(images, labels), boxes_file=boxes)
     assert report.exit_code == 0
     for image in sorted(images.glob("*.nii.gz")):
         case = image.name[: -len(".nii.gz")]
@@ -233,7 +245,7 @@ def test_3d_boxes_in_voxels_ras_and_lps_prompt_exactly_their_slices(phantoms, tm
 
 def test_world_box_on_an_oblique_grid_covers_its_voxels(phantoms, tmp_path):
     """On an oblique grid a world box is tilted against the voxels: its prompt is the voxels' bounding box."""
-    from cobot_med.inference.prompts import oriented_extent, original_affine
+    from cobot_med.predict.prompts import oriented_extent, original_affine
 
     images, _ = phantoms
     image_path = sorted(images.glob("*.nii.gz"))[3]
@@ -275,9 +287,9 @@ def test_key_slices_propagate_both_ways_until_the_organ_vanishes(phantoms, tmp_p
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"space": "voxel", "cases": cases}))
     out = tmp_path / "out"
-    report = run_inference(images, out, layout="adome", organs="liver,spleen,pancreas",
+    report = infer(images, out, infer_organs="liver,spleen,pancreas",
                            network=perfect(images, labels, ("liver", "spleen", "pancreas")),
-                           boxes_file=boxes, labels_dir=labels, progress=False, log=lambda _: None)
+                           boxes_file=boxes, labels_dir=labels)
     assert report.exit_code == 0
     for image in sorted(images.glob("*.nii.gz")):
         case = image.name[: -len(".nii.gz")]
@@ -322,8 +334,7 @@ def test_bad_cases_are_reported_and_the_others_finish(phantoms, tmp_path):
         **{c: {"liver": whole} for c in case_ids}, "broken": {"liver": whole}, "flat": {"liver": whole}}}))
     out = tmp_path / "out"
     messages = []
-    report = run_inference(inputs, out, layout="adome", network=perfect(images, labels), boxes_file=boxes,
-                           progress=False, log=messages.append)
+    report = infer(inputs, out, network=perfect(images, labels), boxes_file=boxes, log=messages.append)
     status = {c.case_id: (c.status, c.reason) for c in report.cases}
     assert report.exit_code == 1
     assert [status[c][0] for c in case_ids] == ["done", "done"]
@@ -343,8 +354,8 @@ def test_bad_cases_are_reported_and_the_others_finish(phantoms, tmp_path):
         assert (out / f"{c}_seg.nii.gz").is_file()
     assert snapshot(inputs) == before
 
-    with pytest.raises(InputError, match="inside the input folder"):
-        run_inference(inputs, inputs / "out", network=perfect(images, labels), boxes_file=boxes, progress=False)
+    with pytest.raises(SettingsError, match="inside the input folder"):
+        infer(inputs, inputs / "out", network=perfect(images, labels), boxes_file=boxes)
     assert snapshot(inputs) == before
 
 
@@ -352,9 +363,8 @@ def test_a_rerun_skips_finished_cases_unless_overwrite(phantoms, tmp_path):
     images, labels = phantoms
     network = perfect(images, labels, ("liver", "spleen"))
     out = tmp_path / "out"
-    kwargs = dict(layout="adome", organs=["spleen", "liver"], network=network, labels_dir=labels, progress=False,
-                  log=lambda _: None)
-    first = run_inference(images, out, **kwargs)
+    kwargs = dict(infer_organs="spleen,liver", network=network, labels_dir=labels)
+    first = infer(images, out, **kwargs)
     assert len(first.done) == 4
     segs = sorted(out.glob("*_seg.nii.gz"))
     stamps = {p: p.stat().st_mtime_ns for p in segs}
@@ -363,7 +373,7 @@ def test_a_rerun_skips_finished_cases_unless_overwrite(phantoms, tmp_path):
     lost.unlink()
     (out / ".tmp-0badc0de-stale_seg.nii.gz").write_bytes(b"half")
     network.calls.clear()
-    second = run_inference(images, out, **kwargs)
+    second = infer(images, out, **kwargs)
     assert [c.status for c in second.cases].count("skipped") == 3 and len(second.done) == 1
     assert second.done[0].case_id + "_seg.nii.gz" == lost.name
     assert {c for c, _ in network.calls} == {1}  # only that case reached the network
@@ -372,7 +382,7 @@ def test_a_rerun_skips_finished_cases_unless_overwrite(phantoms, tmp_path):
     rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["case"] != "mean"]
     assert len(rows) == 8 and [r["organ"] for r in rows[:2]] == ["liver", "spleen"]  # label-map order
     assert all(float(r["dsc"]) == 1.0 for r in rows)  # skipped cases' scores are kept
-    third = run_inference(images, out, overwrite=True, **kwargs)
+    third = infer(images, out, overwrite=True, **kwargs)
     assert len(third.done) == 4
 
 
@@ -425,8 +435,7 @@ def test_a_dicom_series_is_one_case_in_its_own_geometry(phantoms, tmp_path):
     network = PerfectSam([oriented(source, label_of(labels, source)),
                           oriented(inputs / "patient7", refs / "patient7.nii.gz")], ADOME.values())
     out = tmp_path / "out"
-    report = run_inference(inputs, out, layout="adome", network=network, labels_dir=refs, progress=False,
-                           log=lambda _: None)
+    report = infer(inputs, out, network=network, labels_dir=refs)
     assert report.exit_code == 0 and len(report.done) == 2
     seg = sitk.ReadImage(str(out / "patient7_seg.nii.gz"))
     read_back = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs / "patient7")))
@@ -475,7 +484,7 @@ def test_a_bad_boxes_file_fails_before_any_case(phantoms, tmp_path, content, mes
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(content))
     with pytest.raises(PromptError, match=message) as err:
-        run_inference(images, tmp_path / "out", network=PerfectSam([], []), boxes_file=boxes, progress=False)
+        infer(images, tmp_path / "out", network=PerfectSam([], []), boxes_file=boxes)
     assert str(boxes) in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -509,8 +518,8 @@ def test_overlapping_organs_go_to_the_most_probable(phantoms, tmp_path):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"space": "voxel", "cases": {"ras": {
         "liver": {"box3d": [2, 2, 1, 20, 20, 6]}, "spleen": {"box3d": [10, 10, 3, 30, 30, 9]}}}}))
-    report = run_inference(inputs, tmp_path / "out", layout="adome", organs="liver,spleen",
-                           network=BoxFiller([1.0, 3.0]), boxes_file=boxes, progress=False, log=lambda _: None)
+    report = infer(inputs, tmp_path / "out", infer_organs="liver,spleen",
+                           network=BoxFiller([1.0, 3.0]), boxes_file=boxes)
     assert report.exit_code == 0
     seg = stored(tmp_path / "out" / "ras_seg.nii.gz")
     want = np.zeros_like(seg)
@@ -519,21 +528,21 @@ def test_overlapping_organs_go_to_the_most_probable(phantoms, tmp_path):
     assert np.array_equal(seg, want)
 
 
-def test_yes_no_settings_from_a_command_line_are_parsed_not_truthy():
-    from cobot_med.inference.runner import as_amp, as_flag
-
-    assert [as_flag(v) for v in ("false", "False", "0", "no", "", False, 0)] == [False] * 7
-    assert [as_flag(v) for v in ("true", "TRUE", "1", "yes", True, 1)] == [True] * 6
-    assert as_amp("false") is False and as_amp("bf16") == "bf16" and as_amp(True) is True
-    with pytest.raises(InputError, match="overwrite must be true or false"):
-        as_flag("maybe", "overwrite")
+def test_yes_no_settings_from_a_command_line_are_parsed_not_truthy(tmp_path):
+    for text in ("false", "False", "0", "no", "off"):
+        assert load_settings("adome", overwrite=text, probability_maps=text).overwrite is False
+    for text in ("true", "TRUE", "1", "yes"):
+        assert load_settings("adome", overwrite=text).overwrite is True
+    assert load_settings("adome", amp="False").amp == "false" and load_settings("adome", amp="bf16").amp == "bf16"
+    with pytest.raises(SettingsError, match="overwrite must be true or false"):
+        load_settings("adome", overwrite="maybe")
 
 
 def test_a_case_that_crashes_midway_leaves_no_segmentation_and_is_redone(phantoms, tmp_path, monkeypatch):
     """Files appear only complete (temporary name, then rename) and the segmentation last: a case that dies
     while writing its other outputs has no ``_seg.nii.gz``, so the next run does it again."""
     import cobot_med.inference.runner as runner
-    from cobot_med.inference.io import atomic_path
+    from cobot_med.files import atomic_path
 
     with pytest.raises(RuntimeError):
         with atomic_path(tmp_path / "x.json") as tmp:
@@ -554,22 +563,22 @@ def test_a_case_that_crashes_midway_leaves_no_segmentation_and_is_redone(phantom
         raise OSError("disk full")
 
     monkeypatch.setattr(runner, "write_overlay", crash)
-    first = run_inference(inputs, out, network=network, labels_dir=refs, progress=False, log=lambda _: None)
+    first = infer(inputs, out, network=network, labels_dir=refs)
     assert first.exit_code == 1 and first.failed[0].reason == "OSError: disk full"
     assert not (out / "sra_seg.nii.gz").exists() and not list(out.glob(".tmp-*"))
     monkeypatch.undo()
-    second = run_inference(inputs, out, network=network, labels_dir=refs, progress=False, log=lambda _: None)
+    second = infer(inputs, out, network=network, labels_dir=refs)
     assert second.exit_code == 0 and [c.case_id for c in second.done] == ["sra"]
     assert np.array_equal(stored(out / "sra_seg.nii.gz"), stored(refs / "sra.nii.gz"))
 
 
 def test_slices_reach_the_model_as_in_training():
     """The batched resize of inference equals the slice chain's (MONAI Resized, bilinear, anti-aliased)."""
-    from cobot_med.data.transforms import slice_chain
+    from cobot_med.data.chains import slice_chain
 
     volume = torch.rand(100, 90, 5) * 255
     ours = model_images(volume, [1, 3, 4], 64)
-    chain = slice_chain([1], 64, jitter=0, training=False)
+    chain = slice_chain([1], 64, jitter=0)
     for i, z in enumerate([1, 3, 4]):
         sample = chain({"image": volume[..., z][None], "label": torch.zeros(1, 100, 90)})
         torch.testing.assert_close(ours[i], sample["image"], atol=1e-3, rtol=0)
@@ -582,19 +591,19 @@ def test_the_next_case_is_read_in_the_background_and_changes_nothing(phantoms, t
 
     images, labels = phantoms
     readers = []
-    load = runner._Job.load
+    load = runner.CaseJob.load
 
     def recording_load(self, case):
         readers.append((case.case_id, threading.current_thread().name))
         return load(self, case)
 
-    monkeypatch.setattr(runner._Job, "load", recording_load)
+    monkeypatch.setattr(runner.CaseJob, "load", recording_load)
     outputs = {}
     for prefetch in (True, False):
         readers.clear()
         outputs[prefetch] = tmp_path / f"prefetch_{prefetch}"
-        report = run_inference(images, outputs[prefetch], layout="adome", network=perfect(images, labels),
-                               labels_dir=labels, prefetch=prefetch, progress=False, log=lambda _: None)
+        report = infer(images, outputs[prefetch], network=perfect(images, labels), labels_dir=labels,
+                       prefetch=prefetch)
         assert report.exit_code == 0 and len(report.done) == 4
         assert [case for case, _ in readers] == sorted(case for case, _ in readers)  # in order, each once
         background = {case for case, thread in readers if thread.startswith("cobot-med-read")}

@@ -13,8 +13,10 @@ from test_inference import ADOME, assert_same_geometry, label_of, oriented
 
 from cobot_med.adapter import save_adapter
 from cobot_med.cli import main
-from cobot_med.inference import SlicePredictor, from_labels, load_network, predict_case
+from cobot_med.inference import load_network
 from cobot_med.model import ModelSpec, build_model
+from cobot_med.predict import SlicePredictor, from_labels, predict_volume
+from cobot_med.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -94,9 +96,10 @@ def test_merged_lora_predicts_what_the_unmerged_adapter_predicts(phantoms, adapt
     prompts = from_labels(label, ADOME)
     results = []
     for merge in (False, True):
-        network, info = load_network(adapter, device="cpu", merge=merge)
+        settings = load_settings("adome", adapter=str(adapter), merge_adapters=merge)
+        network, info = load_network(settings, "cpu")
         assert info["merged_layers"] == (4 if merge else 0)
-        probs, _ = predict_case(SlicePredictor(network, "cpu", batch_size=3), image[0], prompts)
+        probs, _ = predict_volume(SlicePredictor(network, "cpu", batch_size=3), image[0], prompts)
         results.append(probs)
     assert results[0].abs().max() > 0
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=0)
@@ -110,10 +113,12 @@ def test_zero_shot_with_a_boxes_file_reports_a_case_without_prompts(phantoms, tm
     out = tmp_path / "out"
     code = main(["infer", "--config", "adome", "--input", str(images), "--output", str(out), "--boxes", str(boxes),
                  "--arch", "tiny", "--image-size", "64", "--device", "cpu", "--no-amp"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 1
     assert "1 done, 0 skipped (already done), 3 failed" in printed
     assert "Case_00002_0000: no prompt for any organ" in printed
+    assert "cobot-med: 3 of 4 cases failed (Case_00002_0000" in captured.err  # one line at the edge
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["zero_shot"] and summary["model"]["peft"] == "frozen"
     assert (out / f"{first}_seg.nii.gz").is_file() and (out / f"{first}_prompts.json").is_file()

@@ -185,13 +185,16 @@ def select_organs(label_map: Mapping[str, int], names: str) -> dict[str, int]:
 
 
 def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module | None = None,
-                  progress: bool = True, log: Callable[[str], None] = print) -> InferenceReport:
+                  progress: bool = True, log: Callable[[str], None] = print,
+                  prefetch: bool | None = None) -> InferenceReport:
     """Segment every volume of ``settings.input_dir`` into ``settings.output_dir``; see docs/inference.md.
 
     ``settings`` is a checked :class:`cobot_med.settings.RunSettings` (its ``check("inference")`` has run);
     ``precision`` the resolved ``amp`` (:func:`cobot_med.engine.amp.resolve_precision`); ``network``
     (anything with PromptableSam's call signature and an ``image_size``) replaces the model the settings
-    name. Returns the report; its ``exit_code`` is 1 when any case failed.
+    name. ``prefetch`` reads the next case in a background thread while one is predicted (None: on GPUs
+    only; on a 2-core CPU the reading thread competed with the model and made runs slower). Returns the
+    report; its ``exit_code`` is 1 when any case failed.
     """
     from tqdm.auto import tqdm
 
@@ -237,7 +240,7 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
         if status[case.case_id][1]:
             log(f"{case.case_id}: redone, {status[case.case_id][1]}")
     position = {case.case_id: i for i, case in enumerate(to_run)}
-    prefetch = device.type == "cuda"  # measured slower on a 2-core CPU (the reading thread competes for the cores)
+    prefetch = device.type == "cuda" if prefetch is None else prefetch
     outcomes: list[CaseOutcome] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cobot-med-read") as loader:
         loading: dict[str, Future] = {}
