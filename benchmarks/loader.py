@@ -27,7 +27,8 @@ from cobot_med.data.datalist import build_datalist  # noqa: E402
 from cobot_med.data.dataset import SliceDataset, VolumeDataset  # noqa: E402
 from cobot_med.data.layouts import get_layout  # noqa: E402
 from cobot_med.data.phantoms import make_phantoms  # noqa: E402
-from cobot_med.data.transforms import slice_chain, volume_transforms  # noqa: E402
+from cobot_med.data.chains import slice_chain  # noqa: E402
+from cobot_med.data.chains import volume_chain as volume_transforms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

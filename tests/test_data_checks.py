@@ -11,7 +11,8 @@ import torch
 
 from cobot_med.data.dataset import VolumeDataset
 from cobot_med.data.layouts import SEGRAP_ORGANS, get_layout
-from cobot_med.data.transforms import GuardedVolume, volume_transforms
+from cobot_med.data.chains import volume_chain as volume_transforms
+from cobot_med.data.volume import GuardedVolume
 from cobot_med.data.validation import DataError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -13,7 +13,8 @@ from monai.data import DataLoader, NibabelReader
 from cobot_med.data.datalist import build_datalist, write_datalist
 from cobot_med.data.dataset import SliceDataset, VolumeDataset, resolve_datalist
 from cobot_med.data.layouts import get_layout
-from cobot_med.data.transforms import slice_chain, volume_transforms
+from cobot_med.data.chains import slice_chain
+from cobot_med.data.chains import volume_chain as volume_transforms
 from cobot_med.data.validation import DataError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -65,12 +66,21 @@ def test_slices_index_cases_in_order_and_only_slices_with_organs(phantom_dirs):
 
 
 def test_resolve_datalist_takes_a_file_instead_of_the_folder(phantom_dirs, tmp_path):
-    split = resolve_datalist("spleen", str(phantom_dirs["spleen"]), None, str(tmp_path / "out"), 0.2, 0.2, 1)
+    from cobot_med.errors import SettingsError
+    from cobot_med.settings import load_settings
+
+    def settings(**values):
+        return load_settings("spleen", output_dir=str(tmp_path / "out"), seed=1, **values)
+
+    split = resolve_datalist(settings(dataset_dir=str(phantom_dirs["spleen"])))
     written = tmp_path / "out" / "datalist.json"
     assert json.loads(written.read_text())["layout"] == "spleen"
-    assert resolve_datalist("spleen", "/nowhere", str(written)) == split
+    assert resolve_datalist(settings(dataset_dir="/nowhere", datalist=str(written))) == split
     only_two = write_datalist({"training": split["training"][:2]}, tmp_path / "two.json")
-    assert [len(v) for v in resolve_datalist("spleen", "/nowhere", str(only_two)).values()] == [2, 0, 0]
+    assert [len(v) for v in resolve_datalist(settings(datalist=str(only_two))).values()] == [2, 0, 0]
+    no_training = write_datalist({"validation": split["training"][:2]}, tmp_path / "val.json")
+    with pytest.raises(SettingsError, match="no training cases"):
+        resolve_datalist(settings(datalist=str(no_training)))
 
 
 def test_training_slices_need_labels(tmp_path, phantom_dirs):

@@ -1,5 +1,5 @@
 """Volume and slice transforms on phantoms of all three layouts: orientation, windowing, inversion,
-sample format, box prompts and jitter, the area threshold, whole-volume slice batches."""
+sample format, box prompts and jitter, the area threshold, label maps written back into the files' grids."""
 
 from __future__ import annotations
 
@@ -7,24 +7,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Orientationd
+from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from cobot_med.data.datalist import build_datalist
 from cobot_med.data.dataset import SliceDataset, VolumeDataset
 from cobot_med.data.layouts import get_layout
-from cobot_med.data.transforms import (
-    BoxPromptsd,
-    LoadVolumed,
-    SliceOrganMasksd,
-    intensity_transform,
-    iter_slice_batches,
-    organ_area_threshold,
-    slice_chain,
-    slices_to_volume,
-    volume_to_slices,
-    volume_transforms,
-)
+from cobot_med.data.chains import slice_chain
+from cobot_med.data.chains import volume_chain as volume_transforms
+from cobot_med.data.slices import BoxPromptsd, SliceOrganMasksd, organ_area_threshold
+from cobot_med.data.volume import LoadVolumed, intensity_transform
+from cobot_med.predict import from_labels
+from cobot_med.predict.writing import write_label_map
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -105,19 +98,15 @@ def test_mr_intensities_are_scaled_by_percentiles():
 
 
 @pytest.mark.parametrize("layout", ["adome", "segrap"])
-def test_slices_stitch_back_to_the_files_geometry_exactly(volumes, phantom_dirs, layout):
-    """reorient -> slice -> model grid -> stitch -> Invertd gives back each label file voxel for voxel."""
+def test_label_maps_go_back_to_the_files_geometry_exactly(volumes, phantom_dirs, layout, tmp_path):
+    """reorient -> label map in the oriented grid -> write_label_map (Invertd + the file's affine) gives back each
+    label file voxel for voxel, in its storage order."""
     spec = get_layout(layout)
     chain = volumes[layout].volume_transform
     cases = sum(build_datalist(layout, phantom_dirs[layout], 0.0, 0.0).values(), [])
     for case, volume in zip(cases, volumes[layout]):
-        batch = volume_to_slices(volume, spec.organ_ids, 96, all_slices=True)
-        assert batch["slice_index"].tolist() == list(range(volume["image"].shape[-1]))
-        masks = slices_to_volume(batch["masks"], batch["slice_index"], volume["label"], mode="nearest-exact")
-        ids = torch.tensor(spec.organ_ids, dtype=torch.float32).view(-1, 1, 1, 1)
-        merged = MetaTensor((masks * ids).amax(0, keepdim=True), meta=masks.meta,
-                            applied_operations=masks.applied_operations)
-        back = Invertd(keys="pred", transform=chain, orig_keys="label", nearest_interp=True)({**volume, "pred": merged})
+        path = write_label_map(volume["label"].as_tensor(), volume["image"], chain, tmp_path / f"{case['case_id']}.nii.gz")
+        written = nib.load(str(path))
         if isinstance(case["label"], list):
             stored = np.zeros(nib.load(case["label"][0]).shape)
             for path, organ_id in zip(case["label"], spec.organ_ids):
@@ -125,9 +114,9 @@ def test_slices_stitch_back_to_the_files_geometry_exactly(volumes, phantom_dirs,
         else:
             stored = np.asarray(nib.load(case["label"]).dataobj)
             stored = np.where(np.isin(stored, spec.organ_ids), stored, 0)
-        assert back["pred"].shape[1:] == stored.shape  # the storage order, e.g. S-I first
-        assert np.array_equal(back["pred"][0].numpy(), stored)
-        assert np.allclose(np.asarray(back["pred"].affine), nib.load(case["image"]).affine, atol=1e-4)
+        assert written.shape == stored.shape  # the storage order, e.g. S-I first
+        assert np.array_equal(np.asarray(written.dataobj), stored)
+        assert np.allclose(written.affine, nib.load(case["image"]).affine, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
@@ -176,8 +165,9 @@ def test_boxes_contain_their_masks_and_jitter_stays_within_0_50_px_per_side():
     sides = []
     for _ in range(300):
         out = boxes_t(data)
+        scale = torch.tensor([128 / 80, 128 / 60] * 2)
         for k in range(2):
-            x0, y0, x1, y1 = out["boxes_original"][k].tolist()
+            x0, y0, x1, y1 = (out["boxes"][k] / scale).round().tolist()  # back in the slice grid
             tx0, ty0, tx1, ty1 = tight(data["masks"][k].bool())
             assert x0 <= tx0 and y0 <= ty0 and x1 >= tx1 and y1 >= ty1  # contains the mask
             assert 0 <= x0 and 0 <= y0 and x1 <= 80 and y1 <= 60  # clipped to the slice
@@ -185,8 +175,7 @@ def test_boxes_contain_their_masks_and_jitter_stays_within_0_50_px_per_side():
             assert all(0 <= w <= 50 for w in widening)
             if k == 0:  # far enough from the borders on the right and bottom: unclipped draws
                 sides.append(widening)
-            scale = torch.tensor([128 / 80, 128 / 60] * 2)
-            assert torch.allclose(out["boxes"][k], out["boxes_original"][k] * scale)  # then to the model grid
+            assert torch.allclose(out["boxes"][k] / scale, (out["boxes"][k] / scale).round(), atol=1e-4)  # whole pixels
         assert out["boxes"][2].abs().sum() == 0  # no box for the organ below the threshold
     sides = np.array(sides)
     assert sides[:, 2].min() == 0 and sides[:, 2].max() == 30  # x1 may reach 80 at most: clipped at 30
@@ -197,7 +186,7 @@ def test_boxes_contain_their_masks_and_jitter_stays_within_0_50_px_per_side():
 def test_switching_jitter_off_gives_the_tight_box():
     data = SliceOrganMasksd([1, 2, 3])(slice_with_organs())
     out = BoxPromptsd(image_size=80, jitter=0)(data)
-    assert out["boxes_original"][0].tolist() == tight(data["masks"][0].bool()) == [20, 10, 50, 30]
+    assert tight(data["masks"][0].bool()) == [20, 10, 50, 30]
     assert out["boxes"][0].tolist() == pytest.approx([20, 10 * 80 / 60, 50, 30 * 80 / 60])
     with pytest.raises(ValueError, match="jitter must be >= 0"):
         BoxPromptsd(image_size=80, jitter=-1)
@@ -258,34 +247,5 @@ def test_slices_below_the_area_threshold_are_skipped(tmp_path):
     assert sample["valid"].tolist() == [False, True] and sample["boxes"][0].abs().sum() == 0
     bigger = SliceDataset(volumes, slice_chain([1, 2], 32, min_area=1000), [1, 2], min_area=1000)
     assert sorted(z for _, z in bigger.index) == [1, 2, 6]  # 62.5 px at 64 x 64
-    whole = volume_to_slices(volumes[0], [1, 2], 32)  # evaluation: any pixel counts
-    assert whole["slice_index"].tolist() == [1, 2, 4, 5, 6]
-
-
-def test_whole_volume_slice_batches_for_evaluation_and_inference(volumes):
-    spec = get_layout("segrap")
-    volume = volumes["segrap"][1]  # per-organ files, oriented from LPS
-    K, Z = len(spec.organs), volume["image"].shape[-1]
-    batches = list(iter_slice_batches(volume, spec.organ_ids, S, batch_size=4))
-    assert all(b["image"].shape[0] <= 4 for b in batches)
-    whole = volume_to_slices(volume, spec.organ_ids, S)
-    assert torch.equal(torch.cat([b["slice_index"] for b in batches]), whole["slice_index"])
-    N = len(whole["slice_index"])
-    assert 0 < N <= Z and whole["slice_index"].dtype == torch.int64
-    assert whole["image"].shape == (N, 3, S, S) and whole["masks"].shape == (N, K, S, S)
-    assert whole["boxes"].shape == (N, K, 4) and whole["valid"].shape == (N, K) and whole["valid"].any(1).all()
-    assert whole["organ_ids"].shape == (N, K) and whole["case_id"] == ["segrap_0001"] * N
-    # the same tensors as the evaluation chain gives a single slice, boxes tight
-    z = int(whole["slice_index"][N // 2])
-    single = slice_chain(spec.organ_ids, S, training=False)({"image": volume["image"].as_tensor()[..., z],
-                                                             "label": volume["label"].as_tensor()[..., z]})
-    for key in ("image", "masks", "boxes", "valid"):
-        assert torch.equal(whole[key][N // 2], single[key])
-    # without a label (inference): every slice, nothing valid
-    unlabelled = volume_to_slices({"image": volume["image"], "case_id": "x"}, spec.organ_ids, S)
-    assert unlabelled["slice_index"].tolist() == list(range(Z)) and not unlabelled["valid"].any()
-    assert volume_to_slices(volume, spec.organ_ids, S, all_slices=True)["slice_index"].tolist() == list(range(Z))
-    stitched = slices_to_volume(torch.ones(2, 1, S, S), torch.tensor([0, 3]), volume["image"])
-    assert stitched.shape == (1, *volume["image"].shape[1:]) and torch.allclose(stitched[..., [0, 3]], torch.ones(1))
-    assert stitched.sum().item() == pytest.approx(2 * volume["image"].shape[1] * volume["image"].shape[2])
-    assert isinstance(stitched, MetaTensor) and np.allclose(stitched.affine, volume["image"].affine)
+    _, present = from_labels(volumes[0]["label"], {"a": 1, "b": 2}).fixed()  # evaluation: any pixel counts
+    assert present.any(dim=1).nonzero(as_tuple=True)[0].tolist() == [1, 2, 4, 5, 6]
