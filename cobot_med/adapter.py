@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CobotMedError
-from .files import atomic_path, write_json
+from .files import atomic_path, user_mode, write_json
 from .model import ModelSpec, build_model
 from .sam import PromptableSam, file_sha256
 
@@ -75,6 +75,7 @@ def save_adapter(model: torch.nn.Module, directory: str | Path, extra: dict[str,
     tensors = adapter_state_dict(model)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        user_mode(tmp)
         weights_sha256 = file_sha256(tmp)
     config = {
         "format": FORMAT,

@@ -81,6 +81,9 @@ def require_workflow(dataset: str) -> None:
     global _workflow_loaded
     loaded, _workflow_loaded = _workflow_loaded, False
     if not loaded:
+        from .errors import install_excepthook
+
+        install_excepthook()
         raise SettingsError(
             f"bundles/{dataset}.json holds the {dataset} settings only; run it on the workflow: python -m monai.bundle "
             f"run training --config_file \"['bundles/common.json','bundles/{dataset}.json']\" [--key value ...]")

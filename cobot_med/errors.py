@@ -49,15 +49,33 @@ def project_error(err: BaseException | None) -> CobotMedError | None:
     return find_in_chain(err, CobotMedError)
 
 
+_on_failure: dict[str, Callable[[], None]] = {}
+
+
+def on_failure(key: str, callback: Callable[[], None] | None) -> None:
+    """Register (or, with None, drop) what to do if this process dies of an error: a training session marks
+    its MLflow run FAILED, so that no crashed run stays RUNNING."""
+    if callback is None:
+        _on_failure.pop(key, None)
+    else:
+        _on_failure[key] = callback
+
+
 def fail_open_run() -> None:
-    """Mark this process's open MLflow run FAILED (a crashed run must not stay RUNNING)."""
+    """Run the failure callbacks, and end MLflow's active run (if any) as FAILED."""
+    for key, callback in list(_on_failure.items()):
+        _on_failure.pop(key, None)
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - reporting the original error matters more
+            pass
     mlflow = sys.modules.get("mlflow")  # only when the run used MLflow: never import it here
     if mlflow is None:
         return
     try:
         if mlflow.active_run() is not None:
             mlflow.end_run(status="FAILED")
-    except Exception:  # noqa: BLE001 - reporting the original error matters more
+    except Exception:  # noqa: BLE001
         pass
 
 

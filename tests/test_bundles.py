@@ -13,12 +13,19 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from cobot_med.bundle import repository_root, run_bundle
 from cobot_med.data.phantoms import make_phantoms
 
 ROOT = repository_root()
-FAST = dict(arch="tiny", image_size=64, eval_batch_size=16, resume=False)
+FAST = dict(arch="tiny", image_size=64, eval_batch_size=16)
+pytestmark = pytest.mark.slow
+
+
+def layers(*names):
+    """The ``--config_file`` value of a layered run, as a user types it (a Python list literal)."""
+    return repr([str(ROOT / "bundles" / f"{name}.json") for name in ("common", *names)])
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +76,28 @@ def test_adome_training_learns_tracks_and_stitches(phantom_dirs, tmp_path):
         assert nib.aff2axcodes(seg.affine) == nib.aff2axcodes(image.affine)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3, 4}
 
-    # evaluate: a saved adapter on the test split, nothing repeated on the command line
+    # evaluate: a saved adapter on the test split, nothing repeated on the command line, the same score
     run_bundle("adome", "evaluate", dataset_dir=str(phantom_dirs["adome"]), output_dir=str(out / "eval"),
                adapter=str(out / "adapter_best"), eval_batch_size=16)
     report = json.loads((out / "eval" / "evaluation.json").read_text())
-    assert 0.0 < report["test_dsc"] <= 1.0
+    assert report["test_dsc"] == pytest.approx(run.data.metrics["test_dsc"], abs=1e-6)
+    assert report["adapter"]["weights_sha256"] == json.loads((out / "adapter_best" / "adapter_config.json").read_text())["weights_sha256"]
+
+    # infer --labels on the test cases: the same predictor, label map and metric policy give the logged test_dsc
+    from cobot_med.cli import main
+
+    inputs, refs = tmp_path / "test_images", tmp_path / "test_labels"
+    inputs.mkdir(), refs.mkdir()
+    for case in datalist["test"]:
+        (inputs / Path(case["image"]).name).symlink_to(case["image"])
+        (refs / Path(case["label"]).name).symlink_to(case["label"])
+    assert main(["infer", "--config", "adome", "--input", str(inputs), "--output", str(tmp_path / "infer"),
+                 "--adapter", str(out / "adapter_best"), "--labels", str(refs), "--batch-size", "16"]) == 0
+    inferred = json.loads((tmp_path / "infer" / "metrics.json").read_text())["mean"]
+    assert inferred["all"]["dsc"] == pytest.approx(run.data.metrics["test_dsc"], abs=1e-6)
+    for organ in ("liver", "kidney", "spleen", "pancreas"):
+        if inferred[organ]["dsc"] is not None:
+            assert inferred[organ]["dsc"] == pytest.approx(run.data.metrics[f"test_dsc_{organ}"], abs=1e-6)
 
 
 SPEED_OFF = dict(attention="eager", skip_window_padding="false", gradient_checkpointing="global")
@@ -96,32 +120,46 @@ def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset, speed
     assert model["gradient_checkpointing"] == expected["gradient_checkpointing"]
 
 
-def test_interrupted_training_resumes(phantom_dirs, tmp_path):
-    """Kill a training after its first epoch; the rerun goes on from there in the same MLflow run."""
+def test_a_killed_and_resumed_training_equals_an_uninterrupted_one(phantom_dirs, tmp_path):
+    """Kill a training after its first epoch; the rerun goes on from there in the same MLflow run, and ends with
+    exactly the weights and validation scores of a run that was never stopped."""
     import time
 
-    out = tmp_path / "resume"
-    settings = ["--dataset_dir", str(phantom_dirs["spleen"]), "--output_dir", str(out), "--peft", "lora",
-                "--arch", "tiny", "--image_size", "64", "--eval_batch_size", "16", "--epochs", "8"]
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/spleen.json",
-               "--meta_file", "bundles/metadata.json", "--logging_file", "bundles/logging.conf", *settings]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from safetensors.torch import load_file
+
+    settings = dict(dataset_dir=str(phantom_dirs["spleen"]), peft="lora", arch="tiny", image_size=64,
+                    eval_batch_size=16, epochs=3, lr=3e-3)
+    run_bundle("spleen", "training", output_dir=str(tmp_path / "whole"), **settings)
+
+    out = tmp_path / "resumed"
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", layers("spleen"),
+               "--output_dir", str(out), *[f"--{k}={v}" for k, v in settings.items()]]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "adapter_latest" / "adapter_config.json"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not (latest.is_file() and (out / "resume.pt").is_file()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
     interrupted_at = json.loads(latest.read_text())["epoch"]
-    assert 1 <= interrupted_at < 8, "the run should have been stopped part-way"
+    assert 1 <= interrupted_at < 3, "the run should have been stopped part-way"
 
-    run_bundle("spleen", "training", dataset_dir=str(phantom_dirs["spleen"]), output_dir=str(out), peft="lora",
-               arch="tiny", image_size=64, eval_batch_size=16, epochs=8)
-    assert json.loads(latest.read_text())["epoch"] == 8
+    run_bundle("spleen", "training", output_dir=str(out), **settings)
+    assert json.loads(latest.read_text())["epoch"] == 3
     client, run = mlflow_run(out)  # the interrupted (still running) MLflow run was taken up again
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert max(steps) == 8 and min(steps) == 1 and len(steps) == len(set(steps)) <= 8
+    assert sorted(steps) == [1, 2, 3]
+    whole_client, whole_run = mlflow_run(tmp_path / "whole")
+    for metric in ("train_loss", "val_dsc"):
+        ours = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
+        theirs = sorted((m.step, m.value) for m in whole_client.get_metric_history(whole_run.info.run_id, metric))
+        assert ours == theirs, metric
+    assert run.data.metrics["test_dsc"] == whole_run.data.metrics["test_dsc"]
+    for folder in ("adapter_latest", "adapter_best"):
+        a = load_file(str(out / folder / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "whole" / folder / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 def error_chain(err: BaseException) -> str:
@@ -139,7 +177,7 @@ def error_chain(err: BaseException) -> str:
         (dict(dataset_dir="nowhere", arch="tiny", image_size=64), "SettingsError: dataset_dir .*nowhere.* does not exist. "
                                                                  "The adome bundle expects the AbdomenCT-1K layout"),
         (dict(arch="vit_b"), "sam_checkpoint is empty, but arch vit_b needs Meta's weights"),
-        (dict(arch="tiny", peft="lora-cobot"), "unknown peft method 'lora-cobot'"),
+        (dict(arch="tiny", peft="lora-cobot"), "unknown peft 'lora-cobot'"),
         (dict(arch="tiny", image_size=100), "image_size 100 is not usable for tiny"),
         (dict(arch="tiny", sam_checkpoint="missing.pth"), "sam_checkpoint missing.pth does not exist"),
     ],
@@ -157,14 +195,13 @@ def test_two_process_ddp_on_cpu(phantom_dirs, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training",
-        "--config_file", "['bundles/spleen.json','bundles/multi_gpu.json']",
-        "--meta_file", "bundles/metadata.json", "--logging_file", "bundles/logging.conf",
+        "--config_file", layers("spleen", "multi_gpu"),
         "--dataset_dir", str(phantom_dirs["spleen"]), "--output_dir", str(out),
         "--arch", "tiny", "--image_size", "64", "--epochs", "1", "--peft", "lora", "--eval_batch_size", "16",
         "--val_fraction", "0.4", "--test_fraction", "0.4",  # each rank needs at least one case to evaluate
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, run = mlflow_run(out)  # rank 0 alone tracked
     assert run.info.status == "FINISHED"

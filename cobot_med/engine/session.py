@@ -15,6 +15,7 @@ A rerun must never report another run's model or score. So before anything is wr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import uuid
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SettingsError
+from ..errors import SettingsError, on_failure
 from . import tracking
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,25 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, empty, not a zip, unsafe pickle: all unusable
-        raise SettingsError(f"{path}: not a readable resume checkpoint ({type(err).__name__}: {err}); delete it to "
-                            "start afresh, or pass --overwrite true to replace this folder's run") from None
+        raise SettingsError(f"{path}: not a readable resume checkpoint ({unreadable_reason(path, err)}); delete it "
+                            "to start afresh, or pass --overwrite true to replace this folder's run") from None
     needed = ("identity", "run_key", "trainer", "optimizer", "adapter")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise SettingsError(f"{path}: not a cobot-med resume checkpoint (it lacks {[k for k in needed if k not in (state if isinstance(state, dict) else {})]}); "
                             "delete it to start afresh, or pass --overwrite true")
     return state
+
+
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words (never advice to load it unsafely)."""
+    import pickle
+
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        return "it holds Python objects other than tensors; not loaded, as that could run code"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"truncated or not a PyTorch file: {type(err).__name__}: {first}"[:300]
 
 
 @dataclasses.dataclass
@@ -116,11 +129,16 @@ class TrainingSession:
         checkpoint = read_checkpoint(out / CHECKPOINT_NAME) if resuming else None
         name = tracking.run_name(settings.dataset, model.spec.peft, model.spec.arch, model.spec.image_size,
                                  settings.seed, run_key)
-        return cls(out, ident, run_key, ident["tracking_uri"], tracking.experiment_name(settings.dataset), name,
-                   checkpoint)
+        session = cls(out, ident, run_key, ident["tracking_uri"], tracking.experiment_name(settings.dataset), name,
+                      checkpoint)
+        if process_rank() == 0:
+            on_failure(f"training:{name}", functools.partial(tracking.mark_failed, session.tracking_uri,
+                                                             session.experiment, name))
+        return session
 
     def finish(self, artifacts_dir: Path | None = None) -> None:
         """The run's test evaluation is done: tag it finished in MLflow and in its checkpoint."""
+        on_failure(f"training:{self.run_name}", None)
         tracking.mark_finished(self.tracking_uri, self.experiment, self.run_name, artifacts_dir or self.output_dir)
         path = self.checkpoint_path
         if path.is_file():

@@ -96,7 +96,10 @@ def check_tracking_uri(uri: str, must_exist: bool = False) -> str:
     if scheme in ("", "file"):
         raise SettingsError(f"tracking_uri {uri}: MLflow no longer supports plain folders as stores; use "
                             "sqlite:///PATH/mlflow.db, a database URI or an http:// tracking server")
-    return uri  # databricks and other schemes: left to MLflow
+    if scheme.split("+")[0] in ("databricks", "databricks-uc", "uc"):
+        return uri  # a managed service: left to MLflow
+    raise SettingsError(f"tracking_uri {uri}: not a tracking store MLflow knows (sqlite:///PATH/mlflow.db, "
+                        "postgresql://..., http://server:5000)")
 
 
 def experiment_name(dataset: str) -> str:
@@ -145,6 +148,13 @@ def mark_finished(uri: str, experiment: str, name: str, output_dir: str | Path |
             store.log_artifacts(run.info.run_id, str(folder), artifact_path=sub)
     store.set_tag(run.info.run_id, STATUS_TAG, FINISHED)
     store.set_terminated(run.info.run_id, "FINISHED")
+
+
+def mark_failed(uri: str, experiment: str, name: str) -> None:
+    """End a run that is still RUNNING as FAILED (a crash must not leave it open)."""
+    run = find_run(uri, experiment, name)
+    if run is not None and run.info.status == "RUNNING":
+        client(uri).set_terminated(run.info.run_id, "FAILED")
 
 
 def close_active_run() -> None:
