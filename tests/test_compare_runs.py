@@ -1,12 +1,15 @@
-"""compare over real tiny training runs: two methods x two seeds on phantoms, plus one that fails."""
+"""compare over real tiny training runs: two methods x two seeds on phantoms, plus one killed part-way."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 
 from cobot_med.cli import main
 from cobot_med.compare import load_runs, summarize
@@ -14,6 +17,26 @@ from cobot_med.data.phantoms import make_phantoms
 from cobot_med.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def killed_once_running(uri):
+    """A sweep runner that starts the real command and kills it once its MLflow run is open (a lost machine)."""
+
+    def run(command, env=None):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("cobot-med/spleen")
+            runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+                [experiment.experiment_id], filter_string="params.peft = 'conv_lora'") if experiment else []
+            if runs:
+                break
+            time.sleep(0.2)
+        proc.kill()
+        return proc.wait()
+
+    return run
 
 
 def test_sweep_then_compare_on_real_runs(tmp_path, capsys):
@@ -25,9 +48,10 @@ def test_sweep_then_compare_on_real_runs(tmp_path, capsys):
     result = run_sweep(ROOT / "bundles" / "spleen.json", ["lora", "lora+cobot"], [0, 1],
                        common + ["--output_dir", str(tmp_path / "out")], tracking_uri=uri)
     assert result.ok and len(result.ran) == 4
-    # a run that dies in its first step, after its MLflow run opened (no such autocast dtype)
+    # a run killed after its MLflow run opened
     broken = run_sweep(ROOT / "bundles" / "spleen.json", ["conv_lora"], [0],
-                       common + ["--output_dir", str(tmp_path / "broken"), "--", "--amp", "fp8"], tracking_uri=uri)
+                       common + ["--output_dir", str(tmp_path / "broken")], tracking_uri=uri,
+                       runner=killed_once_running(uri))
     assert len(broken.failed) == 1
     # a rerun skips the finished pairs
     again = run_sweep(ROOT / "bundles" / "spleen.json", ["lora"], [0, 1],

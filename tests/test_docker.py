@@ -313,15 +313,13 @@ def postgres_store():
 def _log_training_run(uri, dataset, peft, seed, test_dsc, organs, crash=False):
     """A run logged the way the bundles log one (bundles/common.json): MONAI's MLFlowHandler on the
     trainer (contract params, train_loss per epoch) and on the test evaluator (test_dsc, per organ),
-    then ``cobot_med.engine.setup.finish_run`` tags it finished.
-
-    TODO: use ``cobot_med.tracking.log_run`` once the package exposes it."""
+    then ``cobot_med.engine.tracking.mark_finished`` tags it finished, as a training session does."""
     from ignite.engine import Engine, Events
     from monai.handlers import MLFlowHandler
 
-    from cobot_med.engine.setup import experiment_name, finish_run, run_name
+    from cobot_med.engine.tracking import experiment_name, mark_finished, run_name
 
-    experiment, name = experiment_name(dataset), run_name(dataset, peft, "tiny", 64, seed)
+    experiment, name = experiment_name(dataset), run_name(dataset, peft, "tiny", 64, seed, uuid.uuid4().hex[:8])
     common = {"tracking_uri": uri, "experiment_name": experiment, "run_name": name, "iteration_log": False}
     params = {"dataset": dataset, "peft": peft, "arch": "tiny", "image_size": 64, "seed": seed, "epochs": 1,
               "peft_options": "{}", "image_encoder_trainable": {"lora": 9216, "lora+cobot": 9600}[peft],
@@ -349,7 +347,7 @@ def _log_training_run(uri, dataset, peft, seed, test_dsc, organs, crash=False):
 
     MLFlowHandler(**common, close_on_complete=False).attach(evaluator)
     evaluator.run([0], max_epochs=1)
-    finish_run(uri, experiment, name)
+    mark_finished(uri, experiment, name)
     return name
 
 

@@ -12,15 +12,16 @@ import time
 import pytest
 
 from cobot_med import cli, sweep
-from cobot_med.sweep import (
-    bundle_settings,
-    ensure_experiment,
-    find_finished_run,
-    parse_methods,
-    parse_overrides,
-    parse_seeds,
-    run_sweep,
-)
+from cobot_med.bundle import repository_root
+from cobot_med.engine.tracking import ensure_experiment, find_finished_run
+from cobot_med.sweep import bundle_settings, parse_methods, parse_overrides, parse_seeds, run_sweep
+
+COMMON = str(repository_root() / "bundles" / "common.json")
+
+
+def layers(config):
+    """The ``--config_file`` value of a sweep's commands: the workflow, then the given bundle."""
+    return repr([COMMON, str(config)])
 
 
 def log_run(uri, dataset, peft, seed, status="FINISHED", tag="finished", arch="tiny", image_size=64, epochs=1):
@@ -46,12 +47,11 @@ class FakeBundle:
     """Stands in for ``python -m monai.bundle run training``: logs an MLflow run per call, fails where told."""
 
     def __init__(self, fail=(), crash=()):
-        self.fail, self.crash, self.commands, self.cwds, self.envs = set(fail), set(crash), [], [], []
+        self.fail, self.crash, self.commands, self.envs = set(fail), set(crash), [], []
 
-    def __call__(self, command, cwd=None, env=None):
+    def __call__(self, command, env=None):
         command = list(command)
         self.commands.append(command)
-        self.cwds.append(cwd)
         self.envs.append(env)
         assert command[1:5] == ["-m", "monai.bundle", "run", "training"]
         args = parse_overrides(command[5:])
@@ -89,7 +89,7 @@ def test_sweep_skips_finished_and_goes_on_after_failures(tmp_path, bundle):
     # seeds outer: every method has seed 0 before any has seed 1; nothing stopped after a failure
     assert [(c[8], c[10]) for c in fake.commands] == [
         ("lora", "0"), ("adaptformer", "0"), ("conv_lora", "0"), ("lora", "1"), ("adaptformer", "1"), ("conv_lora", "1")]
-    assert fake.commands[0] == [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(bundle),
+    assert fake.commands[0] == [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", layers(bundle),
                                 "--peft", "lora", "--seed", "0", "--tracking_uri", uri, "--arch", "tiny",
                                 "--image_size", "64", "--epochs", "1", "--amp", "false",
                                 "--output_dir", str(out / "lora" / "seed0")]
@@ -159,14 +159,14 @@ def test_real_subprocesses_and_exit_status(tmp_path, bundle, monkeypatch, capsys
     assert _pairs(result.ran) == [("lora", 0)]
     assert [(job.peft, reason) for job, reason in result.failed] == [("adaptformer", "exit status 3")]
     calls = (tmp_path / "calls.txt").read_text().splitlines()
-    assert calls[0].startswith(f"-m monai.bundle run training --config_file {bundle} --peft lora --seed 0")
+    assert calls[0].startswith(f"-m monai.bundle run training --config_file {layers(bundle)} --peft lora --seed 0")
 
     fake = FakeBundle(fail={("adaptformer", 0)})
     monkeypatch.setattr(sweep, "subprocess_runner", fake)
     argv = ["sweep", "--config", str(bundle), "--peft", "lora,adaptformer", "--seeds", "1", "--tracking-uri", uri,
             "--arch", "tiny", "--image-size", "64", "--epochs", "1", "--", "--lr", "1e-4"]
     assert cli.main(argv) == 1
-    assert fake.commands[0][-8:] == ["--arch", "tiny", "--image_size", "64", "--epochs", "1", "--lr", "1e-4"]
+    assert fake.commands[0][-10:-2] == ["--arch", "tiny", "--image_size", "64", "--epochs", "1", "--lr", "1e-4"]
     assert "adome/adaptformer seed 0: FAILED (exit status 1)" in capsys.readouterr().out
     fake.fail.clear()
     assert cli.main(argv) == 0  # lora skipped, adaptformer now finishes
@@ -193,38 +193,31 @@ def test_parsing(tmp_path):
         "arch": "tiny", "epochs": "2", "amp": "True", "image_size": "64"}
     yaml_config = tmp_path / "b.yaml"
     yaml_config.write_text("dataset: segrap\nimage_size: 256\nnetwork_def: '@model'\nexpr: $1+1\nlist: [1, 2]\n")
-    assert bundle_settings(yaml_config) == {"dataset": "segrap", "image_size": 256}
+    assert bundle_settings([yaml_config]) == {"dataset": "segrap", "image_size": 256}
     jobs, _, match = sweep.plan_sweep(yaml_config, ["lora"], [4], ["--tracking_uri", "sqlite:///x.db",
                                                                    "--seed", "9", "--arch=tiny"])
     assert jobs[0].dataset == "segrap" and jobs[0].seed == 4
-    assert match == {"arch": "tiny", "image_size": 256, "epochs": None}
-    assert list(jobs[0].command) == [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-                                     str(yaml_config), "--peft", "lora", "--seed", "4", "--tracking_uri",
-                                     "sqlite:///x.db", "--arch=tiny"]
+    assert match == {"arch": "tiny", "image_size": 256, "epochs": 25}  # epochs: the workflow's default
+    assert list(jobs[0].command)[:-2] == [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                                          layers(yaml_config), "--peft", "lora", "--seed", "4", "--tracking_uri",
+                                          "sqlite:///x.db", "--arch=tiny"]
 
 
-def test_repository_bundle_layout(tmp_path, monkeypatch):
-    """A config in a repository's bundles/: commands run from the repository root (the configs' macros
-    are relative to it) with its metadata and logging files; without a tracking URI the whole sweep
-    shares one store under its output folder."""
+def test_a_dataset_bundle_by_name(tmp_path, monkeypatch):
+    """``--config spleen`` is the repository's layers, wherever the sweep is started; without a tracking URI the
+    whole sweep shares one store under its output folder (the dataset's own folder under outputs/sweep/)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    bundles = tmp_path / "repo" / "bundles"
-    bundles.mkdir(parents=True)
-    for name in ("common.json", "metadata.json", "logging.conf"):
-        (bundles / name).write_text("{}")
-    config = bundles / "spleen.json"
-    config.write_text(json.dumps({"dataset": "spleen", "output_dir": "outputs/spleen", "arch": "tiny"}))
     fake = FakeBundle()
     monkeypatch.setattr(sweep, "subprocess_runner", fake)
     monkeypatch.chdir(tmp_path)
-    result = run_sweep("repo/bundles/spleen.json", ["lora"], [0], ["--meta_file", "m.json"], log=lambda _: None)
-    assert result.ok and fake.cwds == [tmp_path / "repo"]
-    assert fake.envs[0]["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'repo' / 'outputs' / 'spleen' / 'mlflow.db'}"
-    command = fake.commands[0]
-    out = tmp_path / "repo" / "outputs" / "spleen"  # the bundle's relative output_dir, from where it runs
-    assert command[5:] == ["--config_file", str(config), "--peft", "lora", "--seed", "0",
-                           "--tracking_uri", f"sqlite:///{out / 'mlflow.db'}", "--meta_file", "m.json",
-                           "--logging_file", str(bundles / "logging.conf"), "--output_dir", str(out / "lora" / "seed0")]
+    result = run_sweep("spleen", ["lora"], [0], ["--arch", "tiny"], log=lambda _: None)
+    assert result.ok
+    out = tmp_path / "outputs" / "sweep" / "spleen"
+    assert fake.envs[0]["MLFLOW_TRACKING_URI"] == f"sqlite:///{out / 'mlflow.db'}"
+    spleen = str(repository_root() / "bundles" / "spleen.json")
+    assert fake.commands[0][5:] == ["--config_file", repr([COMMON, spleen]), "--peft", "lora", "--seed", "0",
+                                    "--tracking_uri", f"sqlite:///{out / 'mlflow.db'}", "--arch", "tiny",
+                                    "--output_dir", str(out / "lora" / "seed0")]
 
 
 def test_ensure_experiment(tmp_path):
