@@ -69,7 +69,7 @@ def test_adome_training_learns_tracks_and_stitches(phantom_dirs, tmp_path):
     datalist = json.loads((out / "datalist.json").read_text())
     for case in datalist["validation"]:
         image = nib.load(case["image"])
-        name = Path(case["image"]).name.replace(".nii.gz", "_seg.nii.gz")
+        name = f"{case['case_id']}_seg.nii.gz"  # named by case id, as cobot-med infer names its outputs
         seg = nib.load(out / "val_predictions" / name)
         assert seg.shape == image.shape
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)

@@ -98,7 +98,7 @@ def resolve_datalist(settings: Any) -> dict[str, list[dict]]:
     ``output_dir/datalist.json`` (on the first process). Checked: a training split to learn from, and
     under torchrun at least one validation and test case per process (a process with none would stall
     the others' metric gathering)."""
-    from ..engine.network import process_rank, world_size
+    from ..distributed import rank as process_rank, world_size
     from ..errors import SettingsError
 
     if settings.datalist:

@@ -28,18 +28,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def process_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def build_network(settings: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The PEFT-adapted PromptableSam of ``settings`` on ``device`` (see the module docstring)."""
     checkpoint = settings.sam_checkpoint or None

@@ -105,7 +105,7 @@ class TrainingSession:
 
         Under torchrun the first process decides (and deletes) and the others follow its decision."""
         from ..adapter import unwrap
-        from .network import process_rank, world_size
+        from ..distributed import rank as process_rank, world_size
 
         model = unwrap(network)
         out = settings.output_path

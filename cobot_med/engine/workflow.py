@@ -10,15 +10,9 @@ from typing import Any
 import torch
 
 from ..adapter import AdapterError, load_adapter_weights, read_adapter_config
+from ..distributed import barrier
 from ..files import write_json
 from .network import for_inference
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def test_best_adapter(network: torch.nn.Module, session: Any, settings: Any, evaluator: Any,
@@ -26,7 +20,7 @@ def test_best_adapter(network: torch.nn.Module, session: Any, settings: Any, eva
     """After training: load this run's best adapter (checked: its run key, spec, base and weights), put the
     network in its inference form (as ``cobot-med infer`` runs it) and score the test split, logged into the
     run. Skipped when the split has no test case."""
-    _barrier()  # the first process wrote adapter_best
+    barrier()  # the first process wrote adapter_best
     best = settings.output_path / "adapter_best"
     if (best / "adapter_config.json").is_file():
         config = read_adapter_config(best)

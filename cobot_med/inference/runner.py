@@ -8,6 +8,11 @@ Per case: the run's volume chain (load, checks, ``Orientationd("RAS")``, CT wind
 validation and test. A failing case is reported with its reason and the others go on; every file is
 written atomically, the segmentation last. A case is done when its segmentation exists *and* its record
 names the same model and prompt source as this run: a rerun skips it, a run with another model redoes it.
+
+Under torchrun (``torchrun --nproc_per_node=N -m cobot_med infer ...``) every process plans the same split
+of the cases still to do, balanced by voxels (:mod:`.sharding`), segments its share into the one output
+folder, and the first process merges the outcomes, metrics and summary once all are done. A process that
+dies loses only its case in flight: the same command, with any N, finishes the rest.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .. import distributed
 from ..files import remove_stale_temporaries, write_json
 from ..predict import BoxFile, CasePrompts, PromptError, SlicePredictor, from_labels, predict_volume, to_label_map
 from ..predict.writing import segmentation_path, to_input_geometry, write_label_map, write_volume
 from .cases import Case, attach_labels, find_cases
 from .outputs import prompts_record, write_label_files, write_metrics, write_overlay
 from .report import CaseFailed, CaseOutcome, InferenceFailed, InferenceReport
+from .sharding import shard
 
 
 def case_files(output_dir: Path, case_id: str) -> dict[str, Path]:
@@ -196,14 +203,28 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
     only; on a 2-core CPU the reading thread competed with the model and made runs slower). Returns the
     report; its ``exit_code`` is 1 when any case failed.
     """
+    from ..engine.network import resolve_device
+
+    device = resolve_device(settings.device)
+    joined = distributed.start_from_environment(device)
+    try:
+        return _run(settings, device, precision, network, progress, log, prefetch)
+    finally:
+        distributed.stop(joined)
+
+
+def _run(settings: Any, device: torch.device, precision: Any, network: torch.nn.Module | None, progress: bool,
+         log: Callable[[str], None], prefetch: bool | None) -> InferenceReport:
     from tqdm.auto import tqdm
 
     from ..data.chains import run_volume_chain
     from ..engine.amp import resolve_precision
-    from ..engine.network import resolve_device
 
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    rank, processes = distributed.rank(), distributed.world_size()
+    first = rank == 0
+    if not first:
+        log = _silent
     precision = precision or resolve_precision(settings.amp, device)
     organs = select_organs(settings.organs, settings.infer_organs)
     out = settings.output_path
@@ -228,17 +249,24 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
             network.eval()
     identity = model_identity(model_info, settings)
 
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    write_label_files(out, organs, settings.dataset)
+    if first:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        write_label_files(out, organs, settings.dataset)
+    distributed.barrier()  # the folder is ready; no process has started writing
     chain = run_volume_chain(settings)
     predictor = SlicePredictor(network, device, settings.eval_batch_size, precision.autocast)
     job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress)
     status: dict[str, tuple[bool, str]] = {c.case_id: job.finished(c) for c in cases if not c.error}
-    to_run = [c for c in cases if not c.error and not status[c.case_id][0]]
-    for case in to_run:
+    distributed.barrier()  # every process has seen the same finished cases before any writes a new one
+    pending = [c for c in cases if not c.error and not status[c.case_id][0]]
+    for case in pending:
         if status[case.case_id][1]:
             log(f"{case.case_id}: redone, {status[case.case_id][1]}")
+    to_run = shard(pending, processes)[rank] if processes > 1 else pending
+    mine = {case.case_id for case in to_run}
+    if processes > 1:
+        log(f"{len(pending)} case(s) to segment over {processes} processes, balanced by voxels")
     position = {case.case_id: i for i, case in enumerate(to_run)}
     prefetch = device.type == "cuda" if prefetch is None else prefetch
     outcomes: list[CaseOutcome] = []
@@ -250,13 +278,17 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
                 loading[to_run[index].case_id] = loader.submit(job.load, to_run[index])
 
         start_loading(0)
-        for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
+        desc = "cases" if processes == 1 else f"cases, process {rank}/{processes}"
+        listed = cases if first else to_run  # the first process also reports the listing's failures and skips
+        for case in tqdm(listed, desc=desc, unit="case", disable=not progress, position=rank):
             outcome = CaseOutcome(case.case_id, str(case.image), "done")
             tic = time.perf_counter()
             if case.error:
                 outcome.status, outcome.reason = "failed", case.error
             elif status[case.case_id][0]:
                 outcome.status = "skipped"
+            elif case.case_id not in mine:
+                continue  # another process's
             else:
                 start_loading(position[case.case_id] + 1)
                 try:
@@ -268,9 +300,14 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
             outcome.seconds = round(time.perf_counter() - tic, 3)
             outcomes.append(outcome)
 
-    if settings.labels_dir:
-        write_metrics(out, job.scores, organs, settings.nsd_tolerance_mm)
+    parts = distributed.gather((outcomes, job.scores))  # every process's outcomes, once all are done
+    outcomes = _in_listing_order(cases, [o for part, _ in parts for o in part])
+    scores = {case: value for _, part in parts for case, value in part.items()}
     report = InferenceReport(out, outcomes, ignored, model_info, time.perf_counter() - started)
+    if not first:
+        return report
+    if settings.labels_dir:
+        write_metrics(out, scores, organs, settings.nsd_tolerance_mm)
     write_json(out / "summary.json", {
         "input_dir": str(Path(settings.input_dir).resolve()),
         "output_dir": str(out.resolve()),
@@ -281,6 +318,7 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
         "boxes_file": settings.boxes_file or None,
         "model": model_info,
         "model_identity": identity,
+        "processes": processes,
         "settings": {"batch_size": settings.eval_batch_size, "device": str(device), **precision.record(),
                      "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps},
         "cases": [dataclasses.asdict(c) for c in outcomes],
@@ -289,6 +327,15 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
     })
     log(report.summary())
     return report
+
+
+def _silent(_: str) -> None:
+    """The log of every process but the first (one summary per job, not one per process)."""
+
+
+def _in_listing_order(cases: list[Case], outcomes: list[CaseOutcome]) -> list[CaseOutcome]:
+    rank_of = {case.case_id: i for i, case in enumerate(cases)}
+    return sorted(outcomes, key=lambda o: (rank_of.get(o.case_id, len(cases)), o.image))
 
 
 def run_from_settings(settings: Any, precision: Any = None) -> InferenceReport:
