@@ -40,7 +40,7 @@ class SlicePredictor:
                  amp: bool | str = False, on_slices: Callable[[int], None] | None = None) -> None:
         self.network, self.device = network, torch.device(device)
         self.batch_size, self.amp = max(int(batch_size), 1), amp
-        self.image_size = int(network.image_size)
+        self.image_size = int(getattr(network, "module", network).image_size)  # DDP wraps the model as ``module``
         self.on_slices = on_slices  # called with the number of slice images sent (progress)
         self.images_sent = 0
 
