@@ -23,11 +23,13 @@ one rounding of OpenCV's own float32 output (checked in ``tests/test_lite_medsam
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 
+@lru_cache(maxsize=64)  # one pair of slice sizes per volume: built once (read-only afterwards)
 def _area_weights(src: int, dst: int) -> torch.Tensor:
     """(dst, src) weights of OpenCV's area resize along one axis when ``dst <= src``."""
     scale = src / dst
@@ -45,6 +47,7 @@ def _area_weights(src: int, dst: int) -> torch.Tensor:
     return weights
 
 
+@lru_cache(maxsize=64)
 def _area_linear_weights(src: int, dst: int) -> torch.Tensor:
     """(dst, src) weights of OpenCV's INTER_AREA along one axis when the image grows (two taps)."""
     scale = src / dst
