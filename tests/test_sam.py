@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from segment_anything import SamPredictor
 
 from cobot_med.model import ModelSpec, build_model
@@ -177,3 +178,98 @@ def test_frozen_prediction_equals_sam_predictor(tmp_path, height, width):
     if height == width == 64:  # a slice already at the model size: the square path is the same computation
         square = model.predict_slice(image, box[None], resize="square")
         assert np.allclose(square.numpy(), reference, atol=1e-4)
+
+
+# --- input recipes (cobot_med.sam.recipes): SAM's is what the project has always done ---------------
+
+
+def test_sam_recipe_is_todays_pipeline_bit_for_bit():
+    from monai.transforms import Resized
+
+    from cobot_med.inference.predict import model_images
+    from cobot_med.sam.recipes import SamRecipe
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="tiny", image_size=64, peft="frozen")).eval()
+    recipe = model.recipe
+    assert isinstance(recipe, SamRecipe) and recipe.ct_window is None
+    volume = torch.rand(80, 48, 5) * 255  # (X, Y, Z): shrinks rows, grows columns
+    zs = [1, 3]
+    slices = volume[..., zs].permute(2, 0, 1)
+    images, geometry = recipe.prepare(slices)
+    assert torch.equal(images, model_images(volume, zs, 64))  # the slice predictor's resize
+    boxes = torch.tensor([[[4.0, 10.0, 30.0, 70.0], [0.0, 0.0, 48.0, 80.0]]]).repeat(2, 1, 1)
+    scale = torch.tensor([64 / 48, 64 / 80, 64 / 48, 64 / 80])
+    assert torch.equal(recipe.boxes_to_model(boxes, geometry), boxes * scale)
+    with torch.no_grad():
+        low_res = model(images, recipe.boxes_to_model(boxes, geometry))
+        at_slice = model(images, recipe.boxes_to_model(boxes, geometry), output_size=(80, 48))
+    assert torch.equal(recipe.logits_to_slices(low_res, geometry), at_slice)
+    assert torch.equal(recipe.slice_probabilities(low_res, geometry), at_slice.sigmoid())
+    # training targets: the slice chain's Resized(nearest-exact)
+    masks = (torch.rand(2, 3, 80, 48) > 0.5).float()
+    chain = Resized(keys="masks", spatial_size=(64, 64), mode="nearest-exact", anti_aliasing=False)
+    expected = torch.stack([torch.as_tensor(chain({"masks": m})["masks"]) for m in masks])
+    assert torch.equal(recipe.masks_to_model(masks, geometry), expected)
+    # the one-slice convenience uses the recipe
+    image = volume[..., 1]
+    assert torch.allclose(model.predict_slice(image, boxes[0, :1]), at_slice[0, :1], atol=1e-5)  # batch of 1 vs 2
+
+
+def test_recipe_is_recorded_and_overridable():
+    spec = ModelSpec(arch="tiny", image_size=64, peft="frozen")
+    assert spec.recipe["name"] == "sam" and spec.recipe["ct_window"] is None and spec.recipe["image_size"] == 64
+    custom = ModelSpec(arch="tiny", image_size=64, peft="frozen", recipe={"ct_window": [-200, 300]})
+    assert custom.input_recipe().window((-500, 1000)) == (-200.0, 300.0)
+    assert spec.input_recipe().window((-500, 1000)) == (-500.0, 1000.0)  # None: the dataset's
+    again = ModelSpec(**custom.to_dict())  # what an adapter config rebuilds
+    assert again.recipe == custom.recipe
+    legacy = {k: v for k, v in spec.to_dict().items() if k != "recipe"}  # adapters saved before recipes
+    assert ModelSpec(**legacy).recipe == spec.recipe
+    lite = ModelSpec(arch="lite_medsam", peft="frozen")
+    assert lite.image_size == 256 and lite.recipe["ct_window"] == [-160.0, 240.0]
+    assert ModelSpec(arch="lite_medsam", peft="frozen", recipe={"ct_window": None}).input_recipe().ct_window is None
+    for bad, message in [
+        ({"resize": "bicubic"}, "'resize' is fixed"),
+        ({"window": [0, 1]}, "unknown recipe settings"),
+        ({"ct_window": [300, -200]}, "low < high"),
+        ({"name": "lite_medsam"}, "uses the 'sam' recipe"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ModelSpec(arch="tiny", image_size=64, peft="frozen", recipe=bad)
+
+
+def test_recipe_normalisation_goes_into_the_model(monkeypatch):
+    medsam_tiny = SamArchitecture("medsam_tiny", 64, 4, 4, (1, 3), window_size=7, prompt_embed_dim=64,
+                                  decoder_mlp_dim=128, iou_head_hidden_dim=64, default_image_size=64, recipe="medsam")
+    monkeypatch.setitem(ARCHITECTURES, "medsam_tiny", medsam_tiny)
+    assert build_sam("medsam_tiny", 64).pixel_std.flatten().tolist() == [1.0, 1.0, 1.0]
+    assert build_sam("medsam_tiny", 64).pixel_mean.flatten().tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(build_sam("tiny", 64).pixel_mean.flatten(), torch.tensor([123.675, 116.28, 103.53]))
+    assert ARCHITECTURES["medsam_vit_b"].recipe == "medsam"
+    assert ARCHITECTURES["medsam_vit_b"].official_checkpoint == "medsam_vit_b.pth"
+
+
+def test_medsam_recipe_follows_medsam_inference():
+    """MedSAM_Inference.py (main): skimage resize order=3 -> uint8 -> min-max; boxes / [W, H, W, H] * 1024;
+    masks: sigmoid, bilinear to (H, W), > 0.5."""
+    transform = pytest.importorskip("skimage.transform")
+    from cobot_med.sam.recipes import MedSamRecipe
+
+    recipe = MedSamRecipe(image_size=128)
+    assert recipe.ct_window == (-160.0, 240.0)
+    rng = np.random.default_rng(0)
+    img_np = rng.integers(0, 256, size=(90, 70), dtype=np.uint8)
+    img_3c = np.repeat(img_np[:, :, None], 3, axis=-1)
+    img_1024 = transform.resize(img_3c, (128, 128), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
+    img_1024 = (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
+    expected = torch.tensor(img_1024).float().permute(2, 0, 1).unsqueeze(0)
+    images, geometry = recipe.prepare(torch.from_numpy(img_np.astype(np.float32))[None])
+    assert torch.allclose(images, expected, atol=1e-6)
+    box_np = np.array([[5, 6, 60, 80]])
+    box_1024 = box_np / np.array([70, 90, 70, 90]) * 128
+    assert np.allclose(recipe.boxes_to_model(torch.tensor(box_np).float(), geometry).numpy(), box_1024, atol=1e-5)
+    low_res = torch.randn(1, 1, 32, 32) * 4
+    reference = F.interpolate(torch.sigmoid(low_res), size=(90, 70), mode="bilinear", align_corners=False)
+    assert torch.equal(recipe.slice_probabilities(low_res, geometry), reference)
+    assert torch.equal(recipe.logits_to_slices(low_res, geometry) > 0, reference > 0.5)

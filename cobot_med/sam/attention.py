@@ -155,7 +155,7 @@ def set_attention(image_encoder: nn.Module, kind: str = DEFAULT_KIND) -> int:
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; choose one of {sorted(KINDS)}")
     count = 0
-    for block in image_encoder.blocks:
+    for block in getattr(image_encoder, "blocks", ()):  # none in LiteMedSAM's TinyViT
         attn = block.attn
         if isinstance(attn, Attention) and type(attn) in KINDS.values() and type(attn) is not KINDS[kind]:
             attn.__class__ = KINDS[kind]
@@ -165,5 +165,6 @@ def set_attention(image_encoder: nn.Module, kind: str = DEFAULT_KIND) -> int:
 
 def attention_kind(image_encoder: nn.Module) -> str | None:
     """The kind of the encoder's attention blocks (None when they are mixed or none is ours)."""
-    kinds = {next((k for k, c in KINDS.items() if type(b.attn) is c), None) for b in image_encoder.blocks}
+    blocks = getattr(image_encoder, "blocks", ())
+    kinds = {next((k for k, c in KINDS.items() if type(b.attn) is c), None) for b in blocks}
     return kinds.pop() if len(kinds) == 1 else None

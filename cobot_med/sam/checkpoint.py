@@ -54,12 +54,14 @@ def describe_architecture(state: Mapping[str, torch.Tensor]) -> str:
     """A short guess of which SAM variant a state dict holds, for error messages."""
     weight = state.get("image_encoder.patch_embed.proj.weight")
     if weight is None:
+        if "image_encoder.layers.1.blocks.0.attn.qkv.weight" in state:
+            return "a TinyViT encoder (LiteMedSAM)"
         return "no SAM image encoder"
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
     from .build import ARCHITECTURES
 
     for spec in ARCHITECTURES.values():
-        if spec.encoder_embed_dim == weight.shape[0] and spec.encoder_depth == depth:
+        if spec.encoder == "vit" and spec.encoder_embed_dim == weight.shape[0] and spec.encoder_depth == depth:
             return f"{spec.name} (width {weight.shape[0]}, {depth} blocks)"
     return f"an unknown SAM variant (width {weight.shape[0]}, {depth} blocks)"
 

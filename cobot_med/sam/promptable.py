@@ -16,6 +16,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from .recipes import InputRecipe, SamRecipe
+
 
 class PromptableSam(nn.Module):
     """SAM as ``(images (B,3,S,S) in [0,255], boxes (B,K,4) XYXY in pixels) -> logits (B,K,h,w)``."""
@@ -37,8 +39,20 @@ class PromptableSam(nn.Module):
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
+    @property
+    def recipe(self) -> InputRecipe:
+        """The base model's input recipe in force (the spec's; SAM's when built without a spec)."""
+        if self.spec is not None and hasattr(self.spec, "input_recipe"):
+            return self.spec.input_recipe()
+        return SamRecipe(self.image_size)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise with SAM's pixel mean/std and run the image encoder: (B,3,S,S) -> (B,C,S/16,S/16)."""
+        """Normalise with the ``Sam``'s pixel mean/std and run the image encoder: (B,3,S,S) -> (B,C,h,w).
+
+        The mean/std are the recipe's: SAM's ImageNet statistics on [0, 255] inputs, or none (mean 0,
+        std 1) for MedSAM and LiteMedSAM, whose recipes give inputs in [0, 1]. h = w = S/16 for ViTs,
+        64 for LiteMedSAM's TinyViT.
+        """
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
@@ -99,13 +113,14 @@ class PromptableSam(nn.Module):
         self,
         image: np.ndarray | torch.Tensor,
         boxes: np.ndarray | torch.Tensor,
-        resize: Literal["square", "longest_side"] = "square",
+        resize: Literal["square", "longest_side"] | None = None,
     ) -> torch.Tensor:
         """Mask logits (K,H,W) for one slice at its own resolution.
 
-        ``image`` is (H,W) or (H,W,3) with intensities already in [0, 255]; ``boxes`` (K,4) XYXY
-        in the slice's own pixel grid. ``square`` resizes the slice to S x S as the training
-        pipeline does; ``longest_side`` is segment-anything's own preprocessing (as
+        ``image`` is (H,W) or (H,W,3) with intensities already in [0, 255] (windowed); ``boxes`` (K,4)
+        XYXY in the slice's own pixel grid. By default the model's input recipe does the pre- and
+        post-processing (:mod:`cobot_med.sam.recipes`). For SAM weights, ``square`` is a plain
+        bilinear resize to S x S, ``longest_side`` segment-anything's own preprocessing (as
         ``SamPredictor``: resize the longest side, pad, crop back).
         """
         device = self.sam.pixel_mean.device
@@ -117,6 +132,11 @@ class PromptableSam(nn.Module):
         H, W = image.shape[:2]
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         S = self.image_size
+        if resize is None:
+            recipe = self.recipe
+            x, geometry = recipe.prepare(image[..., 0][None].float())
+            logits = self(x.to(device), recipe.boxes_to_model(boxes, geometry)[None].to(device))
+            return recipe.logits_to_slices(logits, geometry)[0]
         if resize == "longest_side":
             transform = ResizeLongestSide(S)
             resized = transform.apply_image(image.cpu().numpy().astype(np.uint8))

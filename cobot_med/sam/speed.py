@@ -118,7 +118,7 @@ def _groups(size: int, ws: int, count: int) -> list[tuple[int, int, int]]:
 
 def _fast_blocks(image_encoder: nn.Module) -> list[FastBlock]:
     blocks = []
-    for block in image_encoder.blocks:
+    for block in getattr(image_encoder, "blocks", ()):  # segment-anything's ViT blocks only
         if type(block) is Block:
             block.__class__ = FastBlock
         if isinstance(block, FastBlock):
