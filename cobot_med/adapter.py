@@ -207,7 +207,7 @@ def load_adapter_weights(model: torch.nn.Module, path: str | Path) -> dict[str, 
     return config
 
 
-SPEED_FIELDS = ("attention", "skip_window_padding", "gradient_checkpointing")
+RUN_FIELDS = ("attention", "skip_window_padding", "gradient_checkpointing", "recipe")
 
 
 def _canonical(value: Any) -> str:
@@ -216,17 +216,24 @@ def _canonical(value: Any) -> str:
 
 
 def load_adapter(path: str | Path, sam_checkpoint: str | Path | None = None,
-                 map_location: str | torch.device = "cpu", speed: Mapping[str, Any] | None = None) -> PromptableSam:
+                 map_location: str | torch.device = "cpu", overrides: Mapping[str, Any] | None = None) -> PromptableSam:
     """Rebuild the model an adapter was trained as: base (checked by SHA-256) + method + its tensors.
 
-    ``speed``: speed switches of the spec to run it with instead of the recorded ones (exact: same outputs).
+    ``overrides``: how to run it instead of as recorded -- the speed switches (exact: same outputs) and the
+    input recipe's CT window (``{"recipe": {"ct_window": [...]}}``, the user's choice).
     """
+    from .sam.build import default_checkpoint
+
     config = read_adapter_config(path)
+    sam_checkpoint = sam_checkpoint or default_checkpoint(config["spec"].arch)
     base = check_base(config, path, sam_checkpoint=sam_checkpoint)
-    unknown = sorted(set(speed or {}) - set(SPEED_FIELDS))
+    unknown = sorted(set(overrides or {}) - set(RUN_FIELDS))
     if unknown:
-        raise AdapterError(f"{path}: only the speed switches {list(SPEED_FIELDS)} can be changed, not {unknown}")
-    spec = dataclasses.replace(config["spec"], **dict(speed or {}))
+        raise AdapterError(f"{path}: only {list(RUN_FIELDS)} can be changed when loading, not {unknown}")
+    changes = dict(overrides or {})
+    if "recipe" in changes:
+        changes["recipe"] = {**config["spec"].recipe, **changes["recipe"]}
+    spec = dataclasses.replace(config["spec"], **changes)
     model = build_model(spec, sam_checkpoint if base else None)
     load_adapter_tensors(model, read_weights(path, config), resolve_adapter(path)[1])
     return model.to(map_location)

@@ -251,11 +251,6 @@ class RunSettings:
         return self.modality or self.layout_spec.modality
 
     @property
-    def effective_ct_window(self) -> list[float]:
-        """The window in force: the setting, else the dataset layout's."""
-        return list(self.ct_window or self.layout_spec.ct_window)
-
-    @property
     def output_path(self) -> Path:
         return Path(self.output_dir).absolute()
 
@@ -269,11 +264,15 @@ class RunSettings:
         from .model import ModelSpec
 
         spec = ModelSpec(arch=self.arch, image_size=self.image_size, peft=self.peft,
-                         peft_options=dict(self.peft_options))
+                         peft_options=dict(self.peft_options), recipe=self.recipe_overrides())
         for key in ("attention", "skip_window_padding", "gradient_checkpointing"):
             if getattr(self, key) is not None:
                 setattr(spec, key, getattr(self, key))
         return spec
+
+    def recipe_overrides(self) -> dict[str, Any]:
+        """What the settings change in the base model's input recipe: the CT window, when one is given."""
+        return {"ct_window": list(self.ct_window)} if self.ct_window else {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -158,16 +158,15 @@ def tight(mask):
 
 
 def test_boxes_contain_their_masks_and_jitter_stays_within_0_50_px_per_side():
-    masks_t, boxes_t = SliceOrganMasksd([1, 2, 3], min_area=100), BoxPromptsd(image_size=128, jitter=50)
+    masks_t, boxes_t = SliceOrganMasksd([1, 2, 3], min_area=100), BoxPromptsd(jitter=50)
     boxes_t.set_random_state(0)
     data = masks_t(slice_with_organs())
     assert data["valid"].tolist() == [True, True, False]
     sides = []
     for _ in range(300):
         out = boxes_t(data)
-        scale = torch.tensor([128 / 80, 128 / 60] * 2)
         for k in range(2):
-            x0, y0, x1, y1 = (out["boxes"][k] / scale).round().tolist()  # back in the slice grid
+            x0, y0, x1, y1 = out["boxes"][k].tolist()  # in the slice grid
             tx0, ty0, tx1, ty1 = tight(data["masks"][k].bool())
             assert x0 <= tx0 and y0 <= ty0 and x1 >= tx1 and y1 >= ty1  # contains the mask
             assert 0 <= x0 and 0 <= y0 and x1 <= 80 and y1 <= 60  # clipped to the slice
@@ -175,7 +174,7 @@ def test_boxes_contain_their_masks_and_jitter_stays_within_0_50_px_per_side():
             assert all(0 <= w <= 50 for w in widening)
             if k == 0:  # far enough from the borders on the right and bottom: unclipped draws
                 sides.append(widening)
-            assert torch.allclose(out["boxes"][k] / scale, (out["boxes"][k] / scale).round(), atol=1e-4)  # whole pixels
+            assert torch.equal(out["boxes"][k], out["boxes"][k].round())  # whole pixels
         assert out["boxes"][2].abs().sum() == 0  # no box for the organ below the threshold
     sides = np.array(sides)
     assert sides[:, 2].min() == 0 and sides[:, 2].max() == 30  # x1 may reach 80 at most: clipped at 30
@@ -185,11 +184,16 @@ def test_boxes_contain_their_masks_and_jitter_stays_within_0_50_px_per_side():
 
 def test_switching_jitter_off_gives_the_tight_box():
     data = SliceOrganMasksd([1, 2, 3])(slice_with_organs())
-    out = BoxPromptsd(image_size=80, jitter=0)(data)
-    assert tight(data["masks"][0].bool()) == [20, 10, 50, 30]
-    assert out["boxes"][0].tolist() == pytest.approx([20, 10 * 80 / 60, 50, 30 * 80 / 60])
+    out = BoxPromptsd(jitter=0)(data)
+    assert out["boxes"][0].tolist() == tight(data["masks"][0].bool()) == [20, 10, 50, 30]
+    from cobot_med.data.slices import ModelInputd
+    from cobot_med.sam.recipes import SamRecipe
+
+    model = ModelInputd(SamRecipe(80))(out)  # then the recipe maps them to the model grid
+    assert model["boxes"][0].tolist() == pytest.approx([20, 10 * 80 / 60, 50, 30 * 80 / 60])
+    assert model["image"].shape == (3, 80, 80) and model["masks"].shape == (3, 80, 80)
     with pytest.raises(ValueError, match="jitter must be >= 0"):
-        BoxPromptsd(image_size=80, jitter=-1)
+        BoxPromptsd(jitter=-1)
 
 
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)

@@ -188,7 +188,7 @@ def test_epoch_seeds_make_every_epoch_depend_on_its_number_only():
     from cobot_med.data.slices import BoxPromptsd
 
     def draws(start_epoch, epochs):
-        jitter = BoxPromptsd(image_size=64, jitter=50)
+        jitter = BoxPromptsd(jitter=50)
         seen = []
         engine = Engine(lambda e, b: seen.append((e.state.epoch, torch.rand(1).item(), jitter.R.randint(1000))))
         EpochSeeds(seed=3, transform=jitter).attach(engine)

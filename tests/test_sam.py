@@ -184,9 +184,8 @@ def test_frozen_prediction_equals_sam_predictor(tmp_path, height, width):
 
 
 def test_sam_recipe_is_todays_pipeline_bit_for_bit():
-    from monai.transforms import Resized
+    from monai.transforms import Resize, Resized
 
-    from cobot_med.inference.predict import model_images
     from cobot_med.sam.recipes import SamRecipe
 
     torch.manual_seed(0)
@@ -197,7 +196,8 @@ def test_sam_recipe_is_todays_pipeline_bit_for_bit():
     zs = [1, 3]
     slices = volume[..., zs].permute(2, 0, 1)
     images, geometry = recipe.prepare(slices)
-    assert torch.equal(images, model_images(volume, zs, 64))  # the slice predictor's resize
+    reference = Resize((64, 64), mode="bilinear", anti_aliasing=True)(slices.float())  # the training chain's resize
+    assert torch.equal(images, torch.as_tensor(reference)[:, None].expand(-1, 3, -1, -1))
     boxes = torch.tensor([[[4.0, 10.0, 30.0, 70.0], [0.0, 0.0, 48.0, 80.0]]]).repeat(2, 1, 1)
     scale = torch.tensor([64 / 48, 64 / 80, 64 / 48, 64 / 80])
     assert torch.equal(recipe.boxes_to_model(boxes, geometry), boxes * scale)

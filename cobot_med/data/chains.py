@@ -45,18 +45,30 @@ def volume_chain(organ_ids: Sequence[int], ct_window: Sequence[float] | None = (
                       layout=layout or "")
 
 
-def slice_chain(organ_ids: Sequence[int], image_size: int, jitter: int = 50, min_area: float = 100) -> Compose:
-    """The training slice chain: box jitter, area threshold, resize to the model input."""
-    return load_chain("slices", "train", organ_ids=[int(i) for i in organ_ids], image_size=int(image_size),
-                      jitter=int(jitter), min_area=float(min_area))
+def slice_chain(organ_ids: Sequence[int], recipe: Any, jitter: int = 50, min_area: float = 100) -> Compose:
+    """The training slice chain: box jitter, area threshold, the base model's input recipe (an
+    :class:`~cobot_med.sam.recipes.InputRecipe`, or an input size for SAM's)."""
+    if isinstance(recipe, int):
+        from ..sam.recipes import SamRecipe
+
+        recipe = SamRecipe(recipe)
+    return load_chain("slices", "train", organ_ids=[int(i) for i in organ_ids], recipe=recipe, jitter=int(jitter),
+                      min_area=float(min_area))
 
 
-def run_volume_chain(settings: Any) -> Compose:
-    """The volume chain of a run's settings (:class:`cobot_med.settings.RunSettings`)."""
-    return volume_chain(settings.organ_ids, settings.effective_ct_window, settings.effective_modality,
+def run_volume_chain(settings: Any, recipe: Any) -> Compose:
+    """The volume chain of a run's settings (:class:`cobot_med.settings.RunSettings`) for a model's input recipe
+    (its CT window: the model's own, else the dataset's)."""
+    return volume_chain(settings.organ_ids, ct_window_in_force(settings, recipe), settings.effective_modality,
                         settings.layout)
 
 
-def run_slice_chain(settings: Any, image_size: int) -> Compose:
-    """The training slice chain of a run's settings at the model's input size."""
-    return slice_chain(settings.organ_ids, image_size, settings.jitter, settings.min_area)
+def run_slice_chain(settings: Any, recipe: Any) -> Compose:
+    """The training slice chain of a run's settings for the model's input recipe."""
+    return slice_chain(settings.organ_ids, recipe, settings.jitter, settings.min_area)
+
+
+def ct_window_in_force(settings: Any, recipe: Any) -> list[float]:
+    """The CT window the data is cut to: the recipe's (a model trained on its own window, or the user's
+    ``ct_window`` setting, which the model spec carries), else the dataset layout's."""
+    return [float(v) for v in recipe.window(settings.layout_spec.ct_window)]

@@ -2,8 +2,9 @@
 
 The chain (``transforms/slices.json``, per draw): per-organ binary masks and the area threshold in
 the original slice grid, box prompts (the tight box of :mod:`cobot_med.data.boxes`, each side
-widened by an independent random 0-``jitter`` px, clipped, then mapped to the model grid), resize to
-the model input (MONAI ``Resized``: bilinear image, nearest-exact masks), three channels.
+widened by an independent random 0-``jitter`` px, clipped), then the base model's input recipe
+(:mod:`cobot_med.sam.recipes`) makes the model input, the targets and the boxes in the model grid --
+the same recipe the slice predictor uses for validation, test and inference.
 """
 
 from __future__ import annotations
@@ -66,21 +67,21 @@ class SliceOrganMasksd(MapTransform):
 
 
 class BoxPromptsd(Randomizable, MapTransform):
-    """Box prompts from ``masks`` (K, H, W) in the original slice grid, mapped to the model grid.
+    """Box prompts from ``masks`` (K, H, W), in the original slice grid.
 
     The tight box (:func:`cobot_med.data.boxes.mask_boxes`) of each valid organ, each side widened
-    by an independent integer drawn from [0, ``jitter``] px with ``self.R``, clipped to the slice,
-    then scaled by S/W (x) and S/H (y). ``jitter=0`` gives the tight box. Adds ``boxes`` (K, 4) in
-    the model grid; invalid organs get zeros.
+    by an independent integer drawn from [0, ``jitter``] px with ``self.R``, clipped to the slice.
+    ``jitter=0`` gives the tight box. Adds ``boxes`` (K, 4) XYXY in slice pixels; invalid organs get
+    zeros. :class:`ModelInputd` maps them to the model grid.
     """
 
     backend = [torch.Tensor]
 
-    def __init__(self, image_size: int, jitter: int = 50, masks_key: str = "masks") -> None:
+    def __init__(self, jitter: int = 50, masks_key: str = "masks") -> None:
         MapTransform.__init__(self, masks_key)
         if int(jitter) < 0:
             raise ValueError(f"jitter must be >= 0 px, got {jitter}")
-        self.image_size, self.jitter, self.masks_key = int(image_size), int(jitter), masks_key
+        self.jitter, self.masks_key = int(jitter), masks_key
         self._offsets = np.zeros((0, 4), dtype=np.int64)
 
     def randomize(self, count: int) -> None:
@@ -97,9 +98,30 @@ class BoxPromptsd(Randomizable, MapTransform):
         tight, _ = mask_boxes(masks > 0)
         widen = torch.as_tensor(self._offsets, dtype=torch.float32) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
         boxes = torch.minimum(torch.clamp(tight + widen, min=0), torch.tensor([W, H, W, H], dtype=torch.float32))
-        boxes = torch.where(torch.as_tensor(valid)[:, None], boxes, torch.zeros_like(boxes))
-        d["boxes"] = boxes * torch.tensor([self.image_size / W, self.image_size / H] * 2)
+        d["boxes"] = torch.where(torch.as_tensor(valid)[:, None], boxes, torch.zeros_like(boxes))
         return d
 
 
 BoxPromptsD = BoxPromptsDict = BoxPromptsd
+
+
+class ModelInputd(MapTransform):
+    """The base model's input recipe on a slice sample: ``image`` (1, H, W) in [0, 255] -> (3, S, S) model
+    input, ``masks`` (K, H, W) -> (K, S, S) targets, ``boxes`` (K, 4) slice pixels -> the model grid."""
+
+    def __init__(self, recipe: Any, image_key: str = "image", masks_key: str = "masks", boxes_key: str = "boxes"):
+        super().__init__([image_key, masks_key, boxes_key], allow_missing_keys=True)
+        self.recipe, self.image_key, self.masks_key, self.boxes_key = recipe, image_key, masks_key, boxes_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        images, geometry = self.recipe.prepare(plain(d[self.image_key]).float())
+        d[self.image_key] = images[0]
+        if self.masks_key in d:
+            d[self.masks_key] = self.recipe.masks_to_model(plain(d[self.masks_key]).float(), geometry)
+        if self.boxes_key in d:
+            d[self.boxes_key] = self.recipe.boxes_to_model(plain(d[self.boxes_key]).float(), geometry)
+        return d
+
+
+ModelInputD = ModelInputDict = ModelInputd

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..settings import RunSettings
 
 SAM_DOWNLOADS = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
+MEDSAM_DOWNLOADS = "https://github.com/bowang-lab/MedSAM#model-checkpoints"
 
 
 def check_device(device: str) -> None:
@@ -51,11 +52,12 @@ def check_model_files(settings: "RunSettings") -> None:
                                 f"{SAM_DOWNLOADS}")
         return
     arch = get_architecture(settings.arch)
-    needs_file = arch.official_checkpoint and not getattr(arch, "packaged_checkpoint", None)
-    if needs_file and not settings.adapter:
+    if arch.official_checkpoint and not arch.packaged_checkpoint and not settings.adapter:
+        owner, where = ("MedSAM's", MEDSAM_DOWNLOADS) if arch.recipe == "medsam" else ("Meta's", SAM_DOWNLOADS)
         raise SettingsError(
-            f"sam_checkpoint is empty, but arch {settings.arch} needs Meta's weights: download "
-            f"{arch.official_checkpoint} ({SAM_DOWNLOADS}) and pass --sam_checkpoint PATH")
+            f"sam_checkpoint is empty, but arch {settings.arch} needs {owner} weights: download "
+            f"{arch.official_checkpoint} ({where}) and pass --sam_checkpoint PATH (lite_medsam needs none: its "
+            "weights come with the package)")
 
 
 def check_data(settings: "RunSettings") -> None:

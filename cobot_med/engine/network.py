@@ -31,9 +31,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def build_network(settings: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The PEFT-adapted PromptableSam of ``settings`` on ``device`` (see the module docstring)."""
     checkpoint = settings.sam_checkpoint or None
-    if settings.adapter:  # an explicit speed setting wins over the adapter's record (exact switches)
-        speed = {k: v for k, v in settings.speed().items() if v is not None and k != "compile"}
-        model = load_adapter(settings.adapter, checkpoint, speed=speed)
+    if settings.adapter:  # explicit speed settings and a CT window win over the adapter's record
+        overrides = {k: v for k, v in settings.speed().items() if v is not None and k != "compile"}
+        if settings.recipe_overrides():
+            overrides["recipe"] = settings.recipe_overrides()
+        model = load_adapter(settings.adapter, checkpoint, overrides=overrides)
     else:
         model = build_model(settings.model_spec(), checkpoint)
     model = model.to(device)

@@ -34,10 +34,10 @@ RESULTS = ("adapter_best", "adapter_latest", CHECKPOINT_NAME, "test_predictions"
 REGENERATED = ("overlays", "val_predictions", "loss_curve.png")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
-                 "batch_size", "jitter", "min_area", "modality", "ct_window", "amp", "tracking_uri")
+                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri")
 
 
-def identity(settings: Any, image_size: int, base_sha256: str | None) -> dict[str, Any]:
+def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: Any = None) -> dict[str, Any]:
     """The settings that decide what a training run learns and where it reports (see the module docstring)."""
     return {
         "dataset": settings.dataset, "layout": settings.layout,
@@ -48,7 +48,7 @@ def identity(settings: Any, image_size: int, base_sha256: str | None) -> dict[st
         "peft_options": settings.peft_options, "sam_checkpoint_sha256": base_sha256, "lr": settings.lr,
         "cobot_lr": settings.cobot_lr, "weight_decay": settings.weight_decay, "batch_size": settings.batch_size,
         "jitter": settings.jitter, "min_area": settings.min_area, "modality": settings.effective_modality,
-        "ct_window": settings.effective_ct_window, "amp": settings.amp,
+        "recipe": recipe.to_dict() if recipe is not None else None, "amp": settings.amp,
         "tracking_uri": tracking.resolve_tracking_uri(settings.tracking_uri, settings.output_path),
     }
 
@@ -109,7 +109,7 @@ class TrainingSession:
 
         model = unwrap(network)
         out = settings.output_path
-        ident = identity(settings, model.spec.image_size, model.base_sha256)
+        ident = identity(settings, model.spec.image_size, model.base_sha256, model.recipe)
         decision: tuple[str | None, bool, str | None] = (None, False, None)  # (run key, resuming, error)
         if process_rank() == 0:
             try:

@@ -196,6 +196,7 @@ def run_params(network: Any, settings: Any, precision: Mapping[str, Any] | None 
     """The MLflow params of a training run (docs/CONTRACTS.md): settings, method options as the model
     runs them, speed switches as applied, trainable counts."""
     from ..adapter import unwrap
+    from ..data.chains import ct_window_in_force
     from ..peft import count_parameters
     from ..sam.speed import is_compiled
 
@@ -206,7 +207,8 @@ def run_params(network: Any, settings: Any, precision: Mapping[str, Any] | None 
         "dataset": settings.dataset, "peft": spec.peft, "arch": spec.arch, "image_size": spec.image_size,
         "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,
         "jitter": settings.jitter, "batch_size": settings.batch_size, "amp": settings.amp,
-        "ct_window": json.dumps(settings.effective_ct_window),
+        "ct_window": json.dumps(ct_window_in_force(settings, model.recipe)),
+        "recipe": json.dumps(spec.recipe, sort_keys=True),
         "peft_options": json.dumps(spec.peft_options, sort_keys=True),
         "attention": spec.attention, "skip_window_padding": spec.skip_window_padding,
         "gradient_checkpointing": spec.gradient_checkpointing, "compile": is_compiled(model),

@@ -30,6 +30,7 @@ import torch
 from .. import distributed
 from ..files import remove_stale_temporaries, write_json
 from ..predict import BoxFile, CasePrompts, PromptError, SlicePredictor, from_labels, predict_volume, to_label_map
+from ..predict.slices import recipe_of
 from ..predict.writing import segmentation_path, to_input_geometry, write_label_map, write_volume
 from .cases import Case, attach_labels, find_cases
 from .outputs import prompts_record, write_label_files, write_metrics, write_overlay
@@ -76,11 +77,13 @@ def load_network(settings: Any, device: torch.device | str) -> tuple[torch.nn.Mo
     return network, info
 
 
-def model_identity(info: Mapping[str, Any], settings: Any) -> dict[str, Any]:
-    """What decides a case's segmentation besides its image: the model, its input recipe and the organs."""
+def model_identity(info: Mapping[str, Any], settings: Any, recipe: Any) -> dict[str, Any]:
+    """What decides a case's segmentation besides its image: the model, its input recipe, the CT window."""
+    from ..data.chains import ct_window_in_force
+
     keys = ("arch", "peft", "image_size", "adapter_weights_sha256", "base_checkpoint_sha256")
-    return {**{k: info.get(k) for k in keys}, "ct_window": settings.effective_ct_window,
-            "modality": settings.effective_modality}
+    return {**{k: info.get(k) for k in keys}, "recipe": recipe.to_dict(),
+            "ct_window": ct_window_in_force(settings, recipe), "modality": settings.effective_modality}
 
 
 class CaseJob:
@@ -247,14 +250,15 @@ def _run(settings: Any, device: torch.device, precision: Any, network: torch.nn.
                       "image_size": int(network.image_size), "merged_layers": 0}
         if hasattr(network, "eval"):
             network.eval()
-    identity = model_identity(model_info, settings)
+    recipe = recipe_of(network)
+    identity = model_identity(model_info, settings, recipe)
 
     if first:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         write_label_files(out, organs, settings.dataset)
     distributed.barrier()  # the folder is ready; no process has started writing
-    chain = run_volume_chain(settings)
+    chain = run_volume_chain(settings, recipe)
     predictor = SlicePredictor(network, device, settings.eval_batch_size, precision.autocast)
     job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress)
     status: dict[str, tuple[bool, str]] = {c.case_id: job.finished(c) for c in cases if not c.error}

@@ -3,13 +3,13 @@
 Validation, test, ``cobot-med infer`` and the MONAI Label app all predict through
 :class:`SlicePredictor`, so the same adapter on the same volume gives the same numbers everywhere.
 
-The network is anything with PromptableSam's call signature
-``network(images (B,3,S,S) in [0,255], boxes (B,K,4) in the model grid, valid=(B,K) bool,
-output_size=(X, Y)) -> logits (N,1,X,Y)`` for the N valid boxes in batch order, and an
-``image_size`` attribute S. Each slice is resized to S x S as the training chain does (MONAI
-``Resize``, bilinear, anti-aliased when shrinking) and sent once with all the organs prompted on it;
-the logits come back at the slice's own (X, Y) grid (one bilinear step from the decoder's grid).
-Slices with no prompt never reach the model.
+The network is a PromptableSam, or anything with its call signature
+``network(images (B,3,S,S), boxes (B,K,4) in the model grid, valid=(B,K) bool, output_size=None)
+-> logits (N,1,h,w)`` for the N valid boxes in batch order and an ``image_size`` attribute S. The base
+model's input recipe (:mod:`cobot_med.sam.recipes`, the network's ``recipe``; SAM's for others) turns
+slices into model inputs and boxes into the model grid exactly as the training chain does, and the
+logits back into probabilities at the slice's own (X, Y) grid. Each slice is sent once with all the
+organs prompted on it; slices with no prompt never reach the model.
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ from typing import Any, Callable
 import torch
 
 from ..engine.amp import autocast
+from ..sam.recipes import InputRecipe, SamRecipe
 
 
-def model_images(volume: torch.Tensor, zs: list[int], image_size: int) -> torch.Tensor:
-    """Slices ``zs`` of an oriented (X, Y, Z) volume in [0, 255] as model inputs (B, 3, S, S)."""
-    from monai.transforms import Resize
+def recipe_of(network: Any) -> InputRecipe:
+    """The network's input recipe (DDP wraps the model as ``module``); SAM's at its input size otherwise."""
+    model = getattr(network, "module", network)
+    recipe = getattr(model, "recipe", None)
+    return recipe if isinstance(recipe, InputRecipe) else SamRecipe(int(model.image_size))
 
-    slices = volume[..., zs].permute(2, 0, 1).float()  # (B, X, Y): B as channels, one resize for all
-    S = int(image_size)
-    if tuple(slices.shape[-2:]) != (S, S):
-        resized = Resize((S, S), mode="bilinear", anti_aliasing=True)(slices)
-        slices = resized.as_tensor() if hasattr(resized, "as_tensor") else torch.as_tensor(resized)
-    return slices[:, None].expand(-1, 3, -1, -1).contiguous()
+
+def model_images(volume: torch.Tensor, zs: list[int], recipe: InputRecipe | int) -> torch.Tensor:
+    """Slices ``zs`` of an oriented (X, Y, Z) volume in [0, 255] as model inputs (B, 3, S, S) (``recipe`` an
+    input recipe, or an input size for SAM's)."""
+    recipe = SamRecipe(recipe) if isinstance(recipe, int) else recipe
+    return recipe.prepare(volume[..., zs].permute(2, 0, 1))[0]
 
 
 class SlicePredictor:
@@ -40,7 +43,7 @@ class SlicePredictor:
                  amp: bool | str = False, on_slices: Callable[[int], None] | None = None) -> None:
         self.network, self.device = network, torch.device(device)
         self.batch_size, self.amp = max(int(batch_size), 1), amp
-        self.image_size = int(getattr(network, "module", network).image_size)  # DDP wraps the model as ``module``
+        self.recipe = recipe_of(network)
         self.on_slices = on_slices  # called with the number of slice images sent (progress)
         self.images_sent = 0
 
@@ -50,8 +53,6 @@ class SlicePredictor:
         X, Y, _ = volume.shape
         K = present.shape[1]
         out = torch.zeros(len(zs), K, X, Y)
-        S = self.image_size
-        scale = torch.tensor([S / Y, S / X, S / Y, S / X])  # x along Y (columns), y along X (rows)
         was_training = getattr(self.network, "training", False)
         if hasattr(self.network, "eval"):
             self.network.eval()
@@ -61,11 +62,12 @@ class SlicePredictor:
                 valid = present[chunk]
                 if not valid.any():
                     continue
-                images = model_images(volume, [zs[i] for i in chunk], S).to(self.device)
-                model_boxes = (boxes[chunk] * scale).to(self.device)
+                images, geometry = self.recipe.prepare(volume[..., [zs[i] for i in chunk]].permute(2, 0, 1))
+                model_boxes = self.recipe.boxes_to_model(boxes[chunk], geometry)
                 with autocast(self.device, self.amp):
-                    logits = self.network(images, model_boxes, valid=valid.to(self.device), output_size=(X, Y))
-                probs = logits.float().sigmoid()[:, 0].cpu()
+                    probs = self.recipe.predict(self.network, images.to(self.device), model_boxes.to(self.device),
+                                                valid.to(self.device), geometry)
+                probs = probs[:, 0].cpu()
                 slot = valid.nonzero(as_tuple=False)  # (N, 2): (slice in chunk, organ), the order of ``logits``
                 out[torch.tensor(chunk)[slot[:, 0]], slot[:, 1]] = probs
                 self.images_sent += len(chunk)

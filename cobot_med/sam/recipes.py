@@ -124,6 +124,11 @@ class InputRecipe:
     def masks_to_model(self, masks: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         raise NotImplementedError
 
+    def predict(self, network: Any, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor,
+                geometry: SliceGeometry) -> torch.Tensor:
+        """Probabilities (N, 1, X, Y) at the slice grid of the ``valid`` boxes (model grid) on ``images``."""
+        return self.slice_probabilities(network(images, boxes, valid=valid).float(), geometry)
+
     def _low_res_content(self, logits: torch.Tensor, geometry: SliceGeometry) -> tuple[int, int]:
         """The image part of a low-res map: the content of the S grid scaled to the logits' own size."""
         h, w = logits.shape[-2:]
@@ -168,6 +173,12 @@ class SamRecipe(InputRecipe):
 
     def logits_to_slices(self, logits: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         return _upsample(logits, geometry.slice_size)
+
+    def predict(self, network: Any, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor,
+                geometry: SliceGeometry) -> torch.Tensor:
+        """As the base class; the network itself resizes the logits to the slice (``output_size``: the same one
+        bilinear step as :meth:`logits_to_slices`), so networks that answer at a given size plug in too."""
+        return network(images, boxes, valid=valid, output_size=geometry.slice_size).float().sigmoid()
 
     def masks_to_model(self, masks: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         from monai.transforms import Resize
