@@ -91,7 +91,10 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
     unknown = sorted(set(conf) - set(KEYS) - set(PASSED_THROUGH))
     if unknown:
         raise ConfError(f"--conf {unknown[0]}: unknown key; the cobot-med app takes {', '.join(KEYS)}")
-    get = lambda key, default="": str(conf.get(key, default) or default).strip()  # noqa: E731
+
+    def get(key: str, default: str = "") -> str:
+        return str(conf.get(key, default) or default).strip()
+
     try:
         data = project.dataset_info(get("dataset", "adome"))
     except ValueError as err:
