@@ -70,6 +70,7 @@ def test_slicer_roi_pairs_become_two_corners_in_either_order():
     ({"label": "Segment_1", "roi": [0, 1, 0, 1, 0, 1]}, "unknown label 'Segment_1'"),
     ({"label": "liver", "roi": [0, 1, 0, 1, 0]}, "roi"),
     ({"label": "liver", "roi": [0, 1, 0, 1, 0, float("nan")]}, "finite"),
+    ({"label": "liver", "roi": [0, 1.5, 0, 1, 0, 1]}, "whole voxel indices"),
     ({"label": "liver", "foreground": [[1, 2]]}, "foreground click"),
     ({"label": "liver", "background": [[1, 2, 3]]}, "no prompt"),
     ({"label": "liver", "roi": [0, 1, 0, 1, 0, 1], "propagation": "sideways"}, "propagation"),

@@ -58,6 +58,8 @@ def parse(request: Mapping[str, Any], organs: Mapping[str, int], propagations: S
     corners = None
     if roi is not None:
         pairs = _numbers(roi, 6, "roi ([i_min, i_max, j_min, j_max, k_min, k_max])")
+        if not all(v.is_integer() for v in pairs):
+            raise RequestError(f"roi must be whole voxel indices (Slicer rounds them), got {roi!r}")
         corners = pairs[0::2] + pairs[1::2]  # [i0, j0, k0, i1, j1, k1]: two opposite corners
     interaction = Interaction(corners, _clicks(request.get("foreground"), "foreground"),
                               _clicks(request.get("background"), "background"))

@@ -99,7 +99,7 @@ class CobotMedInfer(BasicInferTask):
             label, record = project.segment(network, data["volume"], prompted.organ, prompted.organ_id,
                                             prompted.interaction, prompted.propagation, device,
                                             self.settings.batch_size, self.settings.amp)
-        except project.PromptOutside as err:
+        except project.BadPrompt as err:
             raise RequestError(str(err)) from None
         data["pred"] = label
         data["result"] = {"cobot_med": {"model": model_info, "organ": prompted.organ, "label_id": prompted.organ_id,

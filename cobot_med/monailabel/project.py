@@ -25,7 +25,8 @@ from ..engine.amp import autocast
 from ..engine.setup import SettingsError, check_model_settings, experiment_name
 from ..inference import io as case_io
 from ..inference.predict import SlicePredictor, model_images, predict_case
-from ..inference.prompts import BoxFile, CasePrompts, OrganPrompt, mask_box, original_affine, oriented_affine
+from ..inference.prompts import (BoxFile, CasePrompts, OrganPrompt, PromptError, mask_box, original_affine,
+                                 oriented_affine)
 from ..inference.runner import load_network, to_input_geometry
 from ..sam.build import get_architecture
 
@@ -33,7 +34,7 @@ THRESHOLD = 0.5  # probability -> mask, as the batch inference does
 BASE_SEED = 0  # a base without weights (the ``tiny`` test arch) is built from this seed in every process
 
 __all__ = [
-    "AdapterError", "SettingsError", "DatasetInfo", "dataset_info", "PromptOutside", "check_base", "adapter_model", "load_model",
+    "AdapterError", "SettingsError", "DatasetInfo", "dataset_info", "BadPrompt", "check_base", "adapter_model", "load_model",
     "load_volume", "Interaction", "segment", "to_file", "read_volume", "write_label", "train_round",
     "finished_run",
 ]
@@ -112,8 +113,8 @@ class Interaction:
     background: list[list[float]]
 
 
-class PromptOutside(ValueError):
-    """A prompt that does not touch the volume (the message names it and the volume's shape)."""
+class BadPrompt(ValueError):
+    """A prompt that cannot be used, e.g. outside the volume (the message names it and the volume's shape)."""
 
 
 def _to_oriented(points: Sequence[Sequence[float]], image: Any) -> list[tuple[int, int, int]]:
@@ -130,10 +131,13 @@ def _roi_prompt(image: Any, organ: str, organ_id: int, roi: Sequence[float], kin
     with tempfile.TemporaryDirectory(prefix="cobot-med-roi-") as folder:
         path = Path(folder) / "boxes.json"
         path.write_text(json.dumps({"space": "voxel", "cases": {"request": {organ: {kind: [float(v) for v in roi]}}}}))
-        prompts = BoxFile(path, {organ: organ_id}).for_case("request", image, {organ: organ_id})
+        try:
+            prompts = BoxFile(path, {organ: organ_id}).for_case("request", image, {organ: organ_id})
+        except PromptError as err:  # the message names the temporary file: say it about the ROI
+            raise BadPrompt(f"the ROI {list(roi)} cannot be used: {str(err).rsplit(': ', 1)[-1]}") from None
     prompt = prompts.prompts[0]
     if not prompt.has_prompt:
-        raise PromptOutside(f"the ROI {list(roi)} lies outside the image (voxel shape "
+        raise BadPrompt(f"the ROI {list(roi)} lies outside the image (voxel shape "
                             f"{list(image.meta['spatial_shape'])})")
     return prompt
 
@@ -145,7 +149,7 @@ def _click_slices(image: Any, interaction: Interaction) -> dict[int, list[tuple[
     for label, points in ((1, interaction.foreground), (0, interaction.background)):
         for given, (x, y, z) in zip(points, _to_oriented(points, image)):
             if not (0 <= x < shape[0] and 0 <= y < shape[1] and 0 <= z < shape[2]):
-                raise PromptOutside(f"the click {list(given)} lies outside the image (voxel shape "
+                raise BadPrompt(f"the click {list(given)} lies outside the image (voxel shape "
                                     f"{list(image.meta['spatial_shape'])})")
             by_slice.setdefault(z, []).append((x, y, label))
     return by_slice
