@@ -61,23 +61,41 @@ class PromptableSam(nn.Module):
         return self.sam.image_encoder(x)
 
     def decode(
-        self, embeddings: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None,
+        valid: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode K boxes per image against its embedding.
+        """Decode K prompts per image against its embedding.
 
         embeddings (B,C,h,w), boxes (B,K,4) -> low-res logits (B,K,4h,4w) and IoU predictions (B,K).
-        With ``valid`` (B,K) bool, only those boxes are decoded and the results come packed
+        With ``valid`` (B,K) bool, only those prompts are decoded and the results come packed
         in batch order: logits (N,1,4h,4w), IoU (N,), N = valid.sum().
+        ``points`` adds clicks to each prompt, as segment-anything's ``SamPredictor`` takes them:
+        coordinates (B,K,P,2) XY in the model's pixels and labels (B,K,P), 1 foreground, 0 background,
+        -1 no point (SAM's own padding token, for prompts with fewer than P clicks). ``boxes`` may be
+        None when ``points`` is given (clicks only).
         """
-        if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != embeddings.shape[0]:
+        if boxes is None and points is None:
+            raise ValueError("give boxes, points or both")
+        if boxes is not None and (boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != embeddings.shape[0]):
             raise ValueError(f"boxes must be (B, K, 4) with B={embeddings.shape[0]}, got {tuple(boxes.shape)}")
+        if points is not None:
+            coords, labels = points
+            if coords.dim() != 4 or coords.shape[-1] != 2 or labels.shape != coords.shape[:-1] or (
+                    coords.shape[0] != embeddings.shape[0]) or (boxes is not None and coords.shape[1] != boxes.shape[1]):
+                raise ValueError(f"points must be coordinates (B, K, P, 2) and labels (B, K, P) with B="
+                                 f"{embeddings.shape[0]}, got {tuple(coords.shape)} and {tuple(labels.shape)}")
         image_pe = self.sam.prompt_encoder.get_dense_pe()
         logits, ious = [], []
-        for b in range(boxes.shape[0]):  # MaskDecoder repeats its image embedding per prompt: decode per image
-            image_boxes = boxes[b] if valid is None else boxes[b][valid[b]]
-            if image_boxes.shape[0] == 0:
+        for b in range(embeddings.shape[0]):  # MaskDecoder repeats its image embedding per prompt: decode per image
+            keep = slice(None) if valid is None else valid[b]
+            image_boxes = None if boxes is None else boxes[b][keep].to(embeddings.dtype)
+            image_points = None if points is None else (points[0][b][keep].to(embeddings.dtype), points[1][b][keep])
+            if (image_boxes if image_boxes is not None else image_points[0]).shape[0] == 0:
                 continue
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=image_boxes.to(embeddings.dtype), masks=None)
+            sparse, dense = self.sam.prompt_encoder(points=image_points, boxes=image_boxes, masks=None)
             masks, iou = self.sam.mask_decoder(
                 image_embeddings=embeddings[b : b + 1],
                 image_pe=image_pe,
@@ -97,13 +115,14 @@ class PromptableSam(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        boxes: torch.Tensor,
+        boxes: torch.Tensor | None,
         valid: torch.Tensor | None = None,
         output_size: int | tuple[int, int] | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Mask logits (B,K,h,w), or (N,1,h,w) for the ``valid`` boxes only; low-res (S/4) unless
-        ``output_size`` asks for a bilinear upsampling."""
-        logits, _ = self.decode(self.encode(images), boxes, valid)
+        """Mask logits (B,K,h,w), or (N,1,h,w) for the ``valid`` prompts only; low-res (S/4) unless
+        ``output_size`` asks for a bilinear upsampling. ``points``: clicks, as in :meth:`decode`."""
+        logits, _ = self.decode(self.encode(images), boxes, valid, points)
         if output_size is not None and logits.shape[0]:
             logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
         return logits

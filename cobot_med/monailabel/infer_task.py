@@ -1,0 +1,130 @@
+"""The interactive infer task: an ROI box and clicks -> one organ's 3D segmentation in the image's geometry.
+
+A MONAI Label ``BasicInferTask`` of type ``deepgrow`` (3D), so 3D Slicer's MONAI Label module lists it
+under *SmartEdit* with its foreground / background point tools and the ROI box, and OHIF under point
+prompts. The stages are BasicInferTask's own: pre-transforms (read the prompts, load the volume through
+the dataset's volume chain), the inferer (the project's box / key-slice prediction, clicks as SAM point
+prompts), post-transforms (back to the file's grid), the writer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any, Callable, Sequence
+
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.transform.writer import Writer
+
+from . import clicks, project
+from .errors import RequestError
+from .served import ServedModel
+from .settings import PROPAGATIONS, AppSettings, ModelSettings
+
+NIFTI = (".nii.gz", ".nii")
+
+
+class ReadPrompts:
+    """Pre-transform: the request's organ, ROI and clicks (``data["prompted"]``), checked before any loading."""
+
+    def __init__(self, organs: dict[str, int], propagations: Sequence[str]) -> None:
+        self.organs, self.propagations = organs, list(propagations)
+
+    def __call__(self, data: dict) -> dict:
+        data["prompted"] = clicks.parse(data, self.organs, self.propagations)
+        return data
+
+
+class LoadVolume:
+    """Pre-transform: the image through the dataset's volume chain (``data["volume"]``, oriented RAS)."""
+
+    def __init__(self, dataset: project.DatasetInfo) -> None:
+        self.dataset = dataset
+
+    def __call__(self, data: dict) -> dict:
+        try:
+            data["volume"] = project.load_volume(data["image_path"], self.dataset)
+        except Exception as err:  # noqa: BLE001 - the reader's reason goes back to the client
+            raise RequestError(f"cannot read image {data['image_path']}: {err}") from err
+        return data
+
+
+class ToFileGeometry:
+    """Post-transform: the oriented label back into the file's own voxel grid (``data["pred"]``)."""
+
+    def __init__(self, dataset: project.DatasetInfo) -> None:
+        self.dataset = dataset
+
+    def __call__(self, data: dict) -> dict:
+        data["pred"] = project.to_file(data["pred"], data["volume"], self.dataset)
+        return data
+
+
+class CobotMedInfer(BasicInferTask):
+    """SAM with the served adapter: ``label`` (segment name), ``roi``, ``foreground``, ``background``."""
+
+    def __init__(self, model: ModelSettings, settings: AppSettings,
+                 load: Callable[[str | None, str], tuple[Any, dict]] | None = None) -> None:
+        self.model, self.settings = model, settings
+        choices = [settings.propagation] + [p for p in PROPAGATIONS if p != settings.propagation]
+        super().__init__(
+            path=None, network=None, type=InferType.DEEPGROW, labels=dict(settings.dataset.organs), dimension=3,
+            description=f"SAM ({model.arch}) with the served PEFT adapter: ROI box and clicks -> 3D segmentation",
+            config={"propagation": choices},
+        )
+        self.served = ServedModel(settings.model_dir(model.name), model.adapter, load or self._load)
+
+    def _load(self, adapter: str | None, device: str) -> tuple[Any, dict]:
+        return project.load_model(self.model.arch, self.model.image_size, adapter, self.settings.sam_checkpoint,
+                                  device)
+
+    def is_valid(self) -> bool:
+        return True  # the base is always there (weights from the settings, or a fixed-seed test arch)
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["served"] = self.served.current()
+        return info
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return [ReadPrompts(self.settings.dataset.organs, PROPAGATIONS), LoadVolume(self.settings.dataset)]
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return [ToFileGeometry(self.settings.dataset)]
+
+    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        network, model_info = self.served.get(device)
+        prompted = data["prompted"]
+        try:
+            label, record = project.segment(network, data["volume"], prompted.organ, prompted.organ_id,
+                                            prompted.interaction, prompted.propagation, device,
+                                            self.settings.batch_size, self.settings.amp)
+        except project.BadPrompt as err:
+            raise RequestError(str(err)) from None
+        data["pred"] = label
+        data["result"] = {"cobot_med": {"model": model_info, "organ": prompted.organ, "label_id": prompted.organ_id,
+                                        "propagation": prompted.propagation, **record}}
+        return data
+
+    def writer(self, data: dict, extension=None, dtype=None) -> tuple[Any, Any]:
+        """NIfTI results are written as ``cobot-med infer`` writes them (the input's exact affine); other
+        extensions a client asks for (``result_extension``, e.g. Slicer's ``.nrrd``) by MONAI Label's writer."""
+        wanted = data.get("result_extension") or extension or self._extension(data["image_path"])
+        if wanted not in NIFTI:
+            from monai.data import MetaTensor
+
+            volume = MetaTensor(data["pred"][0].as_tensor(), affine=data["pred"].affine)  # (X, Y, Z), file affine
+            return Writer(label="pred", json="result")({**data, "pred": volume, "result_extension": wanted})
+        path = tempfile.NamedTemporaryFile(suffix=wanted, delete=False).name
+        project.write_label(data["pred"][0].numpy(), data["pred"], path)
+        return path, data["result"]
+
+    @staticmethod
+    def _extension(path: str) -> str:
+        return next((s for s in NIFTI if str(path).endswith(s)), ".nii.gz")
+
+    def __call__(self, request, callbacks=None):
+        result_file, result_json = super().__call__(request, callbacks)
+        cobot = result_json.get("cobot_med", {})
+        result_json["label_names"] = {cobot.get("organ", ""): cobot.get("label_id", 1)}  # what the file holds
+        return result_file, result_json

@@ -1,0 +1,118 @@
+"""The MONAI Label app's parts without a server: settings, the prompts of a request, label checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if importlib.util.find_spec("monailabel") is None and not os.environ.get("CI"):  # CI installs it with .[dev]
+    pytest.skip("needs the monailabel extra (pip install -e '.[dev]' includes it)", allow_module_level=True)
+
+from monai.data import MetaTensor  # noqa: E402
+
+from cobot_med.adapter import save_adapter  # noqa: E402
+from cobot_med.model import ModelSpec, build_model  # noqa: E402
+from cobot_med.monailabel import clicks, settings  # noqa: E402
+from cobot_med.monailabel.datastore import checked_label  # noqa: E402
+from cobot_med.monailabel.errors import RequestError  # noqa: E402
+
+ORGANS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4}
+
+
+def test_settings_defaults_and_output_places(tmp_path):
+    app = settings.from_conf({"models": "tiny"}, str(tmp_path))
+    assert [m.name for m in app.models] == ["tiny"] and app.models[0].adapter is None
+    assert app.dataset.organs == ORGANS and app.peft == "lora+cobot" and app.propagation == "box3d"
+    assert app.output_dir == (tmp_path / "cobot_med").resolve()
+    assert app.tracking_uri in (os.environ.get("MLFLOW_TRACKING_URI"), f"sqlite:///{app.output_dir / 'mlflow.db'}")
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"models": "tiny", "epoch": "3"}, "--conf epoch: unknown key"),
+    ({"models": "tiny", "dataset": "brats"}, "--conf dataset"),
+    ({"models": "vit_b"}, "sam_checkpoint"),
+    ({"models": "tiny", "peft": "lora+cobut"}, "unknown peft method"),
+    ({"models": "tiny", "propagation": "both"}, "--conf propagation"),
+    ({"models": "tiny", "epochs": "0"}, "--conf epochs"),
+    ({"models": "tiny", "amp": "maybe"}, "--conf amp"),
+    ({"models": "tiny", "adapter": "/nowhere"}, "--conf adapter"),
+])
+def test_settings_refuse_what_cannot_work_naming_the_key(tmp_path, conf, message):
+    with pytest.raises(settings.ConfError, match=message):
+        settings.from_conf(conf, str(tmp_path))
+
+
+def test_an_adapter_must_belong_to_a_served_base(tmp_path):
+    torch.manual_seed(0)
+    adapter = save_adapter(build_model(ModelSpec(arch="tiny", image_size=64, peft="lora")), tmp_path / "adapter")
+    served = settings.from_conf({"models": "tiny", "adapter": str(adapter)}, str(tmp_path))
+    assert served.models[0].adapter == str(adapter.resolve())
+    with pytest.raises(settings.ConfError, match="trained on tiny, which is not among the served models"):
+        settings.from_conf({"models": "vit_b", "sam_checkpoint": str(adapter), "adapter": str(adapter)}, str(tmp_path))
+
+
+def test_slicer_roi_pairs_become_two_corners_in_either_order():
+    prompted = clicks.parse({"label": "spleen", "roi": [9, 3, 4, 12, 7, 7], "foreground": [[5, 6, 7]]}, ORGANS,
+                            ["box3d", "key_slice"])
+    assert prompted.organ == "spleen" and prompted.organ_id == 3 and prompted.propagation == "box3d"
+    assert prompted.interaction.roi == [9, 4, 7, 3, 12, 7]  # (i0, j0, k0), (i1, j1, k1): any order of corners
+    assert prompted.interaction.foreground == [[5, 6, 7]] and prompted.interaction.background == []
+    unnamed = clicks.parse({"foreground": [[1, 2, 3]], "propagation": ["key_slice", "box3d"]}, ORGANS,
+                           ["box3d", "key_slice"])
+    assert (unnamed.organ, unnamed.organ_id, unnamed.propagation) == ("foreground", 1, "key_slice")
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"label": "Segment_1", "roi": [0, 1, 0, 1, 0, 1]}, "unknown label 'Segment_1'"),
+    ({"label": "liver", "roi": [0, 1, 0, 1, 0]}, "roi"),
+    ({"label": "liver", "roi": [0, 1, 0, 1, 0, float("nan")]}, "finite"),
+    ({"label": "liver", "roi": [0, 1.5, 0, 1, 0, 1]}, "whole voxel indices"),
+    ({"label": "liver", "foreground": [[1, 2]]}, "foreground click"),
+    ({"label": "liver", "background": [[1, 2, 3]]}, "no prompt"),
+    ({"label": "liver", "roi": [0, 1, 0, 1, 0, 1], "propagation": "sideways"}, "propagation"),
+])
+def test_malformed_prompts_are_refused_with_the_reason(request_, message):
+    with pytest.raises(RequestError, match=message) as caught:
+        clicks.parse(request_, ORGANS, ["box3d", "key_slice"])
+    assert caught.value.status == 422
+
+
+def volume(array, shift=0.0):
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    affine[:3, 3] = [-10.0 + shift, 20.0, 5.0]
+    return MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(affine))
+
+
+def test_saved_labels_are_mapped_by_label_info_to_the_dataset_ids():
+    image = volume(np.zeros((5, 6, 4)))
+    slicer = np.zeros((5, 6, 4), np.uint8)
+    slicer[1, 1, 1], slicer[2, 2, 2], slicer[3, 3, 3] = 1, 2, 3  # Slicer's order: spleen, liver, pancreas
+    info = [{"name": "spleen", "idx": 1}, {"name": "liver", "idx": 2}, {"name": "pancreas", "idx": 3}]
+    stored = checked_label(volume(slicer), image, ORGANS, info)
+    assert stored.dtype == np.uint8
+    assert (stored[1, 1, 1], stored[2, 2, 2], stored[3, 3, 3]) == (3, 1, 4)
+    assert int((stored > 0).sum()) == 3
+    assert np.array_equal(checked_label(volume(stored[..., None]), image, ORGANS), stored)  # a 4th axis of one
+
+
+@pytest.mark.parametrize("label, info, message", [
+    (np.zeros((5, 6)), None, "one 3D label map"),
+    (np.zeros((5, 6, 3)), None, r"shape \[5, 6, 3\] does not match the image's \[5, 6, 4\]"),
+    (np.full((5, 6, 4), 0.5), None, "non-integer"),
+    (np.full((5, 6, 4), 9), None, r"values \[9\]"),
+    (np.full((5, 6, 4), 2), [{"name": "liver", "idx": 1}], r"values \[2\]"),
+    (np.ones((5, 6, 4)), [{"name": "Segment_1", "idx": 1}], "Segment_1"),
+])
+def test_labels_that_cannot_be_used_are_refused(label, info, message):
+    with pytest.raises(RequestError, match=message):
+        checked_label(volume(label), volume(np.zeros((5, 6, 4))), ORGANS, info)
+
+
+def test_a_label_in_another_place_is_refused():
+    with pytest.raises(RequestError, match="geometry does not match"):
+        checked_label(volume(np.ones((5, 6, 4)), shift=0.01), volume(np.zeros((5, 6, 4))), ORGANS)
+    assert checked_label(volume(np.ones((5, 6, 4)), shift=1e-4), volume(np.zeros((5, 6, 4))), ORGANS).all()
