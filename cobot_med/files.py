@@ -48,7 +48,7 @@ def user_mode(path: str | Path) -> None:
 
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # not the locale's: ITK may switch a process to the C locale
     return Path(path)
 
 

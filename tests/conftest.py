@@ -37,6 +37,17 @@ def phantom_dirs(phantom_factory) -> dict[str, Path]:
     return {layout: phantom_factory(layout) for layout in LAYOUT_NAMES}
 
 
+@pytest.fixture(autouse=True)
+def keep_the_locale():
+    """ITK switches the process to the C locale when it reads DICOM; put it back, so one test's reads
+    do not decide another's text encoding."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 @pytest.fixture
 def single_torch_thread():
     """Run the test with one torch intra-op thread (small tensor work is faster, and fair on a busy CPU)."""
