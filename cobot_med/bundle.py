@@ -62,11 +62,30 @@ def config_files(config: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+RUN_OPTIONS = {"meta_file", "logging_file", "init_id", "final_id", "tracking", "args_file", "workflow_type"}
+
+
+def check_overrides(config: str | Path | Sequence[str | Path], overrides: dict[str, Any]) -> None:
+    """Every override names a setting of the layers (a typo would otherwise add an unused id, silently)."""
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    known = set(ConfigParser.load_config_files([str(f) for f in config_files(config)])) | RUN_OPTIONS
+    unknown = sorted(key for key in overrides if key.split("#")[0].split("::")[0] not in known)
+    if unknown:
+        hints = [f"did you mean {difflib.get_close_matches(k, sorted(known), n=1)[0]!r}"
+                 for k in unknown if difflib.get_close_matches(k, sorted(known), n=1)]
+        raise SettingsError(f"unknown setting(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def run_bundle(config: str | Path | Sequence[str | Path], run_id: str = "training", **overrides: Any) -> None:
-    """``python -m monai.bundle run RUN_ID --config_file LAYERS --key value ...`` in this process."""
+    """``python -m monai.bundle run RUN_ID --config_file LAYERS --key value ...`` in this process; an override
+    that names no setting is refused."""
     from monai.bundle import run
 
     files = config_files(config)
+    check_overrides(files, overrides)
     run(run_id, config_file=[str(f) for f in files], **overrides)
 
 

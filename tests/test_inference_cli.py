@@ -18,7 +18,7 @@ from cobot_med.model import ModelSpec, build_model
 from cobot_med.predict import SlicePredictor, from_labels, predict_volume
 from cobot_med.settings import load_settings
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

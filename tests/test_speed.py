@@ -16,7 +16,6 @@ from cobot_med.peft import merge_adapters, unmerge_adapters
 from cobot_med.sam.attention import DEFAULT_KIND, KINDS, OneHotAttention, SdpaAttention, attention_kind, set_attention
 from cobot_med.sam.speed import (
     FastBlock,
-    apply_speed_settings,
     compile_model,
     enable_gradient_checkpointing,
     is_compiled,
@@ -193,27 +192,35 @@ def test_checkpointing_from_model_spec():
 
 
 def test_bundle_speed_settings_switch_the_model_and_keep_its_outputs():
-    """The bundles' settings (strings from a command line included) reach the blocks; typos fail."""
-    model = make_model().eval()
+    """The bundles' settings (strings from a command line included) reach the blocks; bad values fail."""
+    from cobot_med.engine.network import build_network
+    from cobot_med.errors import SettingsError
+    from cobot_med.settings import load_settings
+
+    common = dict(arch="tiny", image_size=128, peft="lora+cobot")
+    torch.manual_seed(0)
+    model = build_network(load_settings("adome", **common), "cpu").eval()
+    torch.manual_seed(0)
+    switched = build_network(load_settings("adome", **common, attention="eager", skip_window_padding="false",
+                                           gradient_checkpointing="all", compile="false"), "cpu").eval()
     images, boxes, _ = inputs()
     with torch.no_grad():
-        fast = model(images, boxes)
-        apply_speed_settings(model, {"attention": "eager", "skip_window_padding": "false",
-                                     "gradient_checkpointing": "all", "compile": "false"})
-        slow = model(images, boxes)
-    encoder = model.sam.image_encoder
+        fast, slow = model(images, boxes), switched(images, boxes)
+    encoder = switched.sam.image_encoder
     assert attention_kind(encoder) == "eager"
     assert not any(b.skip_padding for b in encoder.blocks) and all(b.checkpointing for b in encoder.blocks)
-    assert (model.spec.attention, model.spec.skip_window_padding, model.spec.gradient_checkpointing) == (
+    assert (switched.spec.attention, switched.spec.skip_window_padding, switched.spec.gradient_checkpointing) == (
         "eager", False, "all")
-    assert not is_compiled(model)
+    assert not is_compiled(switched)
     assert_close(slow, fast, 1e-5)
-    with pytest.raises(ValueError, match=r"unknown speed settings \['atention'\]"):
-        apply_speed_settings(model, {"atention": "sdpa"})
-    with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
-        apply_speed_settings(model, {"attention": "flash"})
-    with pytest.raises(ValueError, match="skip_window_padding must be true or false, got 'maybe'"):
-        apply_speed_settings(model, {"skip_window_padding": "maybe"})
+    with pytest.raises(SettingsError, match="unknown attention 'flash'"):
+        load_settings("adome", attention="flash")
+    with pytest.raises(SettingsError, match="skip_window_padding must be true or false, got 'maybe'"):
+        load_settings("adome", skip_window_padding="maybe")
+    with pytest.raises(SettingsError, match=r"unknown setting\(s\) \['atention'\].*did you mean 'attention'"):
+        from cobot_med.bundle import check_overrides
+
+        check_overrides("adome", {"atention": "sdpa"})
 
 
 def test_merged_equals_unmerged_on_the_fast_path():
