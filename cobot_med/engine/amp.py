@@ -1,4 +1,8 @@
-"""Mixed precision on any device: bf16 autocast on CPU, bf16 (or fp16) on GPU."""
+"""Mixed precision on any device: ``torch.autocast`` in the dtype the precision policy resolved.
+
+Which dtype runs fast where is decided in :mod:`cobot_med.engine.precision` (``amp=auto``);
+this module only applies it.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,18 @@ import contextlib
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from .precision import DTYPES, Precision, resolve_precision
+
+__all__ = ["DTYPES", "autocast"]
 
 
-def autocast(device: torch.device | str, amp: bool | str = True):
-    """``torch.autocast`` for ``device`` (MONAI's engines only autocast on CUDA).
+def autocast(device: torch.device | str, amp: Precision | bool | str | None = "auto"):
+    """``torch.autocast`` for ``device`` (MONAI's engines only autocast on CUDA), or nothing for fp32.
 
-    ``amp`` is False (fp32), True (bf16) or a dtype name.
+    ``amp`` is a resolved :class:`~cobot_med.engine.precision.Precision` (what the run recorded),
+    or any ``amp`` setting (``auto``, true/false, a dtype name), resolved here for ``device``.
     """
-    if not amp:
+    precision = amp if isinstance(amp, Precision) else resolve_precision(amp, device)
+    if precision.dtype == torch.float32:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp is True else DTYPES[str(amp)]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=precision.dtype)
