@@ -185,6 +185,7 @@ def alternate(
     for name, fn in fns.items():
         if name not in warm:
             fn()
+            progress(f"warmed up {name}")
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -195,7 +196,17 @@ def alternate(
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            progress(f"timed {name}: {times[name][-1]:.2f} s")
     return times
+
+
+_STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line on stderr with the seconds since the script started (stdout stays JSON + table)."""
+    print(f"[{time.perf_counter() - _STARTED:6.0f} s, cpu {time.process_time():6.0f} s] {message}", file=sys.stderr,
+          flush=True)
 
 
 def median(values: Sequence[float]) -> float:

@@ -212,6 +212,7 @@ def main() -> None:
         for path in checked:
             kept[path.name] = {}
             outputs[path.name] = run(path, kept[path.name])
+            C.progress(f"checked {path.name}")
         keys = sorted(kept["reference"])
         ref = torch.stack([kept["reference"][k] for k in keys])
         for name in [p.name for p in checked[1:]]:

@@ -86,6 +86,7 @@ def check(model, paths, batch, device, runners=None):
         counter = FlopCounterMode(display=False) if not path.compile else contextlib.nullcontext()
         with counter:
             loss, logits = train_step((runners or {}).get(path.name, model), path, batch, device)
+        C.progress(f"checked {path.name}")
         results[path.name] = (loss, logits, gradients(model))
         if not path.compile:
             flops[path.name] = counter.get_total_flops()
@@ -160,6 +161,7 @@ def main() -> None:
     model = C.make_model(args.arch, args.image_size, args.peft, args.device, args.seed)
     model.train()
     batch = make_batch(args.batch, args.organs, args.image_size, args.device, args.seed)
+    C.progress(f"built {args.arch}")
 
     runners = {p.name: C.maybe_compile(model, p) for p in paths}  # the fp32 twin of ours runs eager
     checks, flops, checked = {}, {}, []
@@ -195,10 +197,12 @@ def main() -> None:
             child = base_args + ["--child-memory", json.dumps(dataclasses.asdict(path))]
             os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors leave the RSS at once
             memory[path.name] = C.run_child(script, child)
+            C.progress(f"memory of {path.name}: {memory[path.name]['peak_mib']:.0f} MiB")
 
     # the machine's matrix-multiply peak, measured here in the same process (4096^3, best of 3)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {name: C.matmul_peak(args.device, dtypes[name]) for name in dict.fromkeys(["fp32", "bf16", C.dtype_name(ours)])}
+    C.progress("measured the matrix-multiply peak")
     ref_s = C.median(times["reference"])
     rows = []
     for path in paths:
