@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # run against the checkout the script lives in
 
 import torch  # noqa: E402
 
+from cobot_med.engine import precision as P  # noqa: E402
 from cobot_med.engine.amp import autocast  # noqa: E402
 from cobot_med.model import ModelSpec, build_model  # noqa: E402
 from cobot_med.sam.attention import DEFAULT_KIND, set_attention  # noqa: E402
@@ -35,8 +36,8 @@ class PathConfig:
     """One way of running the model: every speed switch, on or off."""
 
     name: str
-    attention: str = DEFAULT_KIND  # eager (segment-anything), sdpa (N x N mask), onehot (no N x N bias)
-    amp: bool = True  # bf16 autocast
+    attention: str = DEFAULT_KIND  # auto, eager (segment-anything), sdpa (N x N mask), onehot (no N x N bias)
+    amp: str | bool = "bf16"  # the autocast dtype: bf16, fp16 or fp32 / False (none)
     skip_padding: bool = True  # windowed blocks project real tokens only
     one_pass: bool = True  # one encoder pass for the K organs of a slice (False: K passes)
     checkpointing: str = "none"  # gradient checkpointing of encoder blocks: none, global, all
@@ -49,29 +50,56 @@ class PathConfig:
 
 
 REFERENCE = PathConfig(
-    "reference", attention="eager", amp=False, skip_padding=False, one_pass=False, merged=False, batched=False
+    "reference", attention="eager", amp="fp32", skip_padding=False, one_pass=False, merged=False, batched=False
 )
-OURS = PathConfig("ours")
+OURS = PathConfig("ours")  # every switch on (bf16); resolve_ours sets precision, attention, compile per machine
+
+ATTENTION_NAMES = {"onehot": "onehot attention", "sdpa": "sdpa attention (N x N mask)", "eager": "eager attention"}
 
 
-def ablations(ours: PathConfig = OURS, training: bool = True) -> list[PathConfig]:
-    """Our path with one switch turned off (or on, for the memory/compile ones) at a time."""
-    off = [
-        dataclasses.replace(ours, name="ours, fp32 (no bf16)", amp=False),
-        dataclasses.replace(ours, name="ours, sdpa attention (N x N mask)", attention="sdpa"),
-        dataclasses.replace(ours, name="ours, eager attention", attention="eager"),
-        dataclasses.replace(ours, name="ours, padded tokens computed", skip_padding=False),
-    ]
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """Our path as the project's defaults run it on this machine, and why (printed and recorded)."""
+
+    path: PathConfig
+    attention_kind: str  # what the path's attention setting runs (auto resolved for its dtype and mode)
+    reasons: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        return {"amp": self.path.amp, "attention": self.path.attention, "attention_runs": self.attention_kind,
+                "compile": self.path.compile, "reasons": self.reasons}
+
+
+def resolve_ours(device: str, training: bool, amp: Any = "auto", attention: str = DEFAULT_KIND,
+                 compile: Any = "auto") -> Choices:
+    """:data:`OURS` with ``amp``, ``attention`` and ``compile`` resolved as a run resolves them
+    (``cobot_med.engine.precision.resolve_speed``)."""
+    speed = P.resolve_speed(device, training, amp=amp, attention=attention, compile=compile)
+    path = dataclasses.replace(OURS, amp=speed.precision.name, attention=speed.attention, compile=speed.compile)
+    reasons = {"amp": speed.precision.reason, "attention": speed.attention_reason, "compile": speed.compile_reason}
+    return Choices(path, speed.attention_kind, reasons)
+
+
+def ablations(ours: Choices, training: bool = True) -> list[PathConfig]:
+    """Our path with one switch turned off (or on, for the precision/memory/compile ones) at a time."""
+    path = dataclasses.replace(ours.path, compile=False)
+    if dtype_name(path) == "fp32":
+        off = [dataclasses.replace(path, name="ours, bf16 autocast", amp="bf16")]
+    else:
+        off = [dataclasses.replace(path, name=f"ours, fp32 (no {path.amp})", amp="fp32")]
+    off += [dataclasses.replace(path, name=f"ours, {ATTENTION_NAMES[kind]}", attention=kind)
+            for kind in ATTENTION_NAMES if kind != ours.attention_kind]
+    off += [dataclasses.replace(path, name="ours, padded tokens computed", skip_padding=False)]
     if training:
         off += [
-            dataclasses.replace(ours, name="ours, K encoder passes", one_pass=False),
-            dataclasses.replace(ours, name="ours + checkpointing (global)", checkpointing="global"),
-            dataclasses.replace(ours, name="ours + checkpointing (all)", checkpointing="all"),
+            dataclasses.replace(path, name="ours, K encoder passes", one_pass=False),
+            dataclasses.replace(path, name="ours + checkpointing (global)", checkpointing="global"),
+            dataclasses.replace(path, name="ours + checkpointing (all)", checkpointing="all"),
         ]
     else:
         off += [
-            dataclasses.replace(ours, name="ours, LoRA unmerged", merged=False),
-            dataclasses.replace(ours, name="ours, one slice per call", batched=False),
+            dataclasses.replace(path, name="ours, LoRA unmerged", merged=False),
+            dataclasses.replace(path, name="ours, one slice per call", batched=False),
         ]
     return off
 
@@ -123,7 +151,18 @@ def maybe_compile(model, path: PathConfig):
 
 
 def amp_context(path: PathConfig, device: str):
-    return autocast(device, path.amp)
+    return autocast(device, path.amp)  # "fp32" or False: no autocast
+
+
+def dtype_name(path: PathConfig) -> str:
+    """The path's autocast dtype: fp32, bf16 or fp16."""
+    name = P.parse_amp(path.amp)
+    return "bf16" if name in ("true", "auto") else name
+
+
+def fp32_twin(path: PathConfig, name: str) -> PathConfig:
+    """``path`` in fp32, to check it against the reference at fp32 tolerance."""
+    return dataclasses.replace(path, name=name, amp="fp32")
 
 
 def sync(device: str) -> None:
@@ -132,26 +171,42 @@ def sync(device: str) -> None:
 
 
 def alternate(
-    fns: dict[str, Callable[[], Any]], repeats: int, device: str, warm: Iterable[str] = ()
+    fns: dict[str, Callable[[], Any]], repeats: int, device: str, warm: Iterable[str] = (),
+    budget_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Run the functions ``repeats`` times, alternating; seconds per run.
 
     Each function not named in ``warm`` (already run once, e.g. by the output check) first runs
-    once untimed (warm-up: kernel selection, allocator, thread pools).
+    once untimed (warm-up: kernel selection, allocator, thread pools). With ``budget_s``, a
+    function is not run again once its timed runs add up to that many seconds (it keeps at least
+    one): a slow path (the reference at 1024 px, bf16 on a CPU without fast bf16) bounds the run.
     """
     warm = set(warm)
     for name, fn in fns.items():
         if name not in warm:
             fn()
+            progress(f"warmed up {name}")
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if budget_s is not None and times[name] and sum(times[name]) >= budget_s:
+                continue
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            progress(f"timed {name}: {times[name][-1]:.2f} s")
     return times
+
+
+_STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line on stderr with the seconds since the script started (stdout stays JSON + table)."""
+    print(f"[{time.perf_counter() - _STARTED:6.0f} s, cpu {time.process_time():6.0f} s] {message}", file=sys.stderr,
+          flush=True)
 
 
 def median(values: Sequence[float]) -> float:
@@ -242,11 +297,18 @@ def run_child(script: Path, args: list[str], timeout: float = 1800) -> dict[str,
 
 
 def machine(device: str) -> dict[str, Any]:
+    """The machine and what the speed choices were made from (``machine_class``: which figures these are)."""
+    cpu = P.cpu_info()
     info: dict[str, Any] = {
         "device": device,
+        "machine_class": machine_class(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu.model,
+        "torch_cpu_capability": cpu.capability,
+        "fast_bf16_flags": cpu.fast_bf16_flags,
+        "isa_limits": dict(cpu.isa_limits),
+        "physical_cores": P.physical_cores(),
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
@@ -256,14 +318,30 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def machine_class(device: str) -> str:
+    """The class BENCHMARKS.md files a figure under: the GPU, "AVX-512 BF16/AMX", or the CPU's kernel
+    level ("AVX2"), marked emulated where environment limits hide the CPU's own bf16 units."""
+    if torch.device(device).type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    cpu = P.cpu_info()
+    fast, _ = P.cpu_bf16_support()
+    name = "AVX-512 BF16/AMX" if fast else cpu.capability
+    if cpu.isa_limits and cpu.fast_bf16_flags and not fast:
+        name += f" emulated on a CPU with {'/'.join(cpu.fast_bf16_flags)} (" + " ".join(
+            f"{k}={v}" for k, v in cpu.isa_limits) + ")"
+    return name
+
+
+def print_choices(choices: "Choices", threads: P.ThreadPlan, device: str) -> None:
+    """What the benchmark found and chose, for people (the JSON line has the same)."""
+    info = machine(device)
+    print(f"machine class: {info['machine_class']}\n  cpu {info['cpu']}, torch kernels {info['torch_cpu_capability']}, "
+          f"fast bf16 flags: {', '.join(info['fast_bf16_flags']) or 'none'}, {info['physical_cores']} physical cores")
+    print("ours, as the defaults run here:")
+    print(f"  amp={choices.path.amp}: {choices.reasons['amp']}")
+    print(f"  attention={choices.path.attention} runs {choices.reasons['attention']}")
+    print(f"  compile={'on' if choices.path.compile else 'off'}: {choices.reasons['compile']}")
+    print(f"  threads: {threads.reason}")
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -286,9 +364,22 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float | None:
-    """GFLOP/s of the best of ``repeats`` n x n x n matrix multiplies (None when the dtype is not supported)."""
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 3, budget_s: float = 20.0) -> float | None:
+    """GFLOP/s of the best of ``repeats`` n x n x n matrix multiplies (None when the dtype is not supported).
+
+    ``n`` shrinks (halving, down to 512) until warm-up and repeats fit in about ``budget_s``, as
+    estimated from one 512 product: bf16 on a CPU without fast bf16 runs at ~0.3 GFLOP/s.
+    """
     try:
+        small = torch.randn(512, 512, device=device).to(dtype)
+        small @ small
+        sync(device)
+        start = time.perf_counter()
+        small @ small
+        sync(device)
+        t512 = time.perf_counter() - start
+        while n > 512 and t512 * (n / 512) ** 3 * (repeats + 1) > budget_s:
+            n //= 2
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         a @ b  # warm-up
@@ -302,3 +393,30 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 3
         return 2 * n**3 / best / 1e9
     except RuntimeError:
         return None
+
+
+# ---- the settings every model benchmark takes -----------------------------------------------------------------
+
+
+def add_speed_arguments(parser) -> None:
+    """``--amp``/``--dtype``, ``--attention``, ``--threads``, ``--budget``: ours runs as the defaults run unless told."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--amp", default=None,
+                       help="ours' precision as the bundles' amp setting: auto (default: what this machine runs "
+                            "fast), true, false, bf16, fp16")
+    group.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                       help="the same setting by dtype name (fp32 = --amp false)")
+    parser.add_argument("--attention", default=DEFAULT_KIND, choices=["auto", "onehot", "sdpa", "eager"],
+                        help="ours' attention kind (default auto: the measured rule for the device, dtype and mode)")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads (default auto: the physical cores; OMP_NUM_THREADS wins)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="seconds of timed runs per path; a slower path is timed fewer times (at least once)")
+
+
+def apply_speed_arguments(args, training: bool) -> tuple[Choices, P.ThreadPlan]:
+    """Set the threads and resolve ours from the parsed arguments (``add_speed_arguments``)."""
+    threads = P.plan_threads(args.device, args.threads, num_workers=0).apply()
+    amp = args.dtype if args.dtype is not None else (args.amp if args.amp is not None else "auto")
+    choices = resolve_ours(args.device, training, amp=amp, attention=args.attention)
+    return choices, threads

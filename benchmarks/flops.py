@@ -16,6 +16,7 @@ multiply-add counts as 2 FLOPs. The peak is the best of a few large matrix multi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from cobot_med.engine import precision as P  # noqa: E402
 from cobot_med.model import ModelSpec, build_model  # noqa: E402
 from cobot_med.sam.attention import OneHotAttention  # noqa: E402
 
@@ -55,7 +57,8 @@ def count(arch: str, size: int, organs: int, peft: str) -> dict[str, float]:
     C.configure(plain, C.REFERENCE)
     with torch.no_grad():
         out["encoder_reference"] = _count(lambda: plain.encode(images)) / 1e9
-    C.configure(plain, C.OURS)
+    onehot = dataclasses.replace(C.OURS, attention="onehot")  # counted per core (on meta, auto would not know)
+    C.configure(plain, onehot)
     for core in CORES:
         set_core(plain, core)
         with torch.no_grad():
@@ -76,10 +79,10 @@ def count(arch: str, size: int, organs: int, peft: str) -> dict[str, float]:
 
     C.configure(model, C.REFERENCE)
     out["train_step_reference"] = _count(step(C.REFERENCE)) / 1e9
-    C.configure(model, C.OURS)
+    C.configure(model, onehot)
     for core in CORES:
         set_core(model, core)
-        out[f"train_step_ours_{core}"] = _count(step(C.OURS)) / 1e9
+        out[f"train_step_ours_{core}"] = _count(step(onehot)) / 1e9
     return out
 
 
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--no-peak", action="store_true", help="skip the matrix-multiply peak measurement")
     args = parser.parse_args()
     args.device = C.pick_device(args.device)
+    P.plan_threads(args.device, num_workers=0).apply()
 
     rows = [{"image_size": size, **count(args.arch, size, args.organs, args.peft)} for size in args.sizes]
     peak = {}
@@ -114,7 +118,7 @@ def main() -> None:
     if peak:
         print(f"\nmatrix-multiply peak on {args.device}: " + ", ".join(
             f"{k} {v:.0f} GFLOP/s" if v else f"{k} n/a" for k, v in peak.items())
-            + f" (load {result['machine']['load_average']})")
+            + f" (load {result['machine']['load_average']}; machine class {result['machine']['machine_class']})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Whole-volume inference, our path against the reference path: s/volume and slices/s (one JSON line + a table).
 
     python benchmarks/inference.py [--arch vit_b] [--image-size 256] [--organs 4] [--shape 128 128 32]
-        [--batch 8] [--peft lora+cobot] [--device auto] [--repeats 2] [--ablations] [--compile]
+        [--batch 8] [--peft lora+cobot] [--device auto] [--repeats 2] [--budget 60] [--ablations] [--compile]
+        [--amp auto|true|false|bf16|fp16 | --dtype auto|fp32|bf16|fp16] [--attention auto|onehot|sdpa|eager]
+        [--threads auto|N]
 
 The volume is synthetic, made here with numpy: K ellipsoid organs in an (X, Y, Z) array of CT-like
 intensities in [0, 255], with empty slices above and below them; every axial slice (along Z) is
@@ -12,9 +14,12 @@ write into a label volume), not file reading or the inference pipeline around it
 Reference: per organ, per slice that holds it, one encoder pass and one box (segment-anything's
 attention, fp32, LoRA unmerged). Ours: one encoder pass per slice for all its organs, slices in
 batches of ``--batch``, slices without organs skipped, LoRA merged into the frozen weights,
-default attention kind, padded tokens skipped, bf16 autocast. Same weights (ours is a merged copy
-of the reference's model), same volume, alternating after a warm-up; medians. Before timing,
-the low-res logits of every (slice, organ) are checked against the reference's.
+padded tokens skipped, and the project's defaults as they resolve on this machine (``amp=auto``:
+bf16 where the CPU or GPU runs it fast, else fp32; ``attention=auto``; threads = physical cores;
+printed with their reasons). Same weights (ours is a merged copy of the reference's model), same
+volume, alternating after a warm-up; medians, each path timed at most ``--repeats`` times and no
+more once its timed runs pass ``--budget`` seconds. Before timing, the low-res logits of every
+(slice, organ) are checked against the reference's.
 """
 
 from __future__ import annotations
@@ -167,12 +172,12 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also time our path with each switch off")
     parser.add_argument("--compile", action="store_true", help="also time our path with torch.compile")
     parser.add_argument("--no-check", action="store_true", help="skip the output check (not recommended)")
-    parser.add_argument("--threads", type=int, default=None)
+    C.add_speed_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.device = C.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choices, threads = C.apply_speed_arguments(args, training=False)
+    C.print_choices(choices, threads, args.device)
 
     volume, labels = make_volume(tuple(args.shape), args.organs, args.seed)
     slices = prepare(volume, labels, args.organs, args.image_size, args.device)
@@ -181,12 +186,13 @@ def main() -> None:
     merged = copy.deepcopy(model)  # ours: the same weights with LoRA folded in
     merge_adapters(merged)
 
-    paths = [C.REFERENCE, C.OURS]
+    ours_path = choices.path
+    paths = [C.REFERENCE, ours_path]
     if args.ablations:
-        paths += C.ablations(C.OURS, training=False)
-        paths.append(dataclasses.replace(C.OURS, name="ours, K encoder passes", one_pass=False))
-    if args.compile:
-        paths.append(dataclasses.replace(C.OURS, name="ours + torch.compile", compile=True))
+        paths += C.ablations(choices, training=False)
+        paths.append(dataclasses.replace(ours_path, name="ours, K encoder passes", one_pass=False, compile=False))
+    if args.compile and not ours_path.compile:
+        paths.append(dataclasses.replace(ours_path, name="ours + torch.compile", compile=True))
     compiled = {p.name: C.maybe_compile(merged if p.merged else model, p) for p in paths if p.compile}
 
     def run(path: C.PathConfig, keep: dict | None = None) -> torch.Tensor:
@@ -200,11 +206,13 @@ def main() -> None:
     checks, outputs = {}, {}
     if not args.no_check:
         kept = {}
-        checked = [C.REFERENCE, dataclasses.replace(C.OURS, name="ours in fp32", amp=False), C.OURS]
-        checked += [p for p in paths if p.compile]
+        checked = [C.REFERENCE, ours_path] + [p for p in paths if p.compile and p is not ours_path]
+        if C.dtype_name(ours_path) != "fp32":  # ours is also checked in fp32, at fp32 tolerance
+            checked.insert(1, C.fp32_twin(dataclasses.replace(ours_path, compile=False), "ours in fp32"))
         for path in checked:
             kept[path.name] = {}
             outputs[path.name] = run(path, kept[path.name])
+            C.progress(f"checked {path.name}")
         keys = sorted(kept["reference"])
         ref = torch.stack([kept["reference"][k] for k in keys])
         for name in [p.name for p in checked[1:]]:
@@ -213,12 +221,12 @@ def main() -> None:
                 "logits": C.relative_error(torch.stack([kept[name][k] for k in keys]), ref),
                 "dice_agreement": dice_agreement(outputs[name], outputs["reference"], args.organs),
             }
-        tolerance = {name: FP32_TOLERANCE if name == "ours in fp32" else BF16_TOLERANCE for name in checks}
+        tolerance = {p.name: FP32_TOLERANCE if C.dtype_name(p) == "fp32" else BF16_TOLERANCE for p in checked[1:]}
         if any(checks[name]["logits"] > tolerance[name] for name in checks):
             raise SystemExit(f"our path does not match the reference: {json.dumps(checks)}")
 
     warm = () if args.no_check else [p.name for p in checked]
-    times = C.alternate({p.name: (lambda p=p: run(p)) for p in paths}, args.repeats, args.device, warm)
+    times = C.alternate({p.name: (lambda p=p: run(p)) for p in paths}, args.repeats, args.device, warm, args.budget)
 
     pairs = int(slices.valid.sum())
     nonempty = int(slices.valid.any(dim=1).sum())
@@ -241,12 +249,14 @@ def main() -> None:
         "slices": Z, "slices_with_organs": nonempty, "slice_organ_pairs": pairs, "batch": args.batch,
         "peft": args.peft, "repeats": args.repeats,
         "machine": C.machine(args.device),
+        "choices": {**choices.describe(), "threads": threads.describe()},
         "speedup": rows[1]["speedup"],
         "check": checks,
         "paths": rows,
     }
     print(json.dumps(result))
     print()
+    C.print_choices(choices, threads, args.device)
     print(f"whole-volume inference: {args.arch} at {args.image_size}px, volume {tuple(args.shape)} "
           f"({Z} slices, {nonempty} with organs, {pairs} slice-organ boxes), {args.peft}, {args.device} "
           f"({result['machine']['threads']} threads, load {result['machine']['load_average']})")

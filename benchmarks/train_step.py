@@ -1,17 +1,22 @@
 """PEFT training step, our path against the reference path: slices/s and peak memory (one JSON line + a table).
 
     python benchmarks/train_step.py [--arch vit_b] [--image-size 256] [--organs 4] [--batch 2]
-        [--peft lora+cobot] [--device auto] [--repeats 3] [--ablations] [--compile] [--no-memory]
+        [--peft lora+cobot] [--device auto] [--repeats 3] [--budget 60] [--ablations] [--compile]
+        [--no-memory] [--amp auto|true|false|bf16|fp16 | --dtype auto|fp32|bf16|fp16]
+        [--attention auto|onehot|sdpa|eager] [--threads auto|N]
 
 A step is forward + backward of a batch of ``--batch`` slices with ``--organs`` box prompts each
 (image encoder with the PEFT method, prompt encoder, mask decoder, BCE on the low-res logits),
 no optimiser step. Reference: segment-anything's attention, fp32, one encoder pass per organ
 (each pass decodes its one box and runs its own backward, gradients accumulate). Ours: the
-default attention kind, bf16 autocast, padded tokens skipped, one encoder pass for the K boxes.
+project's defaults as they resolve on this machine (``amp=auto``: bf16 where the CPU or GPU runs
+it fast, else fp32; ``attention=auto``; threads = physical cores), padded tokens skipped, one
+encoder pass for the K boxes; the capability found and each choice with its reason are printed.
 Both run on one model (switches flipped in place: same weights) and the same inputs, alternating
-after a warm-up (the check's step); the median is reported. Before timing, the outputs, loss and gradients of our
-path are checked against the reference (fp32: 1e-4; bf16: the tolerances below). Peak memory is
-measured in a fresh process per path (see BENCHMARKS.md).
+after a warm-up (the check's step); the median is reported, each path timed at most ``--repeats``
+times and no more once its timed runs pass ``--budget`` seconds. Before timing, the outputs, loss
+and gradients of our path are checked against the reference (fp32: 1e-4; bf16/fp16: the
+tolerances below). Peak memory is measured in a fresh process per path (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def check(model, paths, batch, device, runners=None):
         counter = FlopCounterMode(display=False) if not path.compile else contextlib.nullcontext()
         with counter:
             loss, logits = train_step((runners or {}).get(path.name, model), path, batch, device)
+        C.progress(f"checked {path.name}")
         results[path.name] = (loss, logits, gradients(model))
         if not path.compile:
             flops[path.name] = counter.get_total_flops()
@@ -135,34 +141,37 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time our path with torch.compile")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-path memory processes")
     parser.add_argument("--no-check", action="store_true", help="skip the output check (not recommended)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    C.add_speed_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.device = C.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choices, threads = C.apply_speed_arguments(args, training=True)
     if args.child_memory:
         return memory_child(args)
 
-    paths = [C.REFERENCE, C.OURS]
+    ours = choices.path
+    paths = [C.REFERENCE, ours]
     if args.ablations:
-        paths += C.ablations(C.OURS, training=True)
-    if args.compile:
-        paths.append(dataclasses.replace(C.OURS, name="ours + torch.compile", compile=True))
+        paths += C.ablations(choices, training=True)
+    if args.compile and not ours.compile:
+        paths.append(dataclasses.replace(ours, name="ours + torch.compile", compile=True))
+    C.print_choices(choices, threads, args.device)
 
     model = C.make_model(args.arch, args.image_size, args.peft, args.device, args.seed)
     model.train()
     batch = make_batch(args.batch, args.organs, args.image_size, args.device, args.seed)
+    C.progress(f"built {args.arch}")
 
-    runners = {p.name: C.maybe_compile(model, p) for p in paths}
+    runners = {p.name: C.maybe_compile(model, p) for p in paths}  # the fp32 twin of ours runs eager
     checks, flops, checked = {}, {}, []
     if not args.no_check:
-        ours_fp32 = dataclasses.replace(C.OURS, name="ours in fp32", amp=False)
-        checked = [C.REFERENCE, ours_fp32, C.OURS] + [p for p in paths if p.compile]
+        checked = [C.REFERENCE, ours] + [p for p in paths if p.compile and p is not ours]
+        if C.dtype_name(ours) != "fp32":  # ours is also checked in fp32, at fp32 tolerance
+            checked.insert(1, C.fp32_twin(ours, "ours in fp32"))
         checks, flops = check(model, checked, batch, args.device, runners)
-        ok = all(checks["ours in fp32"][k] <= FP32_TOLERANCE for k in ("logits", "gradients"))
-        ok &= all(checks[p.name][k] <= tol for p in checked[2:] for k, tol in BF16_TOLERANCE.items())
+        ok = all(checks[p.name][k] <= (FP32_TOLERANCE if C.dtype_name(p) == "fp32" else tol)
+                 for p in checked[1:] for k, tol in BF16_TOLERANCE.items())
         if not ok:
             raise SystemExit(f"our path does not match the reference: {json.dumps(checks)}")
 
@@ -174,7 +183,7 @@ def main() -> None:
         return run
 
     warm = [p.name for p in checked]  # the check ran them once
-    times = C.alternate({p.name: step_fn(p) for p in paths}, args.repeats, args.device, warm)
+    times = C.alternate({p.name: step_fn(p) for p in paths}, args.repeats, args.device, warm, args.budget)
 
     memory = {}
     if not args.no_memory:
@@ -183,15 +192,17 @@ def main() -> None:
             "--arch", args.arch, "--image-size", str(args.image_size), "--organs", str(args.organs),
             "--batch", str(args.batch), "--peft", args.peft, "--device", args.device, "--seed", str(args.seed),
         ]
-        if args.threads:
-            base_args += ["--threads", str(args.threads)]
+        base_args += ["--threads", str(threads.torch_threads)]
         for path in paths:
             child = base_args + ["--child-memory", json.dumps(dataclasses.asdict(path))]
             os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors leave the RSS at once
             memory[path.name] = C.run_child(script, child)
+            C.progress(f"memory of {path.name}: {memory[path.name]['peak_mib']:.0f} MiB")
 
     # the machine's matrix-multiply peak, measured here in the same process (4096^3, best of 3)
-    peaks = {"fp32": C.matmul_peak(args.device, torch.float32), "bf16": C.matmul_peak(args.device, torch.bfloat16)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    peaks = {name: C.matmul_peak(args.device, dtypes[name]) for name in dict.fromkeys(["fp32", "bf16", C.dtype_name(ours)])}
+    C.progress("measured the matrix-multiply peak")
     ref_s = C.median(times["reference"])
     rows = []
     for path in paths:
@@ -205,27 +216,29 @@ def main() -> None:
             "speedup": ref_s / s,
         }
         row.update(memory.get(path.name, {}))
-        if path.name in ("reference", "ours") and flops:
+        if path.name in flops and path.name in ("reference", "ours"):
             gflop = flops[path.name] / 1e9
             row["gflop_per_step"] = gflop
             row["gflops_achieved"] = gflop / s
-            peak = peaks.get("bf16" if path.amp else "fp32")
+            peak = peaks.get(C.dtype_name(path))
             row["peak_fraction"] = gflop / s / peak if peak else None
         rows.append(row)
-    ours = rows[1]
+    ours_row = rows[1]
     result = {
         "benchmark": "train_step",
         "arch": args.arch, "image_size": args.image_size, "organs": args.organs, "batch": args.batch,
         "peft": args.peft, "repeats": args.repeats,
         "machine": C.machine(args.device),
+        "choices": {**choices.describe(), "threads": threads.describe()},
         "matmul_peak_gflops": peaks,
-        "speedup": ours["speedup"],
-        "memory_ratio": (ours["peak_mib"] / rows[0]["peak_mib"]) if memory else None,
+        "speedup": ours_row["speedup"],
+        "memory_ratio": (ours_row["peak_mib"] / rows[0]["peak_mib"]) if memory else None,
         "check": checks,
         "paths": rows,
     }
     print(json.dumps(result))
     print()
+    C.print_choices(choices, threads, args.device)
     print(f"training step: {args.arch} at {args.image_size}px, {args.batch} slices x {args.organs} organs, "
           f"{args.peft}, {args.device} ({result['machine']['threads']} threads, load {result['machine']['load_average']})")
     print(C.table(rows, [

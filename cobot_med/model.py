@@ -22,7 +22,7 @@ class ModelSpec:
     image_size: int | None = None  # None: the arch's default (1024 for the official ones, 256 for lite_medsam)
     peft: str = "lora+cobot"
     peft_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    attention: str = DEFAULT_KIND  # the fastest exact kind (BENCHMARKS.md); "sdpa" and "eager" are the others
+    attention: str = DEFAULT_KIND  # "auto": the kind measured fastest per device, dtype and mode; or onehot, sdpa, eager
     # speed switches (issue #7, cobot_med.sam.speed); exact, so they do not change the model's outputs
     skip_window_padding: bool = True
     gradient_checkpointing: str = "none"  # "none", "global" or "all" encoder blocks

@@ -22,7 +22,6 @@ from .errors import SettingsError
 from .flags import as_flag
 
 RUN_IDS = ("training", "evaluate", "inference")
-AMP_CHOICES = ("auto", "true", "false", "bf16", "bfloat16", "fp16", "float16")
 MAX_IMAGE_SIZE = 4096  # 4x SAM's 1024; beyond it the position tables alone take tens of GB
 
 
@@ -64,22 +63,25 @@ def _choice(name: str, value: Any, choices: Any) -> str:
     return text
 
 
-def as_amp(value: Any, name: str = "amp") -> str:
-    """``amp``: ``auto`` (by what the device runs fast), true/false, or a dtype name; as lower-case text."""
-    text = str(value).strip().lower() if value is not None else "auto"
-    if text in ("", "none"):
-        text = "auto"
-    if text in ("1", "yes", "on"):
-        text = "true"
-    if text in ("0", "no", "off"):
-        text = "false"
-    if text not in AMP_CHOICES:
-        raise SettingsError(f"{name} must be one of {list(AMP_CHOICES)}, got {value!r}")
-    return text
+def as_amp(value: Any) -> str:
+    """``amp``: ``auto`` (what the device runs fast), true/false, or a dtype name (:mod:`cobot_med.engine.precision`)."""
+    from .engine.precision import AMP_SETTINGS, parse_amp
+
+    try:
+        return parse_amp(value)
+    except ValueError:
+        raise SettingsError(f"amp must be one of {list(AMP_SETTINGS)}, got {value!r}") from None
 
 
 def _optional_flag(name: str, value: Any) -> bool | None:
     return None if value is None else as_flag(value, name, error=SettingsError)
+
+
+def _auto_or(name: str, value: Any, convert: Any) -> Any:
+    """``auto`` (the machine decides: :func:`cobot_med.engine.precision.resolve_speed`) or a value."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "")):
+        return "auto"
+    return convert(name, value)
 
 
 @dataclasses.dataclass
@@ -109,7 +111,8 @@ class RunSettings:
     min_area: float
     val_fraction: float
     test_fraction: float
-    num_workers: int
+    num_workers: int | str
+    threads: int | str
     # training
     epochs: int
     lr: float
@@ -125,7 +128,7 @@ class RunSettings:
     attention: str | None
     skip_window_padding: bool | None
     gradient_checkpointing: str | None
-    compile: bool | None
+    compile: bool | str
     merge_adapters: bool
     eval_batch_size: int
     # inference (the ``inference`` run id and ``cobot-med infer``)
@@ -197,7 +200,8 @@ class RunSettings:
         if self.val_fraction + self.test_fraction >= 1:
             raise SettingsError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} must leave "
                                 "cases to train on (sum < 1)")
-        self.num_workers = _number("num_workers", self.num_workers, int, 0, 256)
+        self.num_workers = _auto_or("num_workers", self.num_workers, lambda n, v: _number(n, v, int, 0, 256))
+        self.threads = _auto_or("threads", self.threads, lambda n, v: _number(n, v, int, 1, 1024))
 
         self.epochs = _number("epochs", self.epochs, int, 1)
         self.lr = _number("lr", self.lr, float, 0, 1, low_open=True)
@@ -222,7 +226,7 @@ class RunSettings:
                                                   CHECKPOINT_CHOICES)
         else:
             self.gradient_checkpointing = None
-        self.compile = _optional_flag("compile", self.compile)
+        self.compile = _auto_or("compile", self.compile, lambda n, v: as_flag(v, n, error=SettingsError))
         self.eval_batch_size = _number("eval_batch_size", self.eval_batch_size, int, 1, 4096)
         self.nsd_tolerance_mm = _number("nsd_tolerance_mm", self.nsd_tolerance_mm, float, 0, 1000, low_open=True)
         wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
@@ -255,9 +259,17 @@ class RunSettings:
         return Path(self.output_dir).absolute()
 
     def speed(self) -> dict[str, Any]:
-        """The speed switches as given (None: the model's own choice)."""
+        """The model's speed switches as given (None: the model's own choice)."""
         return {"attention": self.attention, "skip_window_padding": self.skip_window_padding,
-                "gradient_checkpointing": self.gradient_checkpointing, "compile": self.compile}
+                "gradient_checkpointing": self.gradient_checkpointing}
+
+    def speed_choices(self, device: Any, training: bool) -> Any:
+        """What ``amp``, ``attention``, ``compile``, ``threads`` and ``num_workers`` resolve to on ``device``,
+        with the reasons (:func:`cobot_med.engine.precision.resolve_speed`; nothing applied yet)."""
+        from .engine.precision import resolve_speed
+
+        return resolve_speed(device, training, amp=self.amp, attention=self.attention or "auto",
+                             compile=self.compile, threads=self.threads, num_workers=self.num_workers)
 
     def model_spec(self):
         """The :class:`~cobot_med.model.ModelSpec` of a fresh model of these settings."""

@@ -111,7 +111,7 @@ def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset, speed
                peft="adaptformer+cobot", **FAST, **speed)
     _, run = mlflow_run(out)
     assert run.info.status == "FINISHED" and "test_dsc" in run.data.metrics
-    expected = {"attention": "onehot", "skip_window_padding": "True", "gradient_checkpointing": "none",
+    expected = {"attention": "auto", "skip_window_padding": "True", "gradient_checkpointing": "none",
                 "compile": "False"} | {k: str(v).capitalize() if k == "skip_window_padding" else v
                                        for k, v in speed.items()}
     assert {k: run.data.params[k] for k in expected} == expected

@@ -108,6 +108,7 @@ def reference():
         ("onehot", "sdpa", False),
         ("onehot", "sdpa", True),
         ("onehot", None, True),  # core "auto": SDPA in fp32 on CPU
+        ("auto", None, True),  # the kind AUTO_RULES names for fp32 on CPU
         ("eager", None, True),  # eager blocks cannot skip: the switch falls back to SAM's forward
     ],
 )
@@ -258,13 +259,14 @@ def test_one_encoder_pass_for_k_boxes_equals_k_passes(reference):
 def test_set_attention_kinds_and_default():
     model = build_model(ModelSpec(arch="tiny", image_size=64, peft="lora"))
     encoder = model.sam.image_encoder
-    assert attention_kind(encoder) == ModelSpec().attention == DEFAULT_KIND == "onehot"
-    assert all(isinstance(b.attn, SdpaAttention) for b in encoder.blocks)  # onehot is an SDPA-family kind
-    assert set_attention(encoder, "onehot") == 0
+    assert attention_kind(encoder) == ModelSpec().attention == DEFAULT_KIND == "auto"
+    assert all(isinstance(b.attn, SdpaAttention) for b in encoder.blocks)  # auto picks among SDPA-family kinds
+    assert set_attention(encoder, "auto") == 0
+    assert set_attention(encoder, "onehot") == 4 and attention_kind(encoder) == "onehot"
     assert set_attention(encoder, "eager") == 4 and all(type(b.attn) is Attention for b in encoder.blocks)
     assert set_attention(encoder, "sdpa") == 4 and attention_kind(encoder) == "sdpa"
     assert set_attention(encoder) == 4 and attention_kind(encoder) == DEFAULT_KIND
-    assert set(KINDS) == {"eager", "sdpa", "onehot"} and DEFAULT_KIND in KINDS
+    assert set(KINDS) == {"auto", "eager", "sdpa", "onehot"} and DEFAULT_KIND in KINDS
     with pytest.raises(ValueError, match="unknown attention kind"):
         set_attention(encoder, "flash")
     with pytest.raises(ValueError, match="unknown onehot attention core"):

@@ -34,10 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="slices per model call (bundle: eval_batch_size)")
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probability maps")
     parser.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in mm (default 2)")
-    parser.add_argument("--amp", default=None, help="auto (default: what the device runs fast), true, false, bf16, fp16")
+    parser.add_argument("--amp", default=None, help="auto (default: what the device runs fast), true, false, bf16, "
+                        "fp16, fp32")
     parser.add_argument("--no-amp", action="store_true", help="full precision (the same as --amp false)")
-    parser.add_argument("--attention", default=None, choices=["onehot", "sdpa", "eager"],
-                        help="attention kind (default: the model's; the same math, BENCHMARKS.md)")
+    parser.add_argument("--attention", default=None, choices=["auto", "onehot", "sdpa", "eager"],
+                        help="attention kind (default: auto, the fastest for the device and precision; the same "
+                        "math, BENCHMARKS.md)")
     parser.add_argument("--no-merge", action="store_true", help="keep LoRA branches unmerged (default: merged)")
     parser.add_argument("--arch", default=None, help="zero-shot only: SAM architecture (default: the bundle's)")
     parser.add_argument("--image-size", type=int, default=None, help="zero-shot only: model input size")

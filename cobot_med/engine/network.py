@@ -28,18 +28,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def build_network(settings: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The PEFT-adapted PromptableSam of ``settings`` on ``device`` (see the module docstring)."""
+def build_network(settings: Any, device: torch.device | str = "cpu", compile: bool = False) -> torch.nn.Module:
+    """The PEFT-adapted PromptableSam of ``settings`` on ``device`` (see the module docstring); ``compile``:
+    ``torch.compile`` its image encoder (the resolved ``compile`` setting)."""
     checkpoint = settings.sam_checkpoint or None
     if settings.adapter:  # explicit speed settings and a CT window win over the adapter's record
-        overrides = {k: v for k, v in settings.speed().items() if v is not None and k != "compile"}
+        overrides = {k: v for k, v in settings.speed().items() if v is not None}
         if settings.recipe_overrides():
             overrides["recipe"] = settings.recipe_overrides()
         model = load_adapter(settings.adapter, checkpoint, overrides=overrides)
     else:
         model = build_model(settings.model_spec(), checkpoint)
     model = model.to(device)
-    if settings.compile:
+    if compile:
         compile_model(model)
     return model
 

@@ -192,9 +192,10 @@ def ensure_experiment(uri: str, dataset: str) -> str:
     return experiment.experiment_id if experiment else store.create_experiment(experiment_name(dataset))
 
 
-def run_params(network: Any, settings: Any, precision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The MLflow params of a training run (docs/CONTRACTS.md): settings, method options as the model
-    runs them, speed switches as applied, trainable counts."""
+    runs them, speed switches as applied, what ``speed`` (the resolved speed choices' ``describe()``: precision,
+    attention, compile, threads, each with its reason) says, trainable counts."""
     from ..adapter import unwrap
     from ..data.chains import ct_window_in_force
     from ..peft import count_parameters
@@ -206,14 +207,14 @@ def run_params(network: Any, settings: Any, precision: Mapping[str, Any] | None 
     params: dict[str, Any] = {
         "dataset": settings.dataset, "peft": spec.peft, "arch": spec.arch, "image_size": spec.image_size,
         "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,
-        "jitter": settings.jitter, "batch_size": settings.batch_size, "amp": settings.amp,
+        "jitter": settings.jitter, "batch_size": settings.batch_size,
         "ct_window": json.dumps(ct_window_in_force(settings, model.recipe)),
         "recipe": json.dumps(spec.recipe, sort_keys=True),
         "peft_options": json.dumps(spec.peft_options, sort_keys=True),
         "attention": spec.attention, "skip_window_padding": spec.skip_window_padding,
         "gradient_checkpointing": spec.gradient_checkpointing, "compile": is_compiled(model),
     }
-    params.update(dict(precision or {}))
+    params.update(dict(speed or {}))
     params.update({k: counts[k] for k in ("image_encoder_trainable", "mask_decoder_trainable", "total_trainable")})
     return params
 

@@ -51,7 +51,7 @@ def probability_path(output_dir: Path, case_id: str, organ: str) -> Path:
     return output_dir / f"{case_id}_prob_{organ}.nii.gz"
 
 
-def load_network(settings: Any, device: torch.device | str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_network(settings: Any, device: torch.device | str, compile: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model for inference and what it is: the adapter's own model, or zero-shot SAM (``frozen``, the
     papers' "Freeze" row) of the settings' arch; LoRA folded into the frozen weights when ``merge_adapters``."""
     import dataclasses as dc
@@ -62,7 +62,7 @@ def load_network(settings: Any, device: torch.device | str) -> tuple[torch.nn.Mo
 
     zero_shot = not settings.adapter
     run_settings = dc.replace(settings, peft="frozen", peft_options={}) if zero_shot else settings
-    network = build_network(run_settings, device)
+    network = build_network(run_settings, device, compile=compile)
     for_inference(network, merge=False)
     merged = merge_adapters(network) if settings.merge_adapters else 0
     spec = network.spec
@@ -194,13 +194,14 @@ def select_organs(label_map: Mapping[str, int], names: str) -> dict[str, int]:
     return {organ: i for organ, i in label_map.items() if not wanted or organ in wanted}
 
 
-def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module | None = None,
+def run_inference(settings: Any, speed: Any = None, network: torch.nn.Module | None = None,
                   progress: bool = True, log: Callable[[str], None] = print,
                   prefetch: bool | None = None) -> InferenceReport:
     """Segment every volume of ``settings.input_dir`` into ``settings.output_dir``; see docs/inference.md.
 
     ``settings`` is a checked :class:`cobot_med.settings.RunSettings` (its ``check("inference")`` has run);
-    ``precision`` the resolved ``amp`` (:func:`cobot_med.engine.amp.resolve_precision`); ``network``
+    ``speed`` its resolved speed choices (``settings.speed_choices(device, training=False)``: precision,
+    attention, compile, threads; resolved here when not given); ``network``
     (anything with PromptableSam's call signature and an ``image_size``) replaces the model the settings
     name. ``prefetch`` reads the next case in a background thread while one is predicted (None: on GPUs
     only; on a 2-core CPU the reading thread competed with the model and made runs slower). Returns the
@@ -211,24 +212,23 @@ def run_inference(settings: Any, precision: Any = None, network: torch.nn.Module
     device = resolve_device(settings.device)
     joined = distributed.start_from_environment(device)
     try:
-        return _run(settings, device, precision, network, progress, log, prefetch)
+        return _run(settings, device, speed, network, progress, log, prefetch)
     finally:
         distributed.stop(joined)
 
 
-def _run(settings: Any, device: torch.device, precision: Any, network: torch.nn.Module | None, progress: bool,
+def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Module | None, progress: bool,
          log: Callable[[str], None], prefetch: bool | None) -> InferenceReport:
     from tqdm.auto import tqdm
 
     from ..data.chains import run_volume_chain
-    from ..engine.amp import resolve_precision
 
     started = time.perf_counter()
     rank, processes = distributed.rank(), distributed.world_size()
     first = rank == 0
     if not first:
         log = _silent
-    precision = precision or resolve_precision(settings.amp, device)
+    speed = (speed or settings.speed_choices(device, training=False)).apply_threads()
     organs = select_organs(settings.organs, settings.infer_organs)
     out = settings.output_path
     cases, ignored = find_cases(settings.input_dir)
@@ -240,11 +240,11 @@ def _run(settings: Any, device: torch.device, precision: Any, network: torch.nn.
         attach_labels([c for c in cases if not c.error], settings.labels_dir)
     boxes = BoxFile(settings.boxes_file, settings.organs) if settings.boxes_file else None
     if network is None:
-        network, model_info = load_network(settings, device)
+        network, model_info = load_network(settings, device, compile=speed.compile)
         log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
             f"{' (zero-shot)' if model_info['zero_shot'] else ', adapter ' + str(settings.adapter)}"
-            f", {model_info['merged_layers']} LoRA layers merged; precision {precision.record()['precision']} "
-            f"({precision.reason})")
+            f", {model_info['merged_layers']} LoRA layers merged; {speed.precision.reason}; attention "
+            f"{speed.attention_kind}; {speed.threads.reason}")
     else:
         model_info = {"adapter": None, "zero_shot": False, "arch": "custom", "peft": type(network).__name__,
                       "image_size": int(network.image_size), "merged_layers": 0}
@@ -259,7 +259,7 @@ def _run(settings: Any, device: torch.device, precision: Any, network: torch.nn.
         write_label_files(out, organs, settings.dataset)
     distributed.barrier()  # the folder is ready; no process has started writing
     chain = run_volume_chain(settings, recipe)
-    predictor = SlicePredictor(network, device, settings.eval_batch_size, precision.autocast)
+    predictor = SlicePredictor(network, device, settings.eval_batch_size, speed.precision)
     job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress)
     status: dict[str, tuple[bool, str]] = {c.case_id: job.finished(c) for c in cases if not c.error}
     distributed.barrier()  # every process has seen the same finished cases before any writes a new one
@@ -323,7 +323,7 @@ def _run(settings: Any, device: torch.device, precision: Any, network: torch.nn.
         "model": model_info,
         "model_identity": identity,
         "processes": processes,
-        "settings": {"batch_size": settings.eval_batch_size, "device": str(device), **precision.record(),
+        "settings": {"batch_size": settings.eval_batch_size, "device": str(device), **speed.describe(),
                      "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps},
         "cases": [dataclasses.asdict(c) for c in outcomes],
         "ignored": [{"name": n, "reason": r} for n, r in ignored],
@@ -342,10 +342,10 @@ def _in_listing_order(cases: list[Case], outcomes: list[CaseOutcome]) -> list[Ca
     return sorted(outcomes, key=lambda o: (rank_of.get(o.case_id, len(cases)), o.image))
 
 
-def run_from_settings(settings: Any, precision: Any = None) -> InferenceReport:
+def run_from_settings(settings: Any, speed: Any = None) -> InferenceReport:
     """The bundles' ``inference`` run id: :func:`run_inference`; raises :class:`InferenceFailed` at the end
     when any case failed (so the process exits non-zero)."""
-    report = run_inference(settings, precision)
+    report = run_inference(settings, speed)
     if report.failed:
         raise InferenceFailed(report)
     return report

@@ -17,8 +17,12 @@ injection see no difference:
   (flash / memory-efficient kernels, nothing N x N kept for backward); in bf16 on CPU, where
   SDPA's flash kernel is slower than oneDNN's matmuls, it is ``softmax(q' k'^T) v`` (one N x N
   map, not three). Measured in ``BENCHMARKS.md`` (``benchmarks/attention.py``): in bf16 on CPU
-  the fastest kind at every grid, training and inference; the default kind
-  (:data:`DEFAULT_KIND`, what ``ModelSpec`` builds) is the fastest exact one.
+  the fastest kind at every grid, training and inference.
+- ``auto`` (:data:`DEFAULT_KIND`, what ``ModelSpec`` builds): :class:`AutoAttention` picks, per
+  call, the kind :data:`AUTO_RULES` names for the call's device type, dtype (bf16 under
+  autocast) and mode (training when gradients are enabled). The rule is a small table, each row
+  with the measurement behind it; :func:`resolve_attention` says what a setting resolves to
+  (for logs and run records).
 
 Every class also exposes ``attend(qkv)`` (the part between the ``qkv`` and ``proj``
 projections), which :mod:`cobot_med.sam.speed` uses to skip the padded tokens of windowed
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
-DEFAULT_KIND = "onehot"
+DEFAULT_KIND = "auto"  # per device, dtype and mode: AUTO_RULES (below)
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,11 +146,72 @@ class OneHotAttention(SdpaAttention):
         raise ValueError(f"unknown onehot attention core {core!r}; choose 'auto', 'sdpa' or 'matmul'")
 
 
-KINDS: dict[str, type[Attention]] = {"eager": Attention, "sdpa": SdpaAttention, "onehot": OneHotAttention}
+# (device type, dtype, "train" | "infer") -> (kind, the measurement behind it): what ``auto`` runs.
+# Measured with benchmarks/attention.py (one layer) and train_step.py / inference.py (whole model,
+# --attention KIND); the CPU figures are BENCHMARKS.md's. Kinds here must be SDPA-family ones
+# (sdpa, onehot), which the padded-token skip of cobot_med.sam.speed can use.
+_BF16_CPU = "BENCHMARKS.md, AVX-512 BF16 CPU: onehot (matmul core) fastest at every grid in bf16"
+_GPU = ("not measured on a GPU in this project: onehot's SDPA core runs the fused kernels with no mask and "
+        "keeps nothing N x N for backward (PERFORMANCE.md: 2.1 against 5.5 GiB saved per 1024-px image)")
+AUTO_RULES: dict[tuple[str, str, str], tuple[str, str]] = {
+    ("cpu", "bf16", "train"): ("onehot", _BF16_CPU + "; train_step --ablations 13.4x the reference, sdpa 10.9x"),
+    ("cpu", "bf16", "infer"): ("onehot", _BF16_CPU + "; inference --ablations 9.7x the reference, sdpa 7.3x"),
+    ("cpu", "fp32", "train"): ("onehot", "BENCHMARKS.md, AVX-512 CPU: in fp32 training sdpa is not faster (global "
+                                          "1024 px) and keeps its N x N mask for backward; onehot is 4.8x the "
+                                          "reference in fp32 on an AVX2 EPYC (issue 16)"),
+    ("cpu", "fp32", "infer"): ("sdpa", "BENCHMARKS.md, AVX-512 CPU: in fp32 inference sdpa is fastest (global 1024 px: "
+                                       "870 ms against 1265 onehot, 1617 eager); rough ViT-B 256-px encoder runs on a "
+                                       "loaded host agree (sdpa 0.8-0.9x onehot's time, AVX2 emulated too)"),
+    ("cuda", "bf16", "train"): ("onehot", _GPU),
+    ("cuda", "bf16", "infer"): ("onehot", _GPU),
+    ("cuda", "fp16", "train"): ("onehot", _GPU),
+    ("cuda", "fp16", "infer"): ("onehot", _GPU),
+    ("cuda", "fp32", "train"): ("onehot", _GPU),
+    ("cuda", "fp32", "infer"): ("onehot", _GPU),
+}
+_FALLBACK = ("onehot", "no measured rule for this device and dtype; onehot keeps nothing N x N")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def auto_kind(device_type: str, dtype: torch.dtype | str, training: bool) -> tuple[str, str]:
+    """The kind :data:`AUTO_RULES` names for a call, and the measurement behind it."""
+    name = _DTYPE_NAMES.get(dtype, str(dtype)) if isinstance(dtype, torch.dtype) else str(dtype)
+    return AUTO_RULES.get((device_type, name, "train" if training else "infer"), _FALLBACK)
+
+
+class AutoAttention(OneHotAttention):
+    """``auto``: each call runs the kind :func:`auto_kind` picks for its q's device and dtype and the
+    grad mode (training when gradients are enabled). Same parameters as every kind."""
+
+    def attend_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        kind, _ = auto_kind(q.device.type, q.dtype, torch.is_grad_enabled())
+        return KINDS[kind].attend_heads(self, q, k, v, q_hw, k_hw)
+
+
+KINDS: dict[str, type[Attention]] = {
+    "eager": Attention, "sdpa": SdpaAttention, "onehot": OneHotAttention, "auto": AutoAttention
+}
+
+
+def resolve_attention(
+    setting: str, device: torch.device | str, dtype: torch.dtype | str, training: bool = False
+) -> tuple[str, str]:
+    """The kind ``setting`` runs on ``device`` in ``dtype`` (the autocast dtype; fp32 without), and why.
+
+    ``auto`` looks :data:`AUTO_RULES` up; an explicit kind is itself.
+    """
+    if setting not in KINDS:
+        raise ValueError(f"unknown attention kind {setting!r}; choose one of {sorted(KINDS)}")
+    if setting != "auto":
+        return setting, f"attention={setting} (explicit)"
+    kind, why = auto_kind(torch.device(device).type, dtype, training)
+    return kind, f"{kind}: {why}"
 
 
 def set_attention(image_encoder: nn.Module, kind: str = DEFAULT_KIND) -> int:
-    """Switch every attention block of ``image_encoder`` to ``kind`` (``eager``, ``sdpa`` or ``onehot``).
+    """Switch every attention block of ``image_encoder`` to ``kind`` (``auto``, ``onehot``, ``sdpa`` or ``eager``).
 
     Returns the number of blocks switched. The module's class changes in place: parameters,
     buffers, submodules and hooks stay what they were. Attention modules that are not
