@@ -533,7 +533,7 @@ def test_yes_no_settings_from_a_command_line_are_parsed_not_truthy(tmp_path):
         assert load_settings("adome", overwrite=text, probability_maps=text).overwrite is False
     for text in ("true", "TRUE", "1", "yes"):
         assert load_settings("adome", overwrite=text).overwrite is True
-    assert load_settings("adome", amp="False").amp == "false" and load_settings("adome", amp="bf16").amp == "bf16"
+    assert load_settings("adome", amp="False").amp == "fp32" and load_settings("adome", amp="bf16").amp == "bf16"
     with pytest.raises(SettingsError, match="overwrite must be true or false"):
         load_settings("adome", overwrite="maybe")
 
