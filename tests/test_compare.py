@@ -13,6 +13,7 @@ import time
 import pytest
 
 from cobot_med import cli
+from cobot_med.errors import SettingsError
 from cobot_med.compare import (
     format_params_k,
     load_runs,
@@ -136,9 +137,9 @@ def test_experiment_selection(store):
     assert set(load_runs(uri, ["cobot-med/spleen"])["dataset"]) == {"spleen"}
     assert set(load_runs(uri, "cobot-med/*")["experiment"]) == {"cobot-med/adome", "cobot-med/spleen"}
     assert set(load_runs(uri, "my-tool,cobot-med/adome")["experiment"]) == {"my-tool", "cobot-med/adome"}
-    with pytest.raises(LookupError, match="no experiment named cobot-med/nope"):
+    with pytest.raises(SettingsError, match="no experiment named cobot-med/nope"):
         load_runs(uri, ["cobot-med/nope"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SettingsError, match=r"no MLflow tracking store at .*\.missing \(file .* does not exist\)"):
         load_runs(f"sqlite:///{uri[len('sqlite:///'):]}.missing")
 
 

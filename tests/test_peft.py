@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -147,7 +148,7 @@ def test_adapter_refuses_another_base(tmp_path):
     torch.save(build_sam("tiny", SIZE).state_dict(), base)
     torch.save(build_sam("tiny", SIZE).state_dict(), other)
     folder = save_adapter(tiny("lora", checkpoint=base), tmp_path / "adapter")
-    with pytest.raises(AdapterError, match="trained on the SAM checkpoint with sha256"):
+    with pytest.raises(AdapterError, match="trained on the checkpoint with sha256"):
         load_adapter(folder, sam_checkpoint=other)
     with pytest.raises(AdapterError, match="pass that checkpoint"):
         load_adapter(folder)
@@ -164,6 +165,11 @@ def test_adapter_with_wrong_keys_fails(tmp_path):
     tensors = load_file(str(folder / WEIGHTS_NAME))
     tensors["image_encoder.blocks.0.attn.qkv.lora_A.k.weight"] = torch.zeros(4, 64)
     save_file(tensors, str(folder / WEIGHTS_NAME))
+    with pytest.raises(AdapterError, match="SHA-256 differs from the one recorded"):  # changed behind its record
+        load_adapter(folder, sam_checkpoint=base)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (folder / "adapter_config.json").write_text(json.dumps(config))  # a consistent file with a key SAM lacks
     with pytest.raises(AdapterError, match="unexpected.*lora_A.k"):
         load_adapter(folder, sam_checkpoint=base)
 

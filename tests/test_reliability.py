@@ -62,14 +62,15 @@ def test_amp_false_is_fp32_and_not_a_crash(tmp_path):
     from cobot_med.engine.amp import resolve_precision
 
     settings = settings_for(tmp_path, amp="false")
-    assert resolve_precision(settings.amp, "cpu").dtype is None
+    precision = resolve_precision(settings.amp, "cpu")
+    assert settings.amp == "fp32" and precision.dtype is torch.float32 and not precision.grad_scaler
     with pytest.raises(SettingsError, match="amp must be one of"):
         settings_for(tmp_path, amp="maybe")
 
 
 def write_checkpoint(settings, network, out, **extra):
     out.mkdir(parents=True, exist_ok=True)
-    state = {"identity": identity(settings, network.spec.image_size, network.base_sha256), "run_key": "old00000",
+    state = {"identity": identity(settings, network.spec.image_size, network.base_sha256, network.recipe), "run_key": "old00000",
              "run_name": "spleen-lora-tiny-64-seed0-old00000", "trainer": {"epoch": 1, "max_epochs": 25},
              "optimizer": {}, "adapter": {}, "finished": False, **extra}
     torch.save(state, out / CHECKPOINT_NAME)
