@@ -303,9 +303,9 @@ class RunSettings:
             checks.check_data(self)
             checks.check_output_dir(self.output_path)
         elif run_id == "evaluate":
-            if not self.adapter:
+            if not self.adapter and self.peft != "frozen":
                 raise SettingsError("no adapter given: pass --adapter OUTPUT_DIR/adapter_best (the folder or its "
-                                    "adapter_model.safetensors)")
+                                    "adapter_model.safetensors), or --peft frozen to score the base model zero-shot")
             checks.check_data(self)
             checks.check_output_dir(self.output_path)
         else:

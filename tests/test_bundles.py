@@ -211,10 +211,11 @@ def test_two_process_ddp_on_cpu(phantom_dirs, tmp_path):
 def test_demo_finishes_and_training_helps(tmp_path, capsys):
     from cobot_med.cli import main
 
-    status = main(["demo", "--out", str(tmp_path / "demo"), "--cases", "6", "--epochs", "4", "--image-size", "64"])
+    status = main(["demo", "--arch", "tiny", "--out", str(tmp_path / "demo"), "--cases", "6", "--epochs", "4",
+                   "--image-size", "64"])
     printed = capsys.readouterr().out
     before = float(re.search(r"validation DSC before training: ([0-9.]+)", printed).group(1))
     after = float(re.search(r"validation DSC after training:\s+([0-9.]+)", printed).group(1))
     assert status == 0 and after > before
-    assert (tmp_path / "demo" / "outputs" / "adome" / "adapter_best" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "outputs" / "adome-tiny" / "adapter_best" / "adapter_model.safetensors").is_file()
     assert "mlflow ui --backend-store-uri sqlite:///" in printed

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import AdapterError, load_adapter_weights, read_adapter_config
+from ..adapter import AdapterError, load_adapter_weights, read_adapter_config, unwrap
 from ..distributed import barrier
 from ..files import write_json
 from .network import for_inference
@@ -38,15 +38,21 @@ def test_best_adapter(network: torch.nn.Module, session: Any, settings: Any, eva
 
 
 def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) -> dict[str, float]:
-    """The ``evaluate`` run id: score a saved adapter on the test split; print the table, write
-    ``evaluation.json`` (naming the adapter, its weights' SHA-256 and the base it ran on)."""
-    config = read_adapter_config(settings.adapter)
+    """The ``evaluate`` run id: score a saved adapter (or, with ``peft=frozen`` and no adapter, the base model
+    zero-shot) on the test split; print the table, write ``evaluation.json`` (naming the adapter, its weights'
+    SHA-256 and the base it ran on)."""
+    config = read_adapter_config(settings.adapter) if settings.adapter else {}
+    model = unwrap(network)
+    scored = {"path": str(Path(settings.adapter).absolute()) if settings.adapter else None,
+              "weights_sha256": config.get("weights_sha256"),
+              "base_checkpoint_sha256": config.get("base_checkpoint_sha256", getattr(model, "base_sha256", None)),
+              "arch": model.spec.arch, "peft": model.spec.peft}
     out = settings.output_path / "evaluation.json"
     if out.is_file() and not settings.overwrite:
         previous = json.loads(out.read_text()).get("adapter", {})
-        if previous.get("weights_sha256") != config.get("weights_sha256"):
-            raise AdapterError(f"{out} holds the evaluation of another adapter ({previous.get('path')}); choose "
-                               "another output_dir or pass --overwrite true")
+        if any(previous.get(k) != scored[k] for k in ("weights_sha256", "base_checkpoint_sha256", "arch")):
+            raise AdapterError(f"{out} holds the evaluation of another model ({previous.get('path') or 'a base model'}); "
+                               "choose another output_dir or pass --overwrite true")
     for_inference(network, settings.merge_adapters)
     evaluator.run()
     metrics = scalar_metrics(evaluator)
@@ -56,10 +62,7 @@ def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) ->
     lines.append(f"{'mean':<16} {metrics.get('test_dsc', float('nan')):>8.4f}")
     lines.append(f"{'pooled slice DSC':<16} {metrics.get('test_slice_dsc', float('nan')):>8.4f}")
     print("\n".join(lines))
-    write_json(out, {"adapter": {"path": str(Path(settings.adapter).absolute()),
-                                 "weights_sha256": config.get("weights_sha256"),
-                                 "base_checkpoint_sha256": config.get("base_checkpoint_sha256")},
-                     "metrics": metrics, **metrics})
+    write_json(out, {"adapter": scored, "metrics": metrics, **metrics})
     return metrics
 
 
