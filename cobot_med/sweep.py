@@ -44,9 +44,11 @@ class SweepJob:
     peft: str
     seed: int
     command: tuple[str, ...]
+    arch: str = ""
 
     def __str__(self) -> str:
-        return f"{self.dataset}/{self.peft} seed {self.seed}"
+        on = f" on {self.arch}" if self.arch else ""
+        return f"{self.dataset}/{self.peft}{on} seed {self.seed}"
 
 
 @dataclass
@@ -178,7 +180,8 @@ def plan_sweep(config: str | Path | Sequence[str | Path], methods: Iterable[str]
         for peft in methods:
             extra = list(passed) + ["--output_dir", str(Path(output_dir) / peft / f"seed{seed}")]
             command = bundle_command(files, peft, seed, uri, extra, python=python, run_id=run_id)
-            jobs.append(SweepJob(dataset=str(dataset), peft=peft, seed=int(seed), command=tuple(command)))
+            jobs.append(SweepJob(dataset=str(dataset), peft=peft, seed=int(seed), command=tuple(command),
+                                 arch=str(match.get("arch") or "")))
     return jobs, uri, match
 
 

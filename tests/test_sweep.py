@@ -98,7 +98,7 @@ def test_sweep_skips_finished_and_goes_on_after_failures(tmp_path, bundle):
         ("conv_lora", 0, "OSError: cannot start"), ("adaptformer", 1, "exit status 1"),
         ("conv_lora", 1, "OSError: cannot start")]
     assert not result.ok and not result.skipped
-    assert "adome/adaptformer seed 1: FAILED (exit status 1); going on" in "\n".join(lines)
+    assert "adome/adaptformer on tiny seed 1: FAILED (exit status 1); going on" in "\n".join(lines)
     assert lines[-1].startswith("sweep: 3 ran, 0 skipped, 3 failed")
 
     # again: the finished pairs are skipped, the failed ones (a FAILED run in the store) run again
@@ -167,7 +167,7 @@ def test_real_subprocesses_and_exit_status(tmp_path, bundle, monkeypatch, capsys
             "--arch", "tiny", "--image-size", "64", "--epochs", "1", "--", "--lr", "1e-4"]
     assert cli.main(argv) == 1
     assert fake.commands[0][-10:-2] == ["--arch", "tiny", "--image_size", "64", "--epochs", "1", "--lr", "1e-4"]
-    assert "adome/adaptformer seed 0: FAILED (exit status 1)" in capsys.readouterr().out
+    assert "adome/adaptformer on tiny seed 0: FAILED (exit status 1)" in capsys.readouterr().out
     fake.fail.clear()
     assert cli.main(argv) == 0  # lora skipped, adaptformer now finishes
     assert [c[8] for c in fake.commands] == ["lora", "adaptformer", "adaptformer"]
