@@ -219,3 +219,28 @@ def test_demo_finishes_and_training_helps(tmp_path, capsys):
     assert status == 0 and after > before
     assert (tmp_path / "demo" / "outputs" / "adome-tiny" / "adapter_best" / "adapter_model.safetensors").is_file()
     assert "mlflow ui --backend-store-uri sqlite:///" in printed
+
+
+def test_lite_medsam_zero_shot_evaluate_equals_infer_without_adapter(tmp_path):
+    """The packaged LiteMedSAM, no adapter: ``evaluate --peft frozen`` and ``infer`` score the test case alike,
+    and the pretrained weights segment the phantoms' organs (a random-init model scores about 0)."""
+    from cobot_med.cli import main
+
+    data = make_phantoms("adome", tmp_path / "data", cases=5, seed=5, shape=(48, 48, 12))
+    out = tmp_path / "zero_shot"
+    run_bundle("adome", "evaluate", dataset_dir=str(data), output_dir=str(out), arch="lite_medsam", peft="frozen",
+               eval_batch_size=16)
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["adapter"]["path"] is None and report["adapter"]["arch"] == "lite_medsam"
+    assert report["test_dsc"] > 0.5
+
+    datalist = json.loads((out / "datalist.json").read_text())
+    inputs, refs = tmp_path / "test_images", tmp_path / "test_labels"
+    inputs.mkdir(), refs.mkdir()
+    for case in datalist["test"]:
+        (inputs / Path(case["image"]).name).symlink_to(case["image"])
+        (refs / Path(case["label"]).name).symlink_to(case["label"])
+    assert main(["infer", "--config", "adome", "--arch", "lite_medsam", "--input", str(inputs),
+                 "--output", str(tmp_path / "infer"), "--labels", str(refs), "--batch-size", "16"]) == 0
+    inferred = json.loads((tmp_path / "infer" / "metrics.json").read_text())["mean"]
+    assert inferred["all"]["dsc"] == pytest.approx(report["test_dsc"], abs=1e-6)
