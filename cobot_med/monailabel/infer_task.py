@@ -40,7 +40,7 @@ class LoadVolume:
     request even if a round finishes meanwhile) and the image through the run's volume chain for its input
     recipe (``data["volume"]``, oriented RAS; ``data["chain"]``, inverted on the way back)."""
 
-    def __init__(self, task: "CobotMedInfer") -> None:
+    def __init__(self, task: CobotMedInfer) -> None:
         self.task = task
 
     def __call__(self, data: dict) -> dict:
