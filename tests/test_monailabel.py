@@ -30,6 +30,7 @@ from cobot_med.adapter import save_adapter  # noqa: E402
 from cobot_med.data.layouts import get_layout  # noqa: E402
 from cobot_med.inference import run_inference  # noqa: E402
 from cobot_med.model import ModelSpec, build_model  # noqa: E402
+from cobot_med.settings import load_settings  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a server start and one training round: about a minute or two on 2 cores
 
@@ -187,8 +188,10 @@ def test_roi_box_gives_the_batch_inference_segmentation_in_the_image_geometry(se
     corners = [min(roi[0:2]), min(roi[2:4]), roi[4], max(roi[0:2]), max(roi[2:4]), roi[5]]
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"space": "voxel", "cases": {"Case_00002_0000": {"liver": {"box3d": corners}}}}))
-    run_inference(tmp_path / "in", tmp_path / "out", layout="adome", organs="liver", adapter=server.start_adapter,
-                  boxes_file=boxes, device="cpu", amp=False, overlays=False, progress=False, log=lambda _: None)
+    batch_settings = load_settings("adome", input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
+                                   infer_organs="liver", adapter=str(server.start_adapter), boxes_file=str(boxes),
+                                   device="cpu", amp=False).check("inference")
+    run_inference(batch_settings, progress=False, log=lambda _: None)
     batch = np.asarray(nib.load(tmp_path / "out" / "Case_00002_0000_seg.nii.gz").dataobj)
     assert np.array_equal(predicted, batch)
     score = dice(predicted == ORGANS["liver"], truth == ORGANS["liver"])
@@ -295,8 +298,14 @@ def test_saved_labels_train_a_round_that_is_served_without_a_restart(server, tmp
     assert stats["mlflow"]["status"] == "FINISHED" and "val_dsc" in stats["mlflow"]["metrics"]
     import mlflow
 
+    from cobot_med.adapter import read_adapter_config
+    from cobot_med.engine import tracking
+
     run = mlflow.MlflowClient(tracking_uri=stats["mlflow"]["tracking_uri"]).get_run(stats["mlflow"]["run_id"])
-    assert run.info.run_name == "monailabel-tiny-round-0001" and run.data.params["peft"] == "lora+cobot"
+    key = read_adapter_config(stats["adapter"])["run_key"]  # the round's session names its run (tracking.run_name)
+    assert stats["mlflow"]["run_name"] == run.info.run_name == tracking.run_name("adome", "lora+cobot", MODEL, 64, 0, key)
+    assert stats["mlflow"]["experiment"] == tracking.experiment_name("adome") and run.data.params["peft"] == "lora+cobot"
+    assert run.data.tags[tracking.STATUS_TAG] == tracking.FINISHED
 
     _, truth = phantom(server, "Case_00002")
     roi = slicer_roi(truth, ORGANS["liver"])

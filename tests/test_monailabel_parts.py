@@ -26,16 +26,20 @@ ORGANS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4}
 def test_settings_defaults_and_output_places(tmp_path):
     app = settings.from_conf({"models": "tiny"}, str(tmp_path))
     assert [m.name for m in app.models] == ["tiny"] and app.models[0].adapter is None
-    assert app.dataset.organs == ORGANS and app.peft == "lora+cobot" and app.propagation == "box3d"
+    assert app.dataset == "adome" and app.organs == ORGANS
+    assert app.peft == "lora+cobot" and app.propagation == "box3d" and app.amp == "auto" and app.batch_size == 8
     assert app.output_dir == (tmp_path / "cobot_med").resolve()
     assert app.tracking_uri in (os.environ.get("MLFLOW_TRACKING_URI"), f"sqlite:///{app.output_dir / 'mlflow.db'}")
+    run = app.models[0].run  # the bundle's settings object the app serves and trains with
+    assert (run.dataset, run.arch, run.adapter, run.eval_batch_size, run.tracking_uri) == (
+        "adome", "tiny", "", 8, app.tracking_uri)
 
 
 @pytest.mark.parametrize("conf, message", [
     ({"models": "tiny", "epoch": "3"}, "--conf epoch: unknown key"),
     ({"models": "tiny", "dataset": "brats"}, "--conf dataset"),
     ({"models": "vit_b"}, "sam_checkpoint"),
-    ({"models": "tiny", "peft": "lora+cobut"}, "unknown peft method"),
+    ({"models": "tiny", "peft": "lora+cobut"}, "--conf peft: unknown peft"),
     ({"models": "tiny", "propagation": "both"}, "--conf propagation"),
     ({"models": "tiny", "epochs": "0"}, "--conf epochs"),
     ({"models": "tiny", "amp": "maybe"}, "--conf amp"),

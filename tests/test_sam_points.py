@@ -90,3 +90,23 @@ def test_bad_point_shapes_are_refused(model):
         model(images, torch.zeros(1, 1, 4), points=(torch.zeros(1, 1, 2), torch.ones(1, 1)))
     with pytest.raises(ValueError, match="give boxes, points or both"):
         model(images, None)
+
+
+def test_the_slice_predictor_sends_clicks_as_the_model_takes_them(model):
+    """SlicePredictor.clicked (the MONAI Label app's clicks): the recipe's input and the same probabilities as the
+    model called with the box and the points itself (a slice already at the model size: no resizing)."""
+    from cobot_med.predict import SlicePredictor
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    image[..., 1] = image[..., 2] = image[..., 0]  # a CT slice: one channel, three times
+    volume = torch.stack([torch.zeros(SIZE, SIZE), torch.as_tensor(image[..., 0]).float()], dim=-1)  # (X, Y, 2)
+    box = np.array([6.0, 9.0, 50.0, 41.0])
+    coords = np.array([[20.0, 30.0], [44.0, 12.0]])
+    labels = np.array([1, 0])
+    predictor = SlicePredictor(model, "cpu")
+    expected = ours(model, image, boxes=box[None], coords=coords[None], labels=labels[None])[0, 0].sigmoid()
+    assert torch.allclose(predictor.clicked(volume, 1, coords, labels, box.tolist()), expected, atol=1e-5)
+    clicks_only = ours(model, image, coords=coords[None], labels=labels[None])[0, 0].sigmoid()
+    assert torch.allclose(predictor.clicked(volume, 1, coords, labels), clicks_only, atol=1e-5)
+    assert predictor.images_sent == 2

@@ -30,12 +30,12 @@ class CobotMedApp(MONAILabelApp):
         self.settings = app_settings.from_conf(conf or {}, studies)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="cobot-med",
                          description="SAM with PEFT adapters (SAM-COBOT), fine-tuned from the annotators' labels",
-                         version=cobot_med.__version__, labels=dict(self.settings.dataset.organs))
+                         version=cobot_med.__version__, labels=dict(self.settings.organs))
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()  # DICOMweb and others: MONAI Label's own, labels unchecked
-        return CheckedDatastore(self.studies, self.settings.dataset.organs,
+        return CheckedDatastore(self.studies, self.settings.organs,
                                 extensions=server_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=server_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                 read_only=server_settings.MONAI_LABEL_DATASTORE_READ_ONLY)

@@ -2,8 +2,8 @@
 
 A MONAI Label ``BasicInferTask`` of type ``deepgrow`` (3D), so 3D Slicer's MONAI Label module lists it
 under *SmartEdit* with its foreground / background point tools and the ROI box, and OHIF under point
-prompts. The stages are BasicInferTask's own: pre-transforms (read the prompts, load the volume through
-the dataset's volume chain), the inferer (the project's box / key-slice prediction, clicks as SAM point
+prompts. The stages are BasicInferTask's own: pre-transforms (read the prompts, take the served network,
+load the volume through the run's volume chain for the network's input recipe), the inferer (the project's box / key-slice prediction, clicks as SAM point
 prompts), post-transforms (back to the file's grid), the writer.
 """
 
@@ -36,14 +36,18 @@ class ReadPrompts:
 
 
 class LoadVolume:
-    """Pre-transform: the image through the dataset's volume chain (``data["volume"]``, oriented RAS)."""
+    """Pre-transform: the served network for this request's device (``data["network"]``, fixed for the whole
+    request even if a round finishes meanwhile) and the image through the run's volume chain for its input
+    recipe (``data["volume"]``, oriented RAS; ``data["chain"]``, inverted on the way back)."""
 
-    def __init__(self, dataset: project.DatasetInfo) -> None:
-        self.dataset = dataset
+    def __init__(self, task: CobotMedInfer) -> None:
+        self.task = task
 
     def __call__(self, data: dict) -> dict:
+        (network, precision, chain), info = self.task.served.get(str(data.get("device") or "cpu"))
+        data["network"], data["precision"], data["chain"], data["model_info"] = network, precision, chain, info
         try:
-            data["volume"] = project.load_volume(data["image_path"], self.dataset)
+            data["volume"] = project.load_volume(data["image_path"], chain)
         except Exception as err:  # noqa: BLE001 - the reader's reason goes back to the client
             raise RequestError(f"cannot read image {data['image_path']}: {err}") from err
         return data
@@ -52,31 +56,29 @@ class LoadVolume:
 class ToFileGeometry:
     """Post-transform: the oriented label back into the file's own voxel grid (``data["pred"]``)."""
 
-    def __init__(self, dataset: project.DatasetInfo) -> None:
-        self.dataset = dataset
-
     def __call__(self, data: dict) -> dict:
-        data["pred"] = project.to_file(data["pred"], data["volume"], self.dataset)
+        data["pred"] = project.to_file(data["pred"], data["volume"], data["chain"])
         return data
 
 
 class CobotMedInfer(BasicInferTask):
     """SAM with the served adapter: ``label`` (segment name), ``roi``, ``foreground``, ``background``."""
 
-    def __init__(self, model: ModelSettings, settings: AppSettings,
-                 load: Callable[[str | None, str], tuple[Any, dict]] | None = None) -> None:
+    def __init__(self, model: ModelSettings, settings: AppSettings) -> None:
         self.model, self.settings = model, settings
         choices = [settings.propagation] + [p for p in PROPAGATIONS if p != settings.propagation]
         super().__init__(
-            path=None, network=None, type=InferType.DEEPGROW, labels=dict(settings.dataset.organs), dimension=3,
+            path=None, network=None, type=InferType.DEEPGROW, labels=dict(settings.organs), dimension=3,
             description=f"SAM ({model.arch}) with the served PEFT adapter: ROI box and clicks -> 3D segmentation",
             config={"propagation": choices},
         )
-        self.served = ServedModel(settings.model_dir(model.name), model.adapter, load or self._load)
+        self.served = ServedModel(settings.model_dir(model.name), model.adapter, self._load)
 
     def _load(self, adapter: str | None, device: str) -> tuple[Any, dict]:
-        return project.load_model(self.model.arch, self.model.image_size, adapter, self.settings.sam_checkpoint,
-                                  device)
+        """(network, precision, volume chain) of the model serving ``adapter`` (None: the base) on ``device``."""
+        run = project.with_settings(self.model.run, adapter=adapter or "")
+        network, info, precision = project.load_model(run, device)
+        return (network, precision, project.volume_chain(run, network)), info
 
     def is_valid(self) -> bool:
         return True  # the base is always there (weights from the settings, or a fixed-seed test arch)
@@ -87,23 +89,22 @@ class CobotMedInfer(BasicInferTask):
         return info
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return [ReadPrompts(self.settings.dataset.organs, PROPAGATIONS), LoadVolume(self.settings.dataset)]
+        return [ReadPrompts(self.settings.organs, PROPAGATIONS), LoadVolume(self)]
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        return [ToFileGeometry(self.settings.dataset)]
+        return [ToFileGeometry()]
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
-        network, model_info = self.served.get(device)
         prompted = data["prompted"]
         try:
-            label, record = project.segment(network, data["volume"], prompted.organ, prompted.organ_id,
+            label, record = project.segment(data.pop("network"), data["volume"], prompted.organ, prompted.organ_id,
                                             prompted.interaction, prompted.propagation, device,
-                                            self.settings.batch_size, self.settings.amp)
+                                            self.settings.batch_size, data.pop("precision"))
         except project.BadPrompt as err:
             raise RequestError(str(err)) from None
         data["pred"] = label
-        data["result"] = {"cobot_med": {"model": model_info, "organ": prompted.organ, "label_id": prompted.organ_id,
-                                        "propagation": prompted.propagation, **record}}
+        data["result"] = {"cobot_med": {"model": data["model_info"], "organ": prompted.organ,
+                                        "label_id": prompted.organ_id, "propagation": prompted.propagation, **record}}
         return data
 
     def writer(self, data: dict, extension=None, dtype=None) -> tuple[Any, Any]:
@@ -116,7 +117,7 @@ class CobotMedInfer(BasicInferTask):
             volume = MetaTensor(data["pred"][0].as_tensor(), affine=data["pred"].affine)  # (X, Y, Z), file affine
             return Writer(label="pred", json="result")({**data, "pred": volume, "result_extension": wanted})
         path = tempfile.NamedTemporaryFile(suffix=wanted, delete=False).name
-        project.write_label(data["pred"][0].numpy(), data["pred"], path)
+        project.write_label(data["pred"][0].numpy(), data["pred"], path)  # the file's own grid and affine
         return path, data["result"]
 
     @staticmethod

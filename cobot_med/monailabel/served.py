@@ -41,8 +41,8 @@ def publish(model_dir: str | Path, record: dict[str, Any]) -> Path:
 class ServedModel:
     """The network of one served model: the newest published adapter, else the one it started with.
 
-    ``load(adapter_or_None, device) -> (network, info)`` builds a network; it is called again only when
-    the adapter to serve (or the device) changed.
+    ``load(adapter_or_None, device) -> (network, info)`` builds a network (anything the caller needs with it;
+    ``info`` is JSON-friendly); it is called again only when the adapter to serve (or the device) changed.
     """
 
     def __init__(self, model_dir: str | Path, start_adapter: str | None,

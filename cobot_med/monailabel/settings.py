@@ -14,19 +14,24 @@ key                default                      meaning
 ``output_dir``     ``STUDIES/cobot_med``        training rounds, served adapters, MLflow store
 ``tracking_uri``   ``$MLFLOW_TRACKING_URI``     MLflow store; else ``sqlite:///OUTPUT_DIR/mlflow.db``
 ``propagation``    ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
-``amp``            ``true``                     bf16 autocast in inference and training (as the bundles)
-``batch_size``     ``8``                        slices per forward pass in inference
+``amp``            ``auto``                     precision in inference and training, as the bundles' ``amp``
+                                                (``auto``: what the device runs fast; true/false, bf16, fp16)
+``batch_size``     ``8``                        slices per forward pass in inference (``eval_batch_size``)
 =================  ===========================  ==========================================================
+
+Each served model is one :class:`cobot_med.settings.RunSettings` of the dataset's bundle (its defaults,
+with the keys above), checked by the project's own checks: the same object ``cobot-med infer`` and the
+bundles run, so the app's answers and training rounds are theirs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import project
+from .project import RunSettings
 
 PROPAGATIONS = ("box3d", "key_slice")
 KEYS = ("models", "dataset", "adapter", "sam_checkpoint", "image_size", "peft", "epochs", "output_dir",
@@ -41,25 +46,27 @@ class ConfError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    """One served model: its base, and the adapter it starts with (None: the base alone)."""
+    """One served model: its base, the adapter it starts with (None: the base alone), and its run settings."""
 
     name: str
     arch: str
     image_size: int | None
     adapter: str | None
+    run: RunSettings = dataclasses.field(repr=False, compare=False)  # the bundle's settings of this model
 
 
 @dataclasses.dataclass(frozen=True)
 class AppSettings:
     models: tuple[ModelSettings, ...]
-    dataset: project.DatasetInfo
+    dataset: str  # the dataset bundle (bundles/<dataset>.json)
+    organs: dict[str, int]  # organ -> label id, the layout's order
     sam_checkpoint: str | None
     peft: str
     epochs: int
     output_dir: Path
     tracking_uri: str
     propagation: str
-    amp: bool
+    amp: str
     batch_size: int
 
     def model_dir(self, model: str) -> Path:
@@ -67,27 +74,16 @@ class AppSettings:
         return self.output_dir / model
 
 
-def _flag(key: str, value: str) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfError(f"--conf {key}: expected true or false, got {value!r}")
-
-
-def _positive_int(key: str, value: str) -> int:
+def _checked(key: str, settings: project.RunSettings, **changes: Any) -> project.RunSettings:
+    """``settings`` with ``changes``, checked by RunSettings; a refusal names the ``--conf`` key."""
     try:
-        number = int(str(value))
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ConfError(f"--conf {key}: expected a positive whole number, got {value!r}")
-    return number
+        return project.with_settings(settings, **changes)
+    except project.SettingsError as err:
+        raise ConfError(f"--conf {key}: {err}") from None
 
 
 def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
-    """Parse and check every setting (bases, adapter, dataset) before the server serves anything."""
+    """Parse and check every setting (bases, adapter, dataset, store) before the server serves anything."""
     unknown = sorted(set(conf) - set(KEYS) - set(PASSED_THROUGH))
     if unknown:
         raise ConfError(f"--conf {unknown[0]}: unknown key; the cobot-med app takes {', '.join(KEYS)}")
@@ -96,43 +92,53 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
         return str(conf.get(key, default) or default).strip()
 
     try:
-        data = project.dataset_info(get("dataset", "adome"))
-    except ValueError as err:
+        base = project.base_settings(get("dataset", "adome"))
+    except project.SettingsError as err:
         raise ConfError(f"--conf dataset: {err}") from None
-    sam_checkpoint = get("sam_checkpoint") or None
-    image_size = _positive_int("image_size", get("image_size")) if get("image_size") else None
     names = [n.strip() for n in get("models", "lite_medsam").split(",") if n.strip()]
     if not names or len(set(names)) != len(names):
         raise ConfError(f"--conf models: expected distinct base names, got {get('models')!r}")
+    propagation = get("propagation", "box3d")
+    if propagation not in PROPAGATIONS:
+        raise ConfError(f"--conf propagation: choose one of {list(PROPAGATIONS)}, got {propagation!r}")
+    output_dir = Path(get("output_dir") or Path(studies) / "cobot_med").resolve()
+    base = _checked("peft", base, peft=get("peft", "lora+cobot"))
+    base = _checked("amp", base, amp=get("amp", "auto"))
+    base = _checked("batch_size", base, eval_batch_size=get("batch_size", "8"))
+    base = _checked("epochs", base, epochs=get("epochs", "5"))
+    base = _checked("sam_checkpoint", base, sam_checkpoint=get("sam_checkpoint"))
+    base = _checked("output_dir / tracking_uri", base, output_dir=str(output_dir), tracking_uri=get("tracking_uri"))
+    try:
+        tracking = project.check_tracking(base)
+    except project.SettingsError as err:
+        raise ConfError(f"--conf tracking_uri: {err}") from None
+    base = project.with_settings(base, tracking_uri=tracking)  # the store resolved once, for every round
 
     adapter = get("adapter") or None
     adapter_arch = None
     if adapter:
         try:
-            adapter_arch = project.adapter_model(adapter)["arch"]
+            adapter_arch = project.adapter_spec(adapter).arch
         except project.AdapterError as err:
             raise ConfError(f"--conf adapter: {err}") from None
         if adapter_arch not in names:
             raise ConfError(f"--conf adapter: {adapter} was trained on {adapter_arch}, which is not among the "
                             f"served models {names}; add it to --conf models")
         adapter = str(Path(adapter).resolve())
-    peft = get("peft", "lora+cobot")
     models = []
     for name in names:
+        start = adapter if name == adapter_arch else None
+        run = _checked("models", base, arch=name)
+        run = _checked("image_size", run, image_size=get("image_size") or None)
+        run = _checked("adapter", run, adapter=start or "")
         try:
-            project.check_base(name, image_size, sam_checkpoint, peft)
+            project.check_model_files(run)
         except project.SettingsError as err:
-            raise ConfError(f"--conf models / peft / sam_checkpoint / image_size: {err}") from None
-        models.append(ModelSettings(name, name, image_size, adapter if name == adapter_arch else None))
+            raise ConfError(f"--conf models / sam_checkpoint / adapter: {err}") from None
+        models.append(ModelSettings(name, name, run.image_size, start, run))
 
-    propagation = get("propagation", "box3d")
-    if propagation not in PROPAGATIONS:
-        raise ConfError(f"--conf propagation: choose one of {list(PROPAGATIONS)}, got {propagation!r}")
-    output_dir = Path(get("output_dir") or Path(studies) / "cobot_med").resolve()
-    tracking = get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir / 'mlflow.db'}"
     return AppSettings(
-        models=tuple(models), dataset=data, sam_checkpoint=sam_checkpoint, peft=peft,
-        epochs=_positive_int("epochs", get("epochs", "5")), output_dir=output_dir, tracking_uri=tracking,
-        propagation=propagation, amp=_flag("amp", get("amp", "true")),
-        batch_size=_positive_int("batch_size", get("batch_size", "8")),
+        models=tuple(models), dataset=base.dataset, organs=base.organs,
+        sam_checkpoint=base.sam_checkpoint or None, peft=base.peft, epochs=base.epochs, output_dir=output_dir,
+        tracking_uri=tracking, propagation=propagation, amp=base.amp, batch_size=base.eval_batch_size,
     )

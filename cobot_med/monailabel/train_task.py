@@ -8,7 +8,9 @@ train``); the round there:
    annotator's own cases; the best epoch is chosen on them);
 2. runs the dataset's bundle (``training``) from the adapter served now (the start adapter, or the last
    round's), or from the base with ``peft`` (default ``lora+cobot``) before the first round: an MLflow run
-   ``monailabel-MODEL-round-NNNN`` in the experiment ``cobot-med/DATASET``;
+   in the experiment ``cobot-med/DATASET``, named as every training run is
+   (``DATASET-PEFT-ARCH-SIZE-seed0-KEY``, :mod:`cobot_med.engine.tracking`); ``served.json`` says which
+   run each round is;
 3. publishes ``adapter_best`` of the round (``served.json``): the server answers the next infer request
    with it, without a restart.
 
@@ -79,22 +81,17 @@ class CobotMedTrain(TrainTask):
         datalist.write_text(json.dumps({"training": cases, "validation": cases, "test": []}, indent=2))
 
         start = self.served.current().get("adapter")
-        peft = project.adapter_model(start)["peft"] if start else self.settings.peft  # an adapter keeps its method
-        run_name = f"monailabel-{self.model.name}-round-{number:04d}"
-        project.train_round(datalist, round_dir, self.settings.dataset, arch=self.model.arch,
-                            image_size=self.model.image_size, peft=peft, adapter=start,
-                            sam_checkpoint=self.settings.sam_checkpoint, epochs=epochs,
-                            tracking_uri=self.settings.tracking_uri, run_name=run_name,
-                            device=str(request.get("device") or "auto"), amp=self.settings.amp,
-                            optimiser=optimiser)
+        peft = project.adapter_spec(start).peft if start else self.settings.peft  # an adapter keeps its method
+        project.train_round(self.model.run, datalist, round_dir, peft=peft, adapter=start, epochs=epochs,
+                            device=str(request.get("device") or "auto"), optimiser=optimiser)
         adapter = round_dir / "adapter_best"
         if not adapter.is_dir():
             raise RuntimeError(f"round {number} finished without {adapter}")
         record = {
             "adapter": str(adapter), "round": number, "started_from": start, "peft": peft, "epochs": epochs,
             "labels": len(cases), "images": sorted(Path(c["image"]).name for c in cases),
-            "mlflow": {"tracking_uri": self.settings.tracking_uri, "run_name": run_name,
-                       **project.finished_run(self.settings.tracking_uri, self.settings.dataset, run_name)},
+            "mlflow": {"tracking_uri": self.settings.tracking_uri,
+                       **project.finished_run(round_dir, self.settings.tracking_uri)},
             "seconds": round(time.time() - started, 1), "published": time.time(),
         }
         publish(self.model_dir, record)

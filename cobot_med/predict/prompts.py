@@ -206,21 +206,29 @@ class BoxFile:
                         else f"case {case_id} is not in {self.path.name}")
                 prompts.append(OrganPrompt("none", note=note))
                 continue
-            lo_hi = oriented_extent(entry.box, entry.space, original_affine(image), oriented_affine(image), shape)
-            given = {entry.kind: entry.box, "space": entry.space}
-            if lo_hi is None:
-                prompts.append(OrganPrompt("none", given=given, note="the box lies outside the volume"))
-                continue
-            lo, hi = lo_hi
-            footprint = [float(lo[1]), float(lo[0]), float(hi[1] + 1), float(hi[0] + 1)]  # x along Y, y along X
-            extent = {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi]}
-            if entry.kind == "box3d":
-                boxes = {z: list(footprint) for z in range(int(lo[2]), int(hi[2]) + 1)}
-                prompts.append(OrganPrompt("box3d", boxes=boxes, given=given, extent=extent))
-            else:
-                middle = (int(lo[2]) + int(hi[2])) // 2
-                prompts.append(OrganPrompt("key_slice", key=(middle, footprint), given=given, extent=extent))
+            prompts.append(box_prompt(entry.kind, entry.box, entry.space, image))
         return CasePrompts(dict(organs), prompts, shape[2])
+
+
+def box_prompt(kind: str, box: Sequence[float], space: str, image: Any) -> OrganPrompt:
+    """One organ's prompt from a box (two opposite corners in ``space``) on an oriented image: ``box3d`` gives
+    every axial slice inside the box its footprint, ``key_slice`` the middle slice's footprint to propagate.
+    A box outside the volume gives a ``none`` prompt. (A boxes-file entry, or an ROI the MONAI Label app gets.)"""
+    if kind not in KINDS:
+        raise PromptError(f"a box prompt is one of {list(KINDS)}, got {kind!r}")
+    shape = tuple(int(n) for n in image.shape[-3:])
+    lo_hi = oriented_extent(box, space, original_affine(image), oriented_affine(image), shape)
+    given = {kind: list(box), "space": space}
+    if lo_hi is None:
+        return OrganPrompt("none", given=given, note="the box lies outside the volume")
+    lo, hi = lo_hi
+    footprint = [float(lo[1]), float(lo[0]), float(hi[1] + 1), float(hi[0] + 1)]  # x along Y, y along X
+    extent = {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi]}
+    if kind == "box3d":
+        boxes = {z: list(footprint) for z in range(int(lo[2]), int(hi[2]) + 1)}
+        return OrganPrompt("box3d", boxes=boxes, given=given, extent=extent)
+    middle = (int(lo[2]) + int(hi[2])) // 2
+    return OrganPrompt("key_slice", key=(middle, footprint), given=given, extent=extent)
 
 
 # --- coordinates -------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ The network is a PromptableSam, or anything with its call signature
 model's input recipe (:mod:`cobot_med.sam.recipes`, the network's ``recipe``; SAM's for others) turns
 slices into model inputs and boxes into the model grid exactly as the training chain does, and the
 logits back into probabilities at the slice's own (X, Y) grid. Each slice is sent once with all the
-organs prompted on it; slices with no prompt never reach the model.
+organs prompted on it; slices with no prompt never reach the model. :meth:`SlicePredictor.clicked` predicts
+one slice from clicks (SAM point prompts, the MONAI Label app's foreground / background points), through the
+same recipe.
 """
 
 from __future__ import annotations
@@ -77,3 +79,32 @@ class SlicePredictor:
             if was_training:
                 self.network.train()
         return out
+
+    @torch.no_grad()
+    def clicked(self, volume: torch.Tensor, z: int, points: Any, labels: Any,
+                box: Any = None) -> torch.Tensor:
+        """Probabilities (X, Y) of slice ``z`` of an oriented (X, Y, Z) volume from clicks: ``points`` (P, 2) XY in
+        the slice grid (x along Y, as boxes), ``labels`` (P,) 1 foreground / 0 background, and ``box`` (XYXY in
+        the slice grid) when the slice has one; one prompt, decoded as segment-anything's ``SamPredictor``."""
+        images, geometry = self.recipe.prepare(volume[..., [z]].permute(2, 0, 1))
+        coords = self.recipe.points_to_model(torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2), geometry)
+        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        boxes = None
+        if box is not None:
+            boxes = self.recipe.boxes_to_model(torch.as_tensor(box, dtype=torch.float32).reshape(1, 1, 4), geometry)
+            boxes = boxes.to(self.device)
+        points_in = (coords[None, None].to(self.device), labels[None, None].to(self.device))
+        was_training = getattr(self.network, "training", False)
+        if hasattr(self.network, "eval"):
+            self.network.eval()
+        try:
+            with autocast(self.device, self.amp):
+                probs = self.recipe.predict(self.network, images.to(self.device), boxes, None, geometry,
+                                            points=points_in)
+        finally:
+            if was_training:
+                self.network.train()
+        self.images_sent += 1
+        if self.on_slices:
+            self.on_slices(1)
+        return probs.float()[0, 0].cpu()

@@ -112,6 +112,10 @@ class InputRecipe:
     def boxes_to_model(self, boxes: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         raise NotImplementedError
 
+    def points_to_model(self, points: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
+        """Clicks (..., 2) XY in slice pixels (x along Y) -> the model grid, moved as box corners are."""
+        return self.boxes_to_model(torch.cat([points, points], dim=-1), geometry)[..., :2]
+
     def logits_to_slices(self, logits: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         """Low-res logits (..., h, w) -> logits at the slice grid (..., X, Y)."""
         h, w = self._low_res_content(logits, geometry)
@@ -124,10 +128,12 @@ class InputRecipe:
     def masks_to_model(self, masks: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict(self, network: Any, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor,
-                geometry: SliceGeometry) -> torch.Tensor:
-        """Probabilities (N, 1, X, Y) at the slice grid of the ``valid`` boxes (model grid) on ``images``."""
-        return self.slice_probabilities(network(images, boxes, valid=valid).float(), geometry)
+    def predict(self, network: Any, images: torch.Tensor, boxes: torch.Tensor | None, valid: torch.Tensor | None,
+                geometry: SliceGeometry, points: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Probabilities (N, 1, X, Y) at the slice grid of the ``valid`` boxes (model grid) on ``images``;
+        ``points``: clicks in the model grid (PromptableSam's ``points``), sent only when given."""
+        clicks = {} if points is None else {"points": points}
+        return self.slice_probabilities(network(images, boxes, valid=valid, **clicks).float(), geometry)
 
     def _low_res_content(self, logits: torch.Tensor, geometry: SliceGeometry) -> tuple[int, int]:
         """The image part of a low-res map: the content of the S grid scaled to the logits' own size."""
@@ -174,11 +180,12 @@ class SamRecipe(InputRecipe):
     def logits_to_slices(self, logits: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         return _upsample(logits, geometry.slice_size)
 
-    def predict(self, network: Any, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor,
-                geometry: SliceGeometry) -> torch.Tensor:
+    def predict(self, network: Any, images: torch.Tensor, boxes: torch.Tensor | None, valid: torch.Tensor | None,
+                geometry: SliceGeometry, points: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """As the base class; the network itself resizes the logits to the slice (``output_size``: the same one
         bilinear step as :meth:`logits_to_slices`), so networks that answer at a given size plug in too."""
-        return network(images, boxes, valid=valid, output_size=geometry.slice_size).float().sigmoid()
+        clicks = {} if points is None else {"points": points}
+        return network(images, boxes, valid=valid, output_size=geometry.slice_size, **clicks).float().sigmoid()
 
     def masks_to_model(self, masks: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         from monai.transforms import Resize
