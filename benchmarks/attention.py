@@ -119,7 +119,7 @@ def main() -> None:
                 train = mode == "train"
                 xg = x.detach().clone().requires_grad_(train)
 
-                def fn(variant):
+                def fn(variant, layer=layer, xg=xg, dtype=dtype, train=train):
                     def run():
                         set_variant(layer, variant)
                         layer.zero_grad(set_to_none=True)

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
               "label_dice_agreement": dice}
     print(json.dumps(result))
     print(f"\n{'way':<14} {'threads each':>12} {'median s':>9} {'x one':>6}   runs")
-    for name, (processes, threads) in ways.items():
+    for name, (_, threads) in ways.items():
         runs = ", ".join(f"{v:.1f}" for v in times[name])
         print(f"{name:<14} {threads:>12} {medians[name]:>9.1f} {base / medians[name]:>6.2f}   {runs}")
     print(f"label maps of the two ways: Dice agreement {dice:.4f}; CPU {result['cpu_capability']}")

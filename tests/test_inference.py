@@ -298,7 +298,9 @@ def test_key_slices_propagate_both_ways_until_the_organ_vanishes(phantoms, tmp_p
         # the liver, from one 2D box on its largest slice, comes back whole: every slice, nothing more
         assert np.array_equal(seg == ADOME["liver"], label == ADOME["liver"])
         # the spleen from a 3D box's middle slice: on exactly its own slices
-        spleen_slices = lambda v: np.nonzero(np.moveaxis(v == ADOME["spleen"], axis, -1).any(axis=(0, 1)))[0].tolist()
+        def spleen_slices(v, axis=axis):
+            return np.nonzero(np.moveaxis(v == ADOME["spleen"], axis, -1).any(axis=(0, 1)))[0].tolist()
+
         assert spleen_slices(seg) == spleen_slices(label)
         assert not (seg == ADOME["pancreas"]).any() and not (seg == ADOME["kidney"]).any()
         record = json.loads((out / f"{case}_prompts.json").read_text())["organs"]

@@ -34,7 +34,7 @@ def adapter(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelSpec("tiny", 64, "lora+cobot"))
     with torch.no_grad():
-        for name, parameter in model.sam.image_encoder.named_parameters():
+        for parameter in model.sam.image_encoder.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.05)
     return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter_best")

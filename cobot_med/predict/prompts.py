@@ -115,7 +115,7 @@ def from_labels(label: torch.Tensor, organs: Mapping[str, int]) -> CasePrompts:
     masks = organ_channels(label, list(organs.values())).bool()  # (K, X, Y, Z)
     boxes, present = mask_boxes(masks.permute(3, 0, 1, 2))  # (Z, K, 4), (Z, K)
     prompts = []
-    for k, name in enumerate(organs):
+    for k in range(len(organs)):
         slices = present[:, k].nonzero(as_tuple=True)[0].tolist()
         prompt = OrganPrompt("labels", {int(z): boxes[z, k].tolist() for z in slices})
         if not slices:
