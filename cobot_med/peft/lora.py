@@ -1,15 +1,20 @@
 """LoRA on the q and v slices of every block's fused qkv projection (Hu et al., ICLR 2022).
 
-Standard init (A Kaiming-uniform, B zero) so the adapted model equals SAM at step 0; the
-authors' code uses Xavier-normal for B. With ``cobot`` set, each bottleneck is a COBOT site
-(LoRA+COBOT, 24 sites on ViT-B) and the branch still folds into one dense ΔW.
+Each target slice t of qkv(x) gets ``scale * B_t(site_t(A_t x))`` (SAM-COBOT's ``_LoRA_qkv``,
+medical/train.py 371-379; with ``cobot`` set, ``_LoRA_qkv_relation_add``: every bottleneck is a
+COBOT site, 24 on ViT-B, and the branch still folds into one dense ΔW).
+
+Init: the authors' by default, A and B both Xavier-normal (train.py 179-190, applied at 478-481 and 533-536),
+so the adapted model does NOT equal SAM at step 0. ``init="zero_b"`` is Hu et al.'s (A
+Kaiming-uniform, B = 0): the model starts equal to its base, which merging, zero-shot and
+frozen-equality checks rely on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,6 +23,7 @@ from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
 
 _SLICES = ("q", "k", "v")
+INITS = ("xavier_normal", "zero_b")
 
 
 @dataclasses.dataclass
@@ -27,9 +33,12 @@ class LoraConfig(PeftConfig):
     targets: tuple[str, ...] = ("q", "v")
     dropout: float = 0.0
     cobot: dict[str, Any] | None = None  # COBOT options; None = plain LoRA
+    init: Literal["xavier_normal", "zero_b"] = "xavier_normal"  # authors' | starts equal to the base
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        if self.init not in INITS:
+            raise ValueError(f"lora init must be one of {INITS}, got {self.init!r}")
         if self.rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
         bad = [t for t in self.targets if t not in _SLICES] or ([] if self.targets else ["(none)"])
@@ -52,6 +61,7 @@ class LoraQkv(nn.Module):
         targets: tuple[str, ...],
         dropout: float = 0.0,
         sites: dict[str, CobotSite] | None = None,
+        init: str = "xavier_normal",
     ) -> None:
         super().__init__()
         self.base = base
@@ -62,8 +72,12 @@ class LoraQkv(nn.Module):
         self.lora_A = nn.ModuleDict({t: nn.Linear(base.in_features, rank, bias=False) for t in self.targets})
         self.lora_B = nn.ModuleDict({t: nn.Linear(rank, self.dim, bias=False) for t in self.targets})
         for t in self.targets:
-            nn.init.kaiming_uniform_(self.lora_A[t].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[t].weight)
+            if init == "xavier_normal":
+                nn.init.xavier_normal_(self.lora_A[t].weight)
+                nn.init.xavier_normal_(self.lora_B[t].weight)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[t].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[t].weight)
         self.sites = sites or {}
         self.merged = False
 
@@ -121,4 +135,5 @@ def inject(sam: nn.Module, config: LoraConfig) -> None:
             targets=config.targets,
             dropout=config.dropout,
             sites=block_sites,
+            init=config.init,
         )
