@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .blocks import adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
 
@@ -76,14 +77,17 @@ class AdaptFormerBranch(nn.Module):
 class AdaptFormerMlp(nn.Module):
     """A block's MLP with the branch beside it: ``mlp(x) + branch(source)``.
 
-    ``source`` is x itself (``mlp_input``) or, for ``residual_stream``, the input of the block's
-    ``norm2`` that :meth:`read_residual_stream_of` hooks in just before the MLP runs.
+    ``source`` is the MLP's normalised input: x itself in SAM (the block applied ``norm2``),
+    ``mlp.norm(x)`` in TinyViT (``normalise_with_mlp_norm``, its Mlp starts with a LayerNorm).
+    For ``residual_stream`` it is the un-normalised h: in TinyViT x itself, in SAM the input of
+    the block's ``norm2``, which :meth:`read_residual_stream_of` hooks in before the MLP runs.
     """
 
-    def __init__(self, mlp: nn.Module, branch: AdaptFormerBranch) -> None:
+    def __init__(self, mlp: nn.Module, branch: AdaptFormerBranch, normalise_with_mlp_norm: bool = False) -> None:
         super().__init__()
         self.mlp = mlp
         self.adaptformer = branch
+        self.normalise_with_mlp_norm = normalise_with_mlp_norm
         self.reads_residual_stream = False
         self._residual: torch.Tensor | None = None
 
@@ -96,7 +100,7 @@ class AdaptFormerMlp(nn.Module):
         self._residual = args[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        source = x
+        source = self.mlp.norm(x) if self.normalise_with_mlp_norm else x
         if self.reads_residual_stream:
             source, self._residual = self._residual, None
             if source is None:
@@ -106,12 +110,14 @@ class AdaptFormerMlp(nn.Module):
 
 def inject(sam: nn.Module, config: AdaptFormerConfig) -> None:
     encoder = sam.image_encoder
-    sites: list[CobotSite | None] = [None] * len(encoder.blocks)
+    blocks = adaptable_blocks(encoder)
+    sites: list[CobotSite | None] = [None] * len(blocks)
     if config.cobot is not None:
-        sites = attach_orchestrator(encoder, config.cobot, config.bottleneck, len(encoder.blocks))
-    for block, site in zip(encoder.blocks, sites):
-        dim = block.norm2.normalized_shape[0]
-        branch = AdaptFormerBranch(dim, config.bottleneck, config.dropout, config.scale, site)
-        block.mlp = AdaptFormerMlp(block.mlp, branch)
-        if config.branch_input == "residual_stream":
+        sites = attach_orchestrator(encoder, config.cobot, config.bottleneck, len(blocks))
+    residual = config.branch_input == "residual_stream"
+    for adaptable, site in zip(blocks, sites):
+        block = adaptable.block
+        branch = AdaptFormerBranch(adaptable.width, config.bottleneck, config.dropout, config.scale, site)
+        block.mlp = AdaptFormerMlp(block.mlp, branch, normalise_with_mlp_norm=adaptable.mlp_norm_inside and not residual)
+        if residual and not adaptable.mlp_norm_inside:
             block.mlp.read_residual_stream_of(block.norm2)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.normal import Normal
 
+from .blocks import adaptable_blocks
 from .config import PeftConfig
 
 
@@ -148,16 +149,25 @@ class ConvLoraQkv(nn.Module):
         self.moe = ConvMoE(config.rank, config.num_experts, config.top_k, config.noisy_gating, config.aux_loss_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SAM's attention calls qkv on (B, H, W, C) tokens: the grid is right there
+        # SAM's attention calls qkv on (B, H, W, C) tokens: the grid is right there; TinyViT's on
+        # (B, N, C) square windows, laid out as AutoGluon does for 3D input (H = W = sqrt(N))
         d = self.lora_A(x)
-        grid = d.permute(0, 3, 1, 2)
-        d = d + self.moe(grid).permute(0, 2, 3, 1)
+        grid_tokens = d if d.dim() == 4 else d.view(d.shape[0], *_square(d.shape[1]), d.shape[2])
+        grid = grid_tokens.permute(0, 3, 1, 2)
+        d = d + self.moe(grid).permute(0, 2, 3, 1).reshape(d.shape)
         return self.base(x) + self.lora_B(d) * self.scale
 
 
+def _square(tokens: int) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"conv_lora lays qkv's tokens on a square grid; {tokens} tokens are not a square")
+    return side, side
+
+
 def inject(sam: nn.Module, config: ConvLoraConfig) -> None:
-    for block in sam.image_encoder.blocks:
-        block.attn.qkv = ConvLoraQkv(block.attn.qkv, config)
+    for adaptable in adaptable_blocks(sam.image_encoder):
+        adaptable.attention.qkv = ConvLoraQkv(adaptable.attention.qkv, config)
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
