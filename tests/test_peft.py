@@ -24,7 +24,15 @@ from cobot_med.sam import build_sam
 from toy import SIZE, loss_fn, tiny, toy_batch
 
 CORE = ["frozen", "decoder", "full", "lora", "lora+cobot", "adaptformer", "adaptformer+cobot", "conv_lora"]
-ZERO_INIT = ["lora", "lora+cobot", "adaptformer", "adaptformer+cobot", "conv_lora"]
+# methods whose init leaves SAM unchanged at step 0, with the options that make it so: LoRA's
+# default is the SAM-COBOT authors' Xavier-normal A and B (ΔW ≠ 0 at step 0), zero_b is Hu et al.'s
+ZERO_INIT = [
+    ("lora", {"init": "zero_b"}),
+    ("lora+cobot", {"init": "zero_b"}),
+    ("adaptformer", {}),
+    ("adaptformer+cobot", {}),
+    ("conv_lora", {}),
+]
 OWN_PARAMETERS = {  # substrings that name each method's own encoder parameters
     "lora": ["lora_A", "lora_B"],
     "lora+cobot": ["lora_A", "lora_B", ".cobot."],
@@ -89,13 +97,23 @@ def test_only_the_method_trains(method):
     assert not any(n.startswith("prompt_encoder.") for n in trainable)
 
 
-@pytest.mark.parametrize("method", ZERO_INIT)
-def test_identity_at_step_zero(method):
+@pytest.mark.parametrize("method, options", ZERO_INIT)
+def test_identity_at_step_zero(method, options):
+    images, boxes, _ = toy_batch()
+    with torch.no_grad():
+        reference = tiny("frozen").eval()(images, boxes)
+        adapted = tiny(method, **options).eval()(images, boxes)
+    assert torch.allclose(adapted, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora+cobot"])
+def test_authors_lora_init_changes_sam_at_step_zero(method):
+    """The default (authors') init has ΔW = B A ≠ 0: the model is not SAM before training."""
     images, boxes, _ = toy_batch()
     with torch.no_grad():
         reference = tiny("frozen").eval()(images, boxes)
         adapted = tiny(method).eval()(images, boxes)
-    assert torch.allclose(adapted, reference, atol=1e-5)
+    assert not torch.allclose(adapted, reference, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", [m for m in CORE if m != "frozen"])
@@ -237,10 +255,11 @@ def test_conv_lora_gate_routes_each_sample_to_one_expert():
 
 def test_quaternion_head_is_a_scaled_rotation():
     head = HypercomplexLinear(4)
-    w = head.weight.detach()
-    norm = sum(float(p.detach()) ** 2 for p in (head.r, head.i, head.j, head.k))
+    w = head.as_matrix().detach()
+    parts = (head.r_weight, head.i_weight, head.j_weight, head.k_weight)
+    norm = sum(float(p.detach()) ** 2 for p in parts)
     assert torch.allclose(w.t() @ w, torch.eye(4) * norm, atol=1e-6)
-    assert float(head.r) == 0.0  # authors' init
+    assert float(head.r_weight) == 0.0  # authors' init
     with pytest.raises(ValueError, match="divisible by 4"):
         HypercomplexLinear(6)
 
@@ -253,7 +272,7 @@ def test_quaternion_head_is_a_scaled_rotation():
         ({"relation": "fixed"}, 96 + 96 + 96),  # Table 2: frozen random R
         ({"head": "linear"}, 96 + 576 + 96 + 24 * 16),  # Table 3: plain 4x4 Linear
         ({"head": "none"}, 96 + 576 + 96),  # HL off
-        ({"coefficients": False, "relation": "identity"}, 96),  # CoS off: heads only
+        ({"cross_block_coefficients": False, "relation": "identity"}, 96 + 96),  # CoS off: γ and heads
     ],
 )
 def test_cobot_ablation_switches_on_vit_b(options, extra):
@@ -265,8 +284,8 @@ def test_cobot_ablation_switches_on_vit_b(options, extra):
 
 
 def test_cobot_rejects_inconsistent_switches():
-    with pytest.raises(ValueError, match="coefficients=False"):
-        CobotConfig(coefficients=False)
+    with pytest.raises(ValueError, match="cross_block_coefficients=False"):
+        CobotConfig(cross_block_coefficients=False)
     with pytest.raises(ValueError, match="relation"):
         CobotConfig(relation="sometimes")
     with pytest.raises(ValueError, match="divisible by 4"):

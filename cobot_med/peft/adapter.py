@@ -30,6 +30,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .blocks import adaptable_blocks
 from .config import PeftConfig
 
 
@@ -66,8 +67,8 @@ class BottleneckAdapter(nn.Module):
 
 
 def inject(sam: nn.Module, config: AdapterConfig) -> None:
-    for block in sam.image_encoder.blocks:
-        dim = block.norm1.normalized_shape[0]
+    for adaptable in adaptable_blocks(sam.image_encoder):
+        block, dim = adaptable.block, adaptable.width
         block.adapter = nn.ModuleDict(
             {site: BottleneckAdapter(dim, config.bottleneck, config.scale) for site in ("attn", "mlp")}
         )

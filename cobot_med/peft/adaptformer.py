@@ -1,22 +1,34 @@
 """AdaptFormer: a parallel bottleneck branch beside every block's MLP (Chen et al., NeurIPS 2022).
 
-As in the AdaptFormer code, the branch reads the block's residual stream (the MLP's input
-*before* ``norm2``) through its own LayerNorm, and its output is added to the MLP's.
-segment-anything's ``Block.forward`` is left as it is: a pre-hook on ``norm2`` computes the
-branch and a hook on ``mlp`` adds it. With ``cobot`` set, each block's bottleneck is a
-COBOT site (12 on ViT-B); the ReLU keeps it from folding into a dense weight.
+The branch is LayerNorm -> down -> [COBOT site] -> ReLU -> dropout -> up -> * scale, and its
+output is added to the MLP's. Where it reads from, ``branch_input``:
+
+- ``"mlp_input"`` (default, the SAM-COBOT authors' placement that Table 4 comes from): each
+  block's ``mlp`` is replaced by a module returning ``mlp(x) + branch(x)`` (medical/train.py
+  566 and 592, the ``Adapter`` forward at 239-259), so the branch reads what the block hands its MLP,
+  ``norm2(h)``.
+- ``"residual_stream"`` (the AdaptFormer paper's own code): the branch reads the residual stream
+  h before ``norm2``; a forward pre-hook on ``norm2`` hands h to the replaced ``mlp``.
+
+Init as the authors' (train.py 307-311): down Kaiming-uniform(a=√5) with zero bias, up weight
+and bias zero, so the model equals SAM at step 0. With ``cobot`` set, each block's bottleneck is
+a COBOT site (12 on ViT-B); the ReLU keeps it from folding into a dense weight.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .blocks import adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
+
+BRANCH_INPUTS = ("mlp_input", "residual_stream")
 
 
 @dataclasses.dataclass
@@ -25,10 +37,13 @@ class AdaptFormerConfig(PeftConfig):
     dropout: float = 0.1
     scale: float = 1.0
     cobot: dict[str, Any] | None = None
+    branch_input: Literal["mlp_input", "residual_stream"] = "mlp_input"
 
     def __post_init__(self) -> None:
         if self.bottleneck < 1:
             raise ValueError(f"adaptformer bottleneck must be >= 1, got {self.bottleneck}")
+        if self.branch_input not in BRANCH_INPUTS:
+            raise ValueError(f"adaptformer branch_input must be one of {BRANCH_INPUTS}, got {self.branch_input!r}")
         if self.cobot is not None:
             CobotConfig.from_dict(self.cobot)
             if self.bottleneck % 4:
@@ -36,19 +51,21 @@ class AdaptFormerConfig(PeftConfig):
 
 
 class AdaptFormerBranch(nn.Module):
-    """LayerNorm -> down -> [COBOT] -> ReLU -> dropout -> up (zero-init) -> * scale."""
+    """LayerNorm -> down -> [COBOT] -> ReLU -> dropout -> up -> * scale."""
 
     def __init__(self, dim: int, bottleneck: int, dropout: float, scale: float, site: CobotSite | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
         self.site = site
-        self._pending: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.down(self.norm(x))
@@ -56,28 +73,51 @@ class AdaptFormerBranch(nn.Module):
             d = self.site(d)
         return self.up(self.dropout(torch.relu(d))) * self.scale
 
-    def attach(self, block: nn.Module) -> None:
-        """Hook the branch into a segment-anything ``Block`` without touching its forward."""
-        self._handles = (
-            block.norm2.register_forward_pre_hook(self._before_norm2),
-            block.mlp.register_forward_hook(self._after_mlp),
-        )
 
-    # bound methods (not closures), so deep copies of the model hook their own branch
-    def _before_norm2(self, _module: nn.Module, args: tuple) -> None:
-        self._pending = self(args[0])
+class AdaptFormerMlp(nn.Module):
+    """A block's MLP with the branch beside it: ``mlp(x) + branch(source)``.
 
-    def _after_mlp(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-        pending, self._pending = self._pending, None
-        return output + pending
+    ``source`` is the MLP's normalised input: x itself in SAM (the block applied ``norm2``),
+    ``mlp.norm(x)`` in TinyViT (``normalise_with_mlp_norm``, its Mlp starts with a LayerNorm).
+    For ``residual_stream`` it is the un-normalised h: in TinyViT x itself, in SAM the input of
+    the block's ``norm2``, which :meth:`read_residual_stream_of` hooks in before the MLP runs.
+    """
+
+    def __init__(self, mlp: nn.Module, branch: AdaptFormerBranch, normalise_with_mlp_norm: bool = False) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.adaptformer = branch
+        self.normalise_with_mlp_norm = normalise_with_mlp_norm
+        self.reads_residual_stream = False
+        self._residual: torch.Tensor | None = None
+
+    def read_residual_stream_of(self, norm: nn.Module) -> None:
+        self.reads_residual_stream = True
+        self._hook = norm.register_forward_pre_hook(self._keep_residual)
+
+    # a bound method (not a closure), so a deep copy of the model hooks its own MLP
+    def _keep_residual(self, _module: nn.Module, args: tuple) -> None:
+        self._residual = args[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.mlp.norm(x) if self.normalise_with_mlp_norm else x
+        if self.reads_residual_stream:
+            source, self._residual = self._residual, None
+            if source is None:
+                raise RuntimeError("AdaptFormer reads the residual stream: the block's norm2 did not run before its mlp")
+        return self.mlp(x) + self.adaptformer(source)
 
 
 def inject(sam: nn.Module, config: AdaptFormerConfig) -> None:
     encoder = sam.image_encoder
-    sites: list[CobotSite | None] = [None] * len(encoder.blocks)
+    blocks = adaptable_blocks(encoder)
+    sites: list[CobotSite | None] = [None] * len(blocks)
     if config.cobot is not None:
-        sites = attach_orchestrator(encoder, config.cobot, config.bottleneck, len(encoder.blocks))
-    for block, site in zip(encoder.blocks, sites):
-        dim = block.norm2.normalized_shape[0]
-        block.adaptformer = AdaptFormerBranch(dim, config.bottleneck, config.dropout, config.scale, site)
-        block.adaptformer.attach(block)
+        sites = attach_orchestrator(encoder, config.cobot, config.bottleneck, len(blocks))
+    residual = config.branch_input == "residual_stream"
+    for adaptable, site in zip(blocks, sites):
+        block = adaptable.block
+        branch = AdaptFormerBranch(adaptable.width, config.bottleneck, config.dropout, config.scale, site)
+        block.mlp = AdaptFormerMlp(block.mlp, branch, normalise_with_mlp_norm=adaptable.mlp_norm_inside and not residual)
+        if residual and not adaptable.mlp_norm_inside:
+            block.mlp.read_residual_stream_of(block.norm2)

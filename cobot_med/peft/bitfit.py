@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import PeftConfig
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)  # BatchNorm: TinyViT's Conv2d_BN
 
 
 @dataclasses.dataclass

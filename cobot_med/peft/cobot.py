@@ -1,20 +1,21 @@
 """SAM-COBOT: cross-block orchestration of PEFT bottlenecks (Peng et al., CVPR 2024).
 
 A *site* is one PEFT bottleneck (LoRA: q and v of every block; AdaptFormer: one per block).
-With d the site's down-projection output (V values per token), site s computes
+With d the site's down-projection output (V values per token), site s computes what the
+authors' ``Adapter_relation`` and ``_LoRA_qkv_relation_add`` compute (SAM-COBOT
+medical/train.py 319 and remote/model/model_proxy_SAM_box.py 265-266):
 
     d' = H_s( d * Λ[:, s] + γ_s * d ),    Λ = C @ R
 
 C (V x S, ones) is the coefficient set shared by all sites, R (S x S, identity) the learnable
 relation matrix across blocks (eq. 13), γ_s the per-site "Markov-chain" set (eq. 17) and H_s a
-quaternion linear head (Hamilton product). Everything is linear in d, so LoRA+COBOT folds
-into a dense ΔW (:meth:`CobotOrchestrator.site_matrix`).
+quaternion linear head in the authors' Hamilton-matrix convention (quaternion_ops.py 410-414).
+Everything is linear in d, so LoRA+COBOT folds into a dense ΔW (:meth:`CobotOrchestrator.site_matrix`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import torch
@@ -28,16 +29,19 @@ HEADS = ("quaternion", "linear", "none")
 
 @dataclasses.dataclass
 class CobotConfig(PeftConfig):
-    """COBOT's switches (the paper's Tables 1-3).
+    """COBOT's switches (the paper's Tables 1-3), each named for the term it keeps or drops.
 
-    coefficients: the dual coefficient sets C and γ (CoS); off means d' = H(d).
-    relation: ``learnable`` R (RM on), ``identity`` (RM off: R frozen at I) or ``fixed``
+    γ_s * d is kept by every switch, as in the authors' ablation lines (train.py 321, 323, 326).
+
+    cross_block_coefficients: the term d * (C @ R)[:, s]; False drops it and builds neither C
+        nor R (CoS off: d' = H_s(γ_s * d)).
+    relation: R is ``learnable`` (RM on), ``identity`` (RM off: frozen at I) or ``fixed``
         (frozen at random values, Table 2).
-    head: ``quaternion`` hypercomplex layer (HL), ``linear`` (a plain V x V Linear, Table 3)
-        or ``none`` (HL off).
+    head: H_s is the ``quaternion`` hypercomplex layer (HL), a plain V x V ``linear`` map
+        (Table 3) or ``none`` (HL off: d' = d * Λ[:, s] + γ_s * d).
     """
 
-    coefficients: bool = True
+    cross_block_coefficients: bool = True
     relation: Literal["learnable", "identity", "fixed"] = "learnable"
     head: Literal["quaternion", "linear", "none"] = "quaternion"
     seed: int = 0  # for the ``fixed`` relation matrix, so it is reproducible
@@ -47,41 +51,57 @@ class CobotConfig(PeftConfig):
             raise ValueError(f"cobot relation must be one of {RELATIONS}, got {self.relation!r}")
         if self.head not in HEADS:
             raise ValueError(f"cobot head must be one of {HEADS}, got {self.head!r}")
-        if not self.coefficients and self.relation != "identity":
+        if not self.cross_block_coefficients and self.relation != "identity":
             raise ValueError(
-                "the relation matrix acts on the coefficient sets: with coefficients=False set relation='identity'"
+                "the relation matrix R only acts on the cross-block coefficients C: "
+                "with cross_block_coefficients=False set relation='identity' (neither is built)"
             )
 
 
 class HypercomplexLinear(nn.Module):
-    """Quaternion linear map R^V -> R^V without bias: W is the Hamilton product of r, i, j, k."""
+    """Quaternion linear map R^V -> R^V without bias, ``y = x @ W`` with the authors' W.
+
+    W is assembled from four (V/4 x V/4) blocks r, i, j, k as the authors'
+    ``QuaternionLinearFunction`` does: column block 0 is cat([r, -i, -j, -k]) down the rows,
+    so ``y`` is the Hamilton product (r + i i + j j + k k) ⊗ x. The parameter names are the
+    authors' (``r_weight`` ...), so one of their ``QuaternionLinear`` state dicts loads as is.
+    """
 
     def __init__(self, features: int) -> None:
         super().__init__()
         if features % 4:
             raise ValueError(f"a quaternion layer needs a width divisible by 4, got {features}")
         n = features // 4
-        self.r = nn.Parameter(torch.zeros(n, n))  # authors' init: r = 0, i, j, k ~ U(0, 1)
-        self.i = nn.Parameter(torch.rand(n, n))
-        self.j = nn.Parameter(torch.rand(n, n))
-        self.k = nn.Parameter(torch.rand(n, n))
+        self.r_weight = nn.Parameter(torch.zeros(n, n))  # authors' init: r = 0, i, j, k ~ U(0, 1)
+        self.i_weight = nn.Parameter(torch.rand(n, n))
+        self.j_weight = nn.Parameter(torch.rand(n, n))
+        self.k_weight = nn.Parameter(torch.rand(n, n))
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def as_matrix(self) -> torch.Tensor:
         """The assembled V x V matrix W, used as ``y = x @ W``."""
-        r, i, j, k = self.r, self.i, self.j, self.k
+        r, i, j, k = self.r_weight, self.i_weight, self.j_weight, self.k_weight
         return torch.cat(
             [
-                torch.cat([r, -i, -j, -k], dim=1),
-                torch.cat([i, r, -k, j], dim=1),
-                torch.cat([j, k, r, -i], dim=1),
-                torch.cat([k, -j, i, r], dim=1),
+                torch.cat([r, i, j, k], dim=1),
+                torch.cat([-i, r, k, -j], dim=1),
+                torch.cat([-j, -k, r, i], dim=1),
+                torch.cat([-k, j, -i, r], dim=1),
             ],
             dim=0,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.to(x.dtype)
+        return x @ self.as_matrix().to(x.dtype)
+
+
+class LinearHead(nn.Linear):
+    """A plain V x V map without bias (Table 3's "Linear"): ``nn.Linear``, as the authors' ``FacT_d1``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__(features, features, bias=False)
+
+    def as_matrix(self) -> torch.Tensor:
+        return self.weight.t()
 
 
 class CobotOrchestrator(nn.Module):
@@ -91,9 +111,9 @@ class CobotOrchestrator(nn.Module):
         super().__init__()
         self.config = config
         self.width, self.num_sites = width, num_sites
-        if config.coefficients:
+        self.site_coefficients = nn.Parameter(torch.ones(num_sites, width))  # γ_s, one row per site
+        if config.cross_block_coefficients:
             self.coefficients = nn.Parameter(torch.ones(width, num_sites))  # C
-            self.site_coefficients = nn.Parameter(torch.ones(num_sites, width))  # γ_s, one row per site
             if config.relation == "learnable":
                 self.relation = nn.Parameter(torch.eye(num_sites))
             elif config.relation == "fixed":
@@ -105,45 +125,32 @@ class CobotOrchestrator(nn.Module):
         if config.head == "quaternion":
             self.heads = nn.ModuleList(HypercomplexLinear(width) for _ in range(num_sites))
         elif config.head == "linear":
-            self.heads = nn.ModuleList(_BiasFreeLinear(width) for _ in range(num_sites))
+            self.heads = nn.ModuleList(LinearHead(width) for _ in range(num_sites))
 
-    def site_scale(self, site: int) -> torch.Tensor | None:
-        """Λ[:, s] + γ_s: the per-channel factor of site s (None without coefficient sets)."""
-        if not self.config.coefficients:
+    def cross_block_column(self, site: int) -> torch.Tensor | None:
+        """Λ[:, s] = (C @ R)[:, s], or None when the cross-block term is switched off."""
+        if not self.config.cross_block_coefficients:
             return None
-        return self.coefficients @ self.relation[:, site] + self.site_coefficients[site]
+        return self.coefficients @ self.relation[:, site]
 
     def site_matrix(self, site: int) -> torch.Tensor:
         """The V x V matrix T with ``forward(d, s) == d @ T`` (for merging into a dense weight)."""
-        eye = torch.eye(self.width, device=self._device())
-        scale = self.site_scale(site)
-        t = eye if scale is None else torch.diag(scale)
+        scale = self.site_coefficients[site]
+        column = self.cross_block_column(site)
+        if column is not None:
+            scale = column + scale
+        t = torch.diag(scale)
         if self.config.head != "none":
-            t = t @ self.heads[site].weight
+            t = t @ self.heads[site].as_matrix()
         return t
 
     def forward(self, d: torch.Tensor, site: int) -> torch.Tensor:
-        scale = self.site_scale(site)
-        if scale is not None:
-            d = d * scale.to(d.dtype)
+        gamma_term = self.site_coefficients[site].to(d.dtype) * d
+        column = self.cross_block_column(site)
+        d = gamma_term if column is None else d * column.to(d.dtype) + gamma_term
         if self.config.head != "none":
             d = self.heads[site](d)
         return d
-
-    def _device(self) -> torch.device:
-        return next(self.parameters(), torch.empty(0)).device
-
-
-class _BiasFreeLinear(nn.Module):
-    """A plain V x V map ``y = x @ W`` (Table 3's "Linear" in place of the hypercomplex layer)."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(features, features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.to(x.dtype)
 
 
 class CobotSite:

@@ -1,16 +1,23 @@
 """Conv-LoRA: LoRA on the fused qkv with a mixture of convolutional experts in its bottleneck.
 
-Zhong et al., ICLR 2024. The rank-r bottleneck tokens x A are laid out on their 2D grid
-(B, r, H, W); expert i is Interpolate(Conv3x3(Interpolate(x, s_i)), 1/s_i) with scale
-s_i = i + 1; a noisy top-k gate on the globally pooled bottleneck picks the experts per
-sample; the expert output is added to the bottleneck before the up-projection B (zero-init,
-so the model equals SAM at step 0). The load-balancing loss (CV² of importance and load,
-Shazeer et al. 2017), times its weight, is kept on each layer after its forward;
-:func:`auxiliary_loss` sums it.
+Zhong et al., ICLR 2024; computed as the official code, AutoGluon's ``ConvLoRALinear`` and
+``MoEGate`` (multimodal/models/adaptation_layers.py at f34ebb4, lines 606-860):
 
-Choices the papers leave open, written down: gates are the softmax over all experts' logits
-kept at the top-k (Switch-Transformer style), so the task loss also trains the gate;
-gate and noise weights start at zero, as in Shazeer et al.
+- a = x A (rank r), laid out on its token grid (B, r, H, W); scale = alpha / r, the SAM
+  semantic-segmentation preset's r = 3, alpha = 32;
+- gate: logits = mean_HW(a) W_gate (+ softplus(mean_HW(a) W_noise) + 1e-2 times N(0, 1) noise in
+  training); the gate of each kept expert is the softmax over the top-k logits only (1.0 for
+  top-1), line 771;
+- expert i (scale s_i = i + 1): bicubic up by s_i -> Conv3x3 (bias zero-initialised) -> GELU ->
+  bicubic back to (H, W); no resizing for s_i = 1 (lines 662-667, 707-717);
+- the experts' outputs are NOT multiplied by the gates (``multiply_by_gates=False``); AutoGluon's
+  dispatcher combines them as log Σ exp(y_e) over the kept experts (lines 917-950), which for
+  top-1 is y itself; we compute it with ``logsumexp`` (theirs exponentiates in float32 and so
+  overflows above 88.7);
+- out = base(x) + (a + moe(a)) B * scale, A Kaiming-uniform(a=√5), B zero: equals SAM at step 0;
+- load-balancing loss: coef * (CV²(Σ_batch gates) + CV²(load)), load the smooth P(in top-k)
+  under the noise in training, the count of samples per expert otherwise; coef 1e-2.
+  It is kept on each layer after its forward; :func:`auxiliary_loss` sums it over the layers.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.normal import Normal
 
+from .blocks import adaptable_blocks
 from .config import PeftConfig
 
 
 @dataclasses.dataclass
 class ConvLoraConfig(PeftConfig):
     rank: int = 3
-    alpha: float = 3.0
+    alpha: float = 32.0  # AutoGluon's SAM preset: scale 32 / 3
     num_experts: int = 8
     top_k: int = 1
     noisy_gating: bool = True
@@ -52,19 +60,20 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 class ScaleExpert(nn.Module):
-    """Interpolate(Conv3x3(Interpolate(x, s)), 1/s): a 3x3 convolution at one feature scale."""
+    """Interpolate(GELU(Conv3x3(Interpolate(x, s))), 1/s), bicubic both ways: one feature scale."""
 
     def __init__(self, channels: int, scale: int) -> None:
         super().__init__()
         self.scale = scale
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 1:
-            return self.conv(x)
+            return F.gelu(self.conv(x))
         size = x.shape[-2:]
-        y = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return F.interpolate(self.conv(y), size=size, mode="bilinear", align_corners=False)
+        y = F.interpolate(x, scale_factor=self.scale, mode="bicubic")
+        return F.interpolate(F.gelu(self.conv(y)), size=size, mode="bicubic")
 
 
 class ConvMoE(nn.Module):
@@ -89,9 +98,8 @@ class ConvMoE(nn.Module):
             logits = clean
         k_plus = min(self.top_k + 1, num_experts)
         top_logits, top_idx = logits.topk(k_plus, dim=-1)
-        probs = logits.softmax(dim=-1)
         keep = top_idx[:, : self.top_k]
-        gates = torch.zeros_like(probs).scatter(1, keep, probs.gather(1, keep))
+        gates = torch.zeros_like(logits).scatter(1, keep, top_logits[:, : self.top_k].softmax(dim=-1))
         if self.noisy_gating and self.training and self.top_k < num_experts:
             load = self._prob_in_top_k(clean, logits, std, top_logits).sum(0)
         else:
@@ -103,21 +111,28 @@ class ConvMoE(nn.Module):
         threshold_in = top_logits[:, self.top_k : self.top_k + 1]
         threshold_out = top_logits[:, self.top_k - 1 : self.top_k]
         is_in = noisy > threshold_in
-        normal = Normal(torch.zeros((), device=clean.device), torch.ones((), device=clean.device))
-        prob_in = normal.cdf(((clean - threshold_in) / std).float())
-        prob_out = normal.cdf(((clean - threshold_out) / std).float())
+        normal = Normal(clean.new_zeros(()), clean.new_ones(()))
+        prob_in = normal.cdf((clean - threshold_in) / std)
+        prob_out = normal.cdf((clean - threshold_out) / std)
         return torch.where(is_in, prob_in, prob_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates, load = self.gates(x.mean(dim=(2, 3)))
         self.aux_loss = self.aux_loss_weight * (_cv_squared(gates.sum(0)) + _cv_squared(load))
-        out = torch.zeros_like(x)
+        if self.top_k == 1:  # log(exp(y)) of the one kept expert: y
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                rows = (gates[:, e] > 0).nonzero(as_tuple=True)[0]
+                if rows.numel():
+                    out = out.index_add(0, rows, expert(x[rows]))
+            return out
+        # log Σ exp over the kept experts (AutoGluon's combine); unkept experts contribute -inf
+        outputs = torch.full((len(self.experts),) + tuple(x.shape), float("-inf"), dtype=x.dtype, device=x.device)
         for e, expert in enumerate(self.experts):
             rows = (gates[:, e] > 0).nonzero(as_tuple=True)[0]
             if rows.numel():
-                y = expert(x[rows]) * gates[rows, e].to(x.dtype)[:, None, None, None]
-                out = out.index_add(0, rows, y)
-        return out
+                outputs = outputs.index_put((torch.full_like(rows, e), rows), expert(x[rows]))
+        return outputs.logsumexp(dim=0)
 
 
 class ConvLoraQkv(nn.Module):
@@ -134,16 +149,25 @@ class ConvLoraQkv(nn.Module):
         self.moe = ConvMoE(config.rank, config.num_experts, config.top_k, config.noisy_gating, config.aux_loss_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SAM's attention calls qkv on (B, H, W, C) tokens: the grid is right there
+        # SAM's attention calls qkv on (B, H, W, C) tokens: the grid is right there; TinyViT's on
+        # (B, N, C) square windows, laid out as AutoGluon does for 3D input (H = W = sqrt(N))
         d = self.lora_A(x)
-        grid = d.permute(0, 3, 1, 2)
-        d = d + self.moe(grid).permute(0, 2, 3, 1)
+        grid_tokens = d if d.dim() == 4 else d.view(d.shape[0], *_square(d.shape[1]), d.shape[2])
+        grid = grid_tokens.permute(0, 3, 1, 2)
+        d = d + self.moe(grid).permute(0, 2, 3, 1).reshape(d.shape)
         return self.base(x) + self.lora_B(d) * self.scale
 
 
+def _square(tokens: int) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"conv_lora lays qkv's tokens on a square grid; {tokens} tokens are not a square")
+    return side, side
+
+
 def inject(sam: nn.Module, config: ConvLoraConfig) -> None:
-    for block in sam.image_encoder.blocks:
-        block.attn.qkv = ConvLoraQkv(block.attn.qkv, config)
+    for adaptable in adaptable_blocks(sam.image_encoder):
+        adaptable.attention.qkv = ConvLoraQkv(adaptable.attention.qkv, config)
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:

@@ -1,23 +1,30 @@
 """LoRA on the q and v slices of every block's fused qkv projection (Hu et al., ICLR 2022).
 
-Standard init (A Kaiming-uniform, B zero) so the adapted model equals SAM at step 0; the
-authors' code uses Xavier-normal for B. With ``cobot`` set, each bottleneck is a COBOT site
-(LoRA+COBOT, 24 sites on ViT-B) and the branch still folds into one dense ΔW.
+Each target slice t of qkv(x) gets ``scale * B_t(site_t(A_t x))`` (SAM-COBOT's ``_LoRA_qkv``,
+medical/train.py 371-379; with ``cobot`` set, ``_LoRA_qkv_relation_add``: every bottleneck is a
+COBOT site, 24 on ViT-B, and the branch still folds into one dense ΔW).
+
+Init: the authors' by default, A and B both Xavier-normal (train.py 179-190, applied at 478-481 and 533-536),
+so the adapted model does NOT equal SAM at step 0. ``init="zero_b"`` is Hu et al.'s (A
+Kaiming-uniform, B = 0): the model starts equal to its base, which merging, zero-shot and
+frozen-equality checks rely on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .blocks import adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
 
 _SLICES = ("q", "k", "v")
+INITS = ("xavier_normal", "zero_b")
 
 
 @dataclasses.dataclass
@@ -27,9 +34,12 @@ class LoraConfig(PeftConfig):
     targets: tuple[str, ...] = ("q", "v")
     dropout: float = 0.0
     cobot: dict[str, Any] | None = None  # COBOT options; None = plain LoRA
+    init: Literal["xavier_normal", "zero_b"] = "xavier_normal"  # authors' | starts equal to the base
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        if self.init not in INITS:
+            raise ValueError(f"lora init must be one of {INITS}, got {self.init!r}")
         if self.rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
         bad = [t for t in self.targets if t not in _SLICES] or ([] if self.targets else ["(none)"])
@@ -52,33 +62,48 @@ class LoraQkv(nn.Module):
         targets: tuple[str, ...],
         dropout: float = 0.0,
         sites: dict[str, CobotSite] | None = None,
+        init: str = "xavier_normal",
+        columns: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """``columns[t]``: the qkv output indices of target t (:meth:`AdaptableBlock.qkv_columns`);
+        by default segment-anything's [q | k | v] thirds."""
         super().__init__()
         self.base = base
-        self.dim = base.out_features // 3
         self.scale = scale
         self.targets = tuple(targets)
+        third = base.out_features // 3
+        for t in self.targets:  # not saved: the layout is the encoder's, rebuilt with it
+            cols = columns[t] if columns else torch.arange(_SLICES.index(t) * third, (_SLICES.index(t) + 1) * third)
+            self.register_buffer(f"columns_{t}", cols, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ModuleDict({t: nn.Linear(base.in_features, rank, bias=False) for t in self.targets})
-        self.lora_B = nn.ModuleDict({t: nn.Linear(rank, self.dim, bias=False) for t in self.targets})
+        self.lora_B = nn.ModuleDict(
+            {t: nn.Linear(rank, len(self.columns(t)), bias=False) for t in self.targets}
+        )
         for t in self.targets:
-            nn.init.kaiming_uniform_(self.lora_A[t].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[t].weight)
+            if init == "xavier_normal":
+                nn.init.xavier_normal_(self.lora_A[t].weight)
+                nn.init.xavier_normal_(self.lora_B[t].weight)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[t].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[t].weight)
         self.sites = sites or {}
         self.merged = False
+
+    def columns(self, target: str) -> torch.Tensor:
+        return getattr(self, f"columns_{target}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.merged:
             return out
-        parts = list(out.split(self.dim, dim=-1))
         x = self.dropout(x)
         for t in self.targets:
             d = self.lora_A[t](x)
             if t in self.sites:
                 d = self.sites[t](d)
-            parts[_SLICES.index(t)] = parts[_SLICES.index(t)] + self.lora_B[t](d) * self.scale
-        return torch.cat(parts, dim=-1)
+            out = out.index_add(out.dim() - 1, self.columns(t), self.lora_B[t](d) * self.scale)
+        return out
 
     def delta_weight(self, target: str) -> torch.Tensor:
         """ΔW (dim x in) of one slice: scale * B T^T A, T the COBOT site matrix (identity without COBOT)."""
@@ -100,25 +125,28 @@ class LoraQkv(nn.Module):
             self.merged = False
 
     def _apply_delta(self, sign: int) -> None:
+        weight = self.base.weight
         for t in self.targets:
-            i = _SLICES.index(t)
-            rows = self.base.weight[i * self.dim : (i + 1) * self.dim]
-            rows += sign * self.delta_weight(t).to(rows.dtype)
+            weight.index_add_(0, self.columns(t), sign * self.delta_weight(t).to(weight.dtype))
 
 
 def inject(sam: nn.Module, config: LoraConfig) -> None:
     encoder = sam.image_encoder
+    blocks = adaptable_blocks(encoder)
     sites: list[CobotSite] = []
-    if config.cobot is not None:
-        sites = attach_orchestrator(encoder, config.cobot, config.rank, len(encoder.blocks) * len(config.targets))
+    if config.cobot is not None:  # one site per (block, target), q then v of each block, blocks in order
+        sites = attach_orchestrator(encoder, config.cobot, config.rank, len(blocks) * len(config.targets))
     site_iter = iter(sites)
-    for block in encoder.blocks:
+    for adaptable in blocks:
         block_sites = {t: next(site_iter) for t in config.targets} if sites else None
-        block.attn.qkv = LoraQkv(
-            block.attn.qkv,
+        attn = adaptable.attention
+        attn.qkv = LoraQkv(
+            attn.qkv,
             rank=config.rank,
             scale=config.alpha / config.rank,
             targets=config.targets,
             dropout=config.dropout,
             sites=block_sites,
+            init=config.init,
+            columns={t: adaptable.qkv_columns(t) for t in config.targets},
         )

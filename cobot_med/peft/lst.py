@@ -49,6 +49,7 @@ from segment_anything.modeling.image_encoder import Block
 from torch import nn
 
 from ..sam.attention import SdpaAttention, set_attention
+from .blocks import require_vit
 from .config import PeftConfig
 
 
@@ -139,6 +140,9 @@ class LadderSideNetwork(nn.Module):
 
 
 def inject(sam: nn.Module, config: LstConfig) -> None:
+    require_vit(sam.image_encoder, "lst", (
+        "the ladder side network reads every block's output at one width and resolution; TinyViT's stages change both"
+    ))
     encoder = sam.image_encoder
     encoder.lst = LadderSideNetwork(encoder, config)
     encoder.lst.attach(encoder)

@@ -41,6 +41,7 @@ import math
 import torch
 from torch import nn
 
+from .blocks import require_vit
 from .config import PeftConfig
 
 
@@ -149,6 +150,9 @@ class _BlockPrompt:
 
 
 def inject(sam: nn.Module, config: SamAdapterConfig) -> None:
+    require_vit(sam.image_encoder, "sam_adapter", (
+        "SAM-Adapter feeds patch-embedding and high-frequency features of one width into every block of a single-resolution ViT; TinyViT's stages change width (128, 160, 320) and resolution"
+    ))
     encoder = sam.image_encoder
     encoder.sam_adapter = SamAdapterPrompts(encoder, config)
     encoder.sam_adapter.attach(encoder)

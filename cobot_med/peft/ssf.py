@@ -28,6 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .blocks import require_vit
 from .config import PeftConfig
 
 _BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.lin1", "mlp.lin2")
@@ -80,6 +81,9 @@ def _channels(module: nn.Module) -> int:
 
 
 def inject(sam: nn.Module, config: SsfConfig) -> None:
+    require_vit(sam.image_encoder, "ssf", (
+        "SSF's sites are a plain ViT's operations (patch embedding, norm1, qkv, proj, norm2, the two MLP Linears, the neck); TinyViT adds BatchNorm convolutions (stage 1, every block's local_conv, patch merging) that SSF's definition does not place, so it is not implemented there"
+    ))
     encoder = sam.image_encoder
     sites: list[tuple[nn.Module, int, int]] = []  # (module, channels, channel dim of its output)
     if config.patch_embed:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 
+from .blocks import require_vit
 from .config import PeftConfig
 
 
@@ -116,6 +117,9 @@ class PromptedAttention(nn.Module):
 
 
 def inject(sam: nn.Module, config: VptConfig) -> None:
+    require_vit(sam.image_encoder, "vpt", (
+        "prompt tokens have no place in TinyViT's attention: its bias table is indexed by the fixed window's token offsets and every block reshapes its tokens to the H x W grid for local_conv"
+    ))
     encoder = sam.image_encoder
     kh, kw = encoder.patch_embed.proj.kernel_size
     for block in encoder.blocks:
