@@ -7,6 +7,11 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 
+def loss_value(loss) -> float:
+    """A logged loss as a number: MONAI's trainer keeps the tensor that was back-propagated (detached here)."""
+    return float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+
+
 class EpochLoss:
     """Averages the iteration losses of an epoch and draws the loss curve as a PNG.
 
@@ -30,7 +35,7 @@ class EpochLoss:
     def _accumulate(self, engine: Engine) -> None:
         output = engine.state.output
         if isinstance(output, dict) and self.loss_key in output:
-            self._sum += float(output[self.loss_key])
+            self._sum += loss_value(output[self.loss_key])
             self._count += 1
 
     def _complete(self, engine: Engine) -> None:

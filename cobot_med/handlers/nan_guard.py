@@ -7,6 +7,7 @@ import math
 from ignite.engine import Engine, Events
 
 from ..errors import CobotMedError
+from .epoch_loss import loss_value
 
 
 class NonFiniteLossError(CobotMedError, RuntimeError):
@@ -32,7 +33,7 @@ class StopOnNanLoss:
         loss = output.get(self.loss_key) if isinstance(output, dict) else None
         if loss is None:
             return
-        value = float(loss)
+        value = loss_value(loss)
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"training loss became {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from ignite.contrib.handlers import ProgressBar as _IgniteProgressBar
 from ignite.engine import Engine
 
+from .epoch_loss import loss_value
+
 
 class ProgressBar:
     """MONAI engines call ``handler.attach(engine)``; ignite's bar takes its options in ``attach``."""
@@ -13,5 +15,5 @@ class ProgressBar:
         self.show_loss, self.bar = show_loss, _IgniteProgressBar(persist=persist, desc=desc)
 
     def attach(self, engine: Engine) -> None:
-        transform = (lambda out: {"loss": float(out["loss"])}) if self.show_loss else None
+        transform = (lambda out: {"loss": loss_value(out["loss"])}) if self.show_loss else None
         self.bar.attach(engine, output_transform=transform)
