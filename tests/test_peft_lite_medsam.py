@@ -130,3 +130,16 @@ def test_merge_equals_unmerged_on_lite_medsam(method):
 def test_methods_that_do_not_apply_say_why(method):
     with pytest.raises(SettingsError, match=f"peft '{method}' does not apply to the TinyViT"):
         lite(method)
+
+
+def test_training_leaves_the_frozen_batch_norms_of_tinyvit_alone():
+    """A training step with an adapter must not move the frozen encoder's running statistics."""
+    model = build_model(ModelSpec(arch="lite_medsam", peft="lora+cobot")).train()
+    norms = [m for m in model.sam.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)
+    before = [m.running_mean.clone() for m in norms]
+    images, boxes = torch.rand(2, 3, 256, 256), torch.tensor([[[40.0, 40.0, 160.0, 150.0]]] * 2)
+    model(images, boxes).mean().backward()
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    full = build_model(ModelSpec(arch="lite_medsam", peft="full")).train()  # trainable norms do train
+    assert all(m.training for m in full.sam.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -39,6 +39,18 @@ class PromptableSam(nn.Module):
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
+    def train(self, mode: bool = True) -> "PromptableSam":
+        """As ``nn.Module.train``, but batch norms whose weights are frozen stay in eval mode: a frozen
+        encoder with batch norms (LiteMedSAM's TinyViT) would otherwise drift its running statistics
+        towards the fine-tuning batches, changing the "frozen" base under the adapter."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
+                        module.weight is not None and module.weight.requires_grad):
+                    module.eval()
+        return self
+
     @property
     def recipe(self) -> InputRecipe:
         """The base model's input recipe in force (the spec's; SAM's when built without a spec)."""
