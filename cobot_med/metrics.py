@@ -119,10 +119,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarise(cases: Mapping[str, Mapping[str, dict]], organs: Sequence[str]) -> dict[str, dict]:
-    """Means per organ and over all counted (case, organ) pairs, with the counts behind them."""
+    """Means per organ and over all counted (case, organ) pairs, with the counts behind them; summed in case
+    order, so the same scores give the same bits whichever process or run produced them."""
     groups: dict[str, list[dict]] = {organ: [] for organ in organs}
-    for scores in cases.values():
-        for organ, row in scores.items():
+    for case in sorted(cases):
+        for organ, row in cases[case].items():
             if organ in groups and row.get("counted", True):
                 groups[organ].append(row)
     groups["all"] = [row for organ in organs for row in groups[organ]]
