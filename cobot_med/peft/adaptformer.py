@@ -85,6 +85,7 @@ class AdaptFormerMlp(AdapterLayer):
     the block's ``norm2``, which a :class:`ResidualStreamTap` put in place of ``norm2`` hands over
     before the MLP runs.
     """
+    base_key = "mlp"  # the key its base always had
 
     def __init__(self, mlp: nn.Module, branch: AdaptFormerBranch, normalise_with_mlp_norm: bool = False) -> None:
         super().__init__(mlp)

@@ -140,6 +140,7 @@ class ConvLoraQkv(AdapterLayer):
     """A fused qkv Linear (``base_layer``) plus B(xA + MoE(xA)) on all of q, k and v.
 
     Not mergeable: the MoE's GELU and resizing do not fold into a dense weight."""
+    base_key = "base"  # the key its base always had
 
     def __init__(self, base: nn.Linear, config: ConvLoraConfig) -> None:
         super().__init__(base)

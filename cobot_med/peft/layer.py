@@ -25,6 +25,13 @@ Parameters a method shares across layers, or that its checkpoint keys place outs
 read, e.g. VPT's ``norm1``) through :func:`share`, which does not register it a second time; a
 deep copy of the model still maps the reference to its own copy.
 
+State-dict keys do not show the layer: the base's entries keep the names they had before
+injection (``blocks.0.norm1.weight`` under SSF's layer, not ``blocks.0.norm1.base_layer.weight``),
+or, for the layers that always held their base under a name of their own, that name
+(``base_key``: LoRA's and Conv-LoRA's ``qkv.base.weight``, AdaptFormer's ``mlp.mlp.lin1.weight``).
+So base checkpoints, adapters and full-weight adapters saved before this module existed load
+as they are. Parameter *names* (``named_parameters``) do show ``base_layer``.
+
 Attribute reads a layer does not answer go to its base (``attn.qkv.in_features``,
 ``block.window_size``), so code that inspects the base model keeps working after injection.
 """
@@ -41,12 +48,15 @@ class AdapterLayer(nn.Module):
 
     mergeable: bool = False
     token_wise: bool = False
+    base_key: str = ""  # the base's entries in the state dict: its own keys ("") or under this name
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.disabled = False
         self.merged = False
+        self.register_state_dict_post_hook(_base_keys_on_save)
+        self.register_load_state_dict_pre_hook(_base_keys_on_load)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled or self.merged:  # merged: the base's weights hold the branch already
@@ -77,6 +87,34 @@ class AdapterLayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(super().__getattr__("base_layer"), name)
+
+
+def _outer_prefix(layer: AdapterLayer, prefix: str) -> str:
+    return prefix + (layer.base_key + "." if layer.base_key else "")
+
+
+def _base_keys_on_save(layer: AdapterLayer, state_dict: dict, prefix: str, _metadata: Any) -> None:
+    """``prefix.base_layer.X`` -> ``prefix.[base_key.]X``, in place and in order (the layer's entries are last)."""
+    inner, outer = prefix + "base_layer.", _outer_prefix(layer, prefix)
+    keys = list(state_dict)
+    first = next((i for i, k in enumerate(keys) if k.startswith(prefix)), len(keys))
+    tail = [(k, state_dict.pop(k)) for k in keys[first:]]
+    for key, value in tail:
+        new = outer + key[len(inner):] if key.startswith(inner) else key
+        if new in state_dict:
+            raise RuntimeError(f"{type(layer).__name__} at {prefix!r}: the base's key {new!r} is also the layer's")
+        state_dict[new] = value
+
+
+def _base_keys_on_load(layer: AdapterLayer, state_dict: dict, prefix: str, *_args: Any) -> None:
+    """The reverse of :func:`_base_keys_on_save`: the base's entries go back under ``base_layer``."""
+    outer = _outer_prefix(layer, prefix)
+    own = set(layer._parameters) | set(layer._buffers) | (set(layer._modules) - {"base_layer"})
+    for key in [k for k in state_dict if k.startswith(outer)]:
+        head = key[len(outer):].split(".", 1)[0]
+        if head == "base_layer" or (not layer.base_key and head in own):
+            continue
+        state_dict[prefix + "base_layer." + key[len(outer):]] = state_dict.pop(key)
 
 
 class AdapterModule:

@@ -57,6 +57,7 @@ class LoraQkv(AdapterLayer):
 
     mergeable = True
     token_wise = True
+    base_key = "base"  # the key its base always had
 
     def __init__(
         self,
