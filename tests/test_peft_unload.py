@@ -176,23 +176,30 @@ def test_swap_the_adapter_of_one_method(tmp_path):
         assert torch.equal(forward(model), expected)
 
 
-@pytest.mark.parametrize("method", ["lora", "adaptformer"])
-def test_unload_and_disable_on_lite_medsam(method):
-    def lite(peft):
-        torch.manual_seed(0)
-        return build_model(ModelSpec(arch="lite_medsam", peft=peft))
+def lite(peft):
+    torch.manual_seed(0)
+    return build_model(ModelSpec(arch="lite_medsam", peft=peft)).eval()
 
+
+@pytest.fixture(scope="module")
+def lite_base():
+    """LiteMedSAM's state dict and its logits for one slice and box (a forward takes seconds on CPU)."""
     g = torch.Generator().manual_seed(0)
-    images, boxes = torch.rand(1, 3, 256, 256, generator=g) * 255, torch.tensor([[[60.0, 70, 180, 200]]])
-    base = lite("frozen").eval()
-    model = lite(method).eval()
+    inputs = torch.rand(1, 3, 256, 256, generator=g) * 255, torch.tensor([[[60.0, 70, 180, 200]]])
+    base = lite("frozen")
+    with torch.no_grad():
+        return inputs, base.sam.state_dict(), base(*inputs)
+
+
+@pytest.mark.parametrize("method", ["lora", "adaptformer"])
+def test_unload_and_disable_on_lite_medsam(method, lite_base):
+    inputs, reference_state, reference = lite_base
+    model = lite(method)
     perturb_added(model)
     with torch.no_grad():
-        reference, adapted = base(images, boxes), model(images, boxes)
-        assert not torch.allclose(adapted, reference, atol=1e-4)
+        assert not torch.allclose(model(*inputs), reference, atol=1e-4)
         with disable_adapters(model):
-            assert torch.equal(model(images, boxes), reference)
-        assert torch.equal(model(images, boxes), adapted)
+            assert torch.equal(model(*inputs), reference)
         unload(model.sam)
-        assert torch.equal(model(images, boxes), reference)
-    assert_same_state(model.sam.state_dict(), base.sam.state_dict())
+        assert torch.equal(model(*inputs), reference)
+    assert_same_state(model.sam.state_dict(), reference_state)
