@@ -230,11 +230,11 @@ def test_bitfit_norm_bias_switch():
 def test_ssf_sits_after_every_operation():
     model = tiny("ssf")
     encoder = model.sam.image_encoder
-    hooked = {n.removesuffix(".ssf") for n, m in encoder.named_modules() if n.endswith(".ssf")}
+    wrapped = {n.removesuffix(".ssf") for n, m in encoder.named_modules() if n.endswith(".ssf")}
     per_block = {"norm1", "attn.qkv", "attn.proj", "norm2", "mlp.lin1", "mlp.lin2"}
     expected = {"patch_embed"} | {f"neck.{i}" for i in range(4)}
     expected |= {f"blocks.{b}.{op}" for b in range(len(encoder.blocks)) for op in per_block}
-    assert hooked == expected
+    assert wrapped == expected
     no_neck = {n for n, _ in tiny("ssf", neck=False).sam.image_encoder.named_modules() if n.endswith(".ssf")}
     assert not any(n.startswith("neck.") for n in no_neck) and len(no_neck) == len(expected) - 4
 
@@ -298,13 +298,13 @@ def test_high_pass_is_the_authors_centred_mask():
 def test_sam_adapter_adds_a_prompt_to_every_block_input():
     model = tiny("sam_adapter").eval()
     encoder = model.sam.image_encoder
-    seen = []  # pre-hooks run in registration order: these see the input after SAM-Adapter's prompt
-    handles = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())) for b in encoder.blocks]
+    seen = []  # pre-hooks on the base blocks (inside SAM-Adapter's layers): the input after the prompt
+    handles = [b.base_layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())) for b in encoder.blocks]
     images, _, _ = toy_batch()
     x = (images - model.sam.pixel_mean) / model.sam.pixel_std
     with torch.no_grad():
         encoder(x)
-        patches = encoder.patch_embed.proj(x).permute(0, 2, 3, 1)  # the conv alone: no hook
+        patches = encoder.patch_embed.proj(x).permute(0, 2, 3, 1)  # the conv alone (the base's, read through the layer)
         features = encoder.sam_adapter.features(x, patches)
         expected = patches + encoder.pos_embed + encoder.sam_adapter.prompt(0, features)
     for h in handles:

@@ -111,7 +111,7 @@ def ref_cobot_site(d, orchestrator, site):
 def ref_lora_qkv(x, layer, orchestrator=None, block=0):
     """SAM-COBOT's ``_LoRA_qkv`` / ``_LoRA_qkv_relation_add``: q (first third) and v (last third)
     get B(site(A x)); block b's q uses site 2b, its v site 2b + 1."""
-    base = layer.base
+    base = layer.base_layer
     qkv = x @ base.weight.t() + base.bias
     dim = base.in_features
     parts = {}
@@ -170,7 +170,7 @@ def ref_conv_lora(x, layer, noise=None):
         outs = [ref_expert(grid[n : n + 1], moe.experts[e].conv, e + 1) for e in top_index[n, :k].tolist()]
         mixed.append(torch.logsumexp(torch.stack(outs), dim=0))
     bottleneck = grid + torch.cat(mixed)
-    out = x @ layer.base.weight.t() + layer.base.bias
+    out = x @ layer.base_layer.weight.t() + layer.base_layer.bias
     out = out + bottleneck.permute(0, 2, 3, 1) @ layer.lora_B.weight.t() * layer.scale
     if noise is not None and k < logits.shape[1]:
         normal = torch.distributions.Normal(0.0, 1.0)
@@ -348,7 +348,7 @@ def test_lora_zero_b_option_starts_equal_to_the_base():
     assert not layer.lora_B["q"].weight.any() and layer.lora_A["q"].weight.any()
     x = torch.randn(1, 4, 4, 64)
     with torch.no_grad():
-        assert torch.equal(layer(x), layer.base(x))
+        assert torch.equal(layer(x), layer.base_layer(x))
 
 
 def test_adaptformer_init_is_the_authors():

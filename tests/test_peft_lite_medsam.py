@@ -72,7 +72,7 @@ def test_lora_lands_on_tiny_vits_q_and_v_heads():
     x = torch.randn(2, 196, 160)
     with torch.no_grad():
         out = layer(x).view(2, 196, 5, -1).split([32, 32, 32], dim=3)  # as TinyViT's Attention does
-        base = layer.base(x).view(2, 196, 5, -1).split([32, 32, 32], dim=3)
+        base = layer.base_layer(x).view(2, 196, 5, -1).split([32, 32, 32], dim=3)
         for part, target in ((0, "q"), (2, "v")):
             delta = layer.lora_B[target](layer.lora_A[target](x)).view(2, 196, 5, 32)
             torch.testing.assert_close(out[part], base[part] + delta, rtol=1e-5, atol=1e-5)
@@ -103,9 +103,9 @@ def test_adaptformer_reads_tiny_vits_normalised_mlp_input():
             for p in block.mlp.adaptformer.parameters():
                 p.normal_()
             x = torch.randn(1, 10, 128) * 3 + 1
-            outputs[reads] = block.mlp.eval()(x) - block.mlp.mlp(x)
+            outputs[reads] = block.mlp.eval()(x) - block.mlp.base_layer(x)
             branch = block.mlp.adaptformer
-            source = block.mlp.mlp.norm(x) if reads == "mlp_input" else x
+            source = block.mlp.base_layer.norm(x) if reads == "mlp_input" else x
             torch.testing.assert_close(outputs[reads], branch(source))
     assert not torch.allclose(outputs["mlp_input"], outputs["residual_stream"], atol=1e-3)
 

@@ -1,5 +1,5 @@
 """The PEFT library: one module per method, one contract (:mod:`.tuner`) to inject, count,
-group, save, load and merge them."""
+group, save, load, merge, disable and unload them."""
 
 from .cobot import CobotConfig
 from .tuner import (
@@ -8,9 +8,11 @@ from .tuner import (
     apply_peft,
     auxiliary_loss,
     count_parameters,
+    disable_adapters,
     get_method,
     merge_adapters,
     parameter_groups,
+    unload,
     unmerge_adapters,
 )
 
@@ -21,8 +23,10 @@ __all__ = [
     "apply_peft",
     "auxiliary_loss",
     "count_parameters",
+    "disable_adapters",
     "get_method",
     "merge_adapters",
     "parameter_groups",
+    "unload",
     "unmerge_adapters",
 ]

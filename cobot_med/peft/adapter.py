@@ -18,8 +18,9 @@ Choices the paper leaves open or that differ for SAM, written down:
 - Houlsby et al. also train the layer norms; SAM is pre-norm (its LayerNorms sit before the
   sub-layers, not after the adapter), so they stay frozen here.
 
-segment-anything's ``Block.forward`` is left as it is: forward hooks on ``block.attn`` and
-``block.mlp`` add the adapter's output (bound methods, so deep copies hook their own).
+segment-anything's ``Block.forward`` is left as it is: ``block.attn`` and ``block.mlp`` are
+replaced by :class:`SequentialAdapter` layers that call them and add the adapter's output. The
+two adapters stay registered as ``blocks.i.adapter.attn`` / ``.mlp`` (the checkpoint keys).
 ViT-B, image encoder trainable: 24 x (768·8 + 8 + 8·768 + 768) = 24 x 13,064 = **313,536**.
 """
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from .blocks import adaptable_blocks
 from .config import PeftConfig
+from .layer import AdapterLayer, AdapterModule, share
 
 
 @dataclasses.dataclass
@@ -59,18 +61,28 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x))) * self.scale
 
-    def attach(self, module: nn.Module) -> None:
-        self._handle = module.register_forward_hook(self._after)
 
-    def _after(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self(output)
+class BlockAdapters(AdapterModule, nn.ModuleDict):
+    """A block's two adapters, ``attn`` and ``mlp``, registered as ``block.adapter``."""
+
+
+class SequentialAdapter(AdapterLayer):
+    """A block's attention or MLP (``base_layer``) followed by its adapter: ``h + adapter(h)``."""
+
+    def __init__(self, base: nn.Module, adapter: BottleneckAdapter) -> None:
+        super().__init__(base)
+        share(self, "adapter", adapter)  # registered at block.adapter[site]
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_layer(x)
+        return h + self.adapter(h)
 
 
 def inject(sam: nn.Module, config: AdapterConfig) -> None:
     for adaptable in adaptable_blocks(sam.image_encoder):
         block, dim = adaptable.block, adaptable.width
-        block.adapter = nn.ModuleDict(
+        block.adapter = BlockAdapters(
             {site: BottleneckAdapter(dim, config.bottleneck, config.scale) for site in ("attn", "mlp")}
         )
-        block.adapter["attn"].attach(block.attn)
-        block.adapter["mlp"].attach(block.mlp)
+        block.attn = SequentialAdapter(block.attn, block.adapter["attn"])
+        block.mlp = SequentialAdapter(block.mlp, block.adapter["mlp"])

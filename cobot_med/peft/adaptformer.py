@@ -8,7 +8,8 @@ output is added to the MLP's. Where it reads from, ``branch_input``:
   566 and 592, the ``Adapter`` forward at 239-259), so the branch reads what the block hands its MLP,
   ``norm2(h)``.
 - ``"residual_stream"`` (the AdaptFormer paper's own code): the branch reads the residual stream
-  h before ``norm2``; a forward pre-hook on ``norm2`` hands h to the replaced ``mlp``.
+  h before ``norm2``; in SAM ``norm2`` is replaced too, by a layer that hands h to the replaced
+  ``mlp`` (TinyViT's MLP holds its own norm, so its input is h already).
 
 Init as the authors' (train.py 307-311): down Kaiming-uniform(a=√5) with zero bias, up weight
 and bias zero, so the model equals SAM at step 0. With ``cobot`` set, each block's bottleneck is
@@ -27,6 +28,7 @@ from torch import nn
 from .blocks import adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
+from .layer import AdapterLayer, share
 
 BRANCH_INPUTS = ("mlp_input", "residual_stream")
 
@@ -74,38 +76,44 @@ class AdaptFormerBranch(nn.Module):
         return self.up(self.dropout(torch.relu(d))) * self.scale
 
 
-class AdaptFormerMlp(nn.Module):
-    """A block's MLP with the branch beside it: ``mlp(x) + branch(source)``.
+class AdaptFormerMlp(AdapterLayer):
+    """A block's MLP (``base_layer``) with the branch beside it: ``mlp(x) + branch(source)``.
 
     ``source`` is the MLP's normalised input: x itself in SAM (the block applied ``norm2``),
     ``mlp.norm(x)`` in TinyViT (``normalise_with_mlp_norm``, its Mlp starts with a LayerNorm).
     For ``residual_stream`` it is the un-normalised h: in TinyViT x itself, in SAM the input of
-    the block's ``norm2``, which :meth:`read_residual_stream_of` hooks in before the MLP runs.
+    the block's ``norm2``, which a :class:`ResidualStreamTap` put in place of ``norm2`` hands over
+    before the MLP runs.
     """
+    base_key = "mlp"  # the key its base always had
 
     def __init__(self, mlp: nn.Module, branch: AdaptFormerBranch, normalise_with_mlp_norm: bool = False) -> None:
-        super().__init__()
-        self.mlp = mlp
+        super().__init__(mlp)
         self.adaptformer = branch
         self.normalise_with_mlp_norm = normalise_with_mlp_norm
         self.reads_residual_stream = False
         self._residual: torch.Tensor | None = None
 
-    def read_residual_stream_of(self, norm: nn.Module) -> None:
-        self.reads_residual_stream = True
-        self._hook = norm.register_forward_pre_hook(self._keep_residual)
-
-    # a bound method (not a closure), so a deep copy of the model hooks its own MLP
-    def _keep_residual(self, _module: nn.Module, args: tuple) -> None:
-        self._residual = args[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        source = self.mlp.norm(x) if self.normalise_with_mlp_norm else x
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.base_layer.norm(x) if self.normalise_with_mlp_norm else x
         if self.reads_residual_stream:
             source, self._residual = self._residual, None
             if source is None:
                 raise RuntimeError("AdaptFormer reads the residual stream: the block's norm2 did not run before its mlp")
-        return self.mlp(x) + self.adaptformer(source)
+        return self.base_layer(x) + self.adaptformer(source)
+
+
+class ResidualStreamTap(AdapterLayer):
+    """A block's ``norm2`` (``base_layer``) that hands its input h to the block's :class:`AdaptFormerMlp`."""
+
+    def __init__(self, norm: nn.Module, mlp: AdaptFormerMlp) -> None:
+        super().__init__(norm)
+        share(self, "reader", mlp)
+        mlp.reads_residual_stream = True
+
+    def adapted_forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.reader._residual = h
+        return self.base_layer(h)
 
 
 def inject(sam: nn.Module, config: AdaptFormerConfig) -> None:
@@ -120,4 +128,4 @@ def inject(sam: nn.Module, config: AdaptFormerConfig) -> None:
         branch = AdaptFormerBranch(adaptable.width, config.bottleneck, config.dropout, config.scale, site)
         block.mlp = AdaptFormerMlp(block.mlp, branch, normalise_with_mlp_norm=adaptable.mlp_norm_inside and not residual)
         if residual and not adaptable.mlp_norm_inside:
-            block.mlp.read_residual_stream_of(block.norm2)
+            block.norm2 = ResidualStreamTap(block.norm2, block.mlp)

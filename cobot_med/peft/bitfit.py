@@ -1,6 +1,8 @@
 """BitFit: only the bias terms of the image encoder train (Ben Zaken et al., ACL 2022).
 
-Nothing is added: every ``bias`` of the image encoder is unfrozen. In segment-anything's
+Nothing is added: every ``bias`` of the image encoder is unfrozen (:func:`trainable` names them,
+the tuner sets ``requires_grad``). They are the base's own tensors, so there is nothing to
+unload or disable: a trained BitFit model is its base with other biases. In segment-anything's
 ViT those are the patch embedding's convolution, per block ``norm1``, ``attn.qkv``,
 ``attn.proj``, ``norm2``, ``mlp.lin1`` and ``mlp.lin2``, and the two ``LayerNorm2d`` of the
 neck (its convolutions have no bias). BitFit's paper trains the LayerNorm biases too
@@ -16,6 +18,7 @@ The model equals SAM at step 0 (nothing changes until the optimiser moves a bias
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 from torch import nn
 
@@ -38,11 +41,12 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORMS) or type(module).__name__ == "LayerNorm2d"
 
 
-def inject(sam: nn.Module, config: BitFitConfig) -> None:
+def trainable(sam: nn.Module, config: BitFitConfig) -> Iterator[nn.Parameter]:
+    """The encoder's biases (not the norms' with ``norm_bias=False``); the tuner unfreezes them."""
     for module in sam.image_encoder.modules():
         bias = getattr(module, "bias", None)
         if not isinstance(bias, nn.Parameter):
             continue
         if _is_norm(module) and not config.norm_bias:
             continue
-        bias.requires_grad_(True)
+        yield bias

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
+from .layer import AdapterModule
 
 RELATIONS = ("learnable", "identity", "fixed")
 HEADS = ("quaternion", "linear", "none")
@@ -104,8 +105,8 @@ class LinearHead(nn.Linear):
         return self.weight.t()
 
 
-class CobotOrchestrator(nn.Module):
-    """The shared coefficient set and relation matrix, plus every site's γ and head."""
+class CobotOrchestrator(AdapterModule, nn.Module):
+    """The shared coefficient set and relation matrix, plus every site's γ and head (``image_encoder.cobot``)."""
 
     def __init__(self, config: CobotConfig, width: int, num_sites: int) -> None:
         super().__init__()

@@ -32,6 +32,7 @@ from torch.distributions.normal import Normal
 
 from .blocks import adaptable_blocks
 from .config import PeftConfig
+from .layer import AdapterLayer
 
 
 @dataclasses.dataclass
@@ -135,12 +136,14 @@ class ConvMoE(nn.Module):
         return outputs.logsumexp(dim=0)
 
 
-class ConvLoraQkv(nn.Module):
-    """A fused qkv Linear plus B(xA + MoE(xA)) on all of q, k and v."""
+class ConvLoraQkv(AdapterLayer):
+    """A fused qkv Linear (``base_layer``) plus B(xA + MoE(xA)) on all of q, k and v.
+
+    Not mergeable: the MoE's GELU and resizing do not fold into a dense weight."""
+    base_key = "base"  # the key its base always had
 
     def __init__(self, base: nn.Linear, config: ConvLoraConfig) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.scale = config.alpha / config.rank
         self.lora_A = nn.Linear(base.in_features, config.rank, bias=False)
         self.lora_B = nn.Linear(config.rank, base.out_features, bias=False)
@@ -148,14 +151,14 @@ class ConvLoraQkv(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.moe = ConvMoE(config.rank, config.num_experts, config.top_k, config.noisy_gating, config.aux_loss_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         # SAM's attention calls qkv on (B, H, W, C) tokens: the grid is right there; TinyViT's on
         # (B, N, C) square windows, laid out as AutoGluon does for 3D input (H = W = sqrt(N))
         d = self.lora_A(x)
         grid_tokens = d if d.dim() == 4 else d.view(d.shape[0], *_square(d.shape[1]), d.shape[2])
         grid = grid_tokens.permute(0, 3, 1, 2)
         d = d + self.moe(grid).permute(0, 2, 3, 1).reshape(d.shape)
-        return self.base(x) + self.lora_B(d) * self.scale
+        return self.base_layer(x) + self.lora_B(d) * self.scale
 
 
 def _square(tokens: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 from torch import nn
 
@@ -14,5 +15,6 @@ class FullConfig(PeftConfig):
     pass
 
 
-def inject(sam: nn.Module, config: FullConfig) -> None:
-    sam.image_encoder.requires_grad_(True)
+def trainable(sam: nn.Module, config: FullConfig) -> Iterator[nn.Parameter]:
+    """Every parameter of the image encoder (the base's own: nothing to unload or disable)."""
+    return sam.image_encoder.parameters()

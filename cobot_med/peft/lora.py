@@ -22,6 +22,7 @@ from torch import nn
 from .blocks import adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
+from .layer import AdapterLayer
 
 _SLICES = ("q", "k", "v")
 INITS = ("xavier_normal", "zero_b")
@@ -51,8 +52,12 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"lora+cobot needs a rank divisible by 4 (quaternion head), got {self.rank}")
 
 
-class LoraQkv(nn.Module):
-    """A fused qkv Linear plus low-rank updates on some of its q/k/v output slices."""
+class LoraQkv(AdapterLayer):
+    """A fused qkv Linear (``base_layer``) plus low-rank updates on some of its q/k/v output slices."""
+
+    mergeable = True
+    token_wise = True
+    base_key = "base"  # the key its base always had
 
     def __init__(
         self,
@@ -67,8 +72,7 @@ class LoraQkv(nn.Module):
     ) -> None:
         """``columns[t]``: the qkv output indices of target t (:meth:`AdaptableBlock.qkv_columns`);
         by default segment-anything's [q | k | v] thirds."""
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.scale = scale
         self.targets = tuple(targets)
         third = base.out_features // 3
@@ -88,15 +92,12 @@ class LoraQkv(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A[t].weight, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B[t].weight)
         self.sites = sites or {}
-        self.merged = False
 
     def columns(self, target: str) -> torch.Tensor:
         return getattr(self, f"columns_{target}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged:
-            return out
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
         x = self.dropout(x)
         for t in self.targets:
             d = self.lora_A[t](x)
@@ -125,7 +126,7 @@ class LoraQkv(nn.Module):
             self.merged = False
 
     def _apply_delta(self, sign: int) -> None:
-        weight = self.base.weight
+        weight = self.base_layer.weight
         for t in self.targets:
             weight.index_add_(0, self.columns(t), sign * self.delta_weight(t).to(weight.dtype))
 
@@ -140,7 +141,7 @@ def inject(sam: nn.Module, config: LoraConfig) -> None:
     for adaptable in blocks:
         block_sites = {t: next(site_iter) for t in config.targets} if sites else None
         attn = adaptable.attention
-        attn.qkv = LoraQkv(
+        attn.qkv = LoraQkv(  # the block's fused qkv Linear, replaced by the layer that holds it
             attn.qkv,
             rank=config.rank,
             scale=config.alpha / config.rank,

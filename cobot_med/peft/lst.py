@@ -28,9 +28,10 @@ Choices LST leaves open for SAM, or where we differ, written down:
 - the side blocks compute attention the way the backbone's do (SDPA when the model was
   built with it, see :mod:`cobot_med.sam.attention`).
 
-The side network lives in ``image_encoder.lst``; hooks (bound methods) on the first block's
-input, every block's output and the neck's input run it, so ``ImageEncoderViT.forward`` is
-not copied.
+The side network lives in ``image_encoder.lst``; every block is replaced by a
+:class:`LadderRung` (block 0's starts the side stream from its input, each one feeds its
+output to the side network) and the neck by a :class:`LadderMerge` that adds the side output to
+its input, so ``ImageEncoderViT.forward`` is not copied.
 
 ViT-B (C = 768, d = 96, 12 heads of 8, window 14 / global 64): side block
 2·96 + (96·288 + 288) + (96·96 + 96) + 2·96 + (96·384 + 384) + (384·96 + 96) = 111,840 plus
@@ -51,6 +52,7 @@ from torch import nn
 from ..sam.attention import SdpaAttention, set_attention
 from .blocks import require_vit
 from .config import PeftConfig
+from .layer import AdapterLayer, AdapterModule, share
 
 
 @dataclasses.dataclass
@@ -65,7 +67,7 @@ class LstConfig(PeftConfig):
             raise ValueError(f"lst gate_temperature must be > 0, got {self.gate_temperature}")
 
 
-class LadderSideNetwork(nn.Module):
+class LadderSideNetwork(AdapterModule, nn.Module):
     """The side blocks, ladder downsamples, gates and the up-projection back to the backbone."""
 
     def __init__(self, encoder: nn.Module, config: LstConfig) -> None:
@@ -112,31 +114,53 @@ class LadderSideNetwork(nn.Module):
     def gate(self, index: int) -> torch.Tensor:
         return torch.sigmoid(self.gates[index] / self.temperature)
 
-    def attach(self, encoder: nn.Module) -> None:
-        self._handles = [encoder.blocks[0].register_forward_pre_hook(self._start)]
-        self._handles += [block.register_forward_hook(self._rung) for block in encoder.blocks]
-        self._handles.append(encoder.neck.register_forward_pre_hook(self._merge))
-
-    # bound methods (not closures), so deep copies of the model hook their own side network
-    def _start(self, _block: nn.Module, args: tuple) -> None:
-        self._side = self.downsamples[0](args[0])
+    def start(self, x: torch.Tensor) -> None:
+        """s_0 from the first block's input."""
+        self._side = self.downsamples[0](x)
         self._step = 0
 
-    def _rung(self, _block: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        if self._side is None:
+    def rung(self, index: int, output: torch.Tensor) -> None:
+        """s_i from block i's output and s_{i-1}."""
+        if self._side is None or self._step != index:
             raise RuntimeError("lst: a block ran outside the image encoder's forward")
-        i = self._step
-        mu = self.gate(i).to(output.dtype)
-        x = mu * self.downsamples[i + 1](output) + (1 - mu) * self._side.to(output.dtype)
-        self._side = self.blocks[i](x)
-        self._step = i + 1
+        mu = self.gate(index).to(output.dtype)
+        x = mu * self.downsamples[index + 1](output) + (1 - mu) * self._side.to(output.dtype)
+        self._side = self.blocks[index](x)
+        self._step = index + 1
 
-    def _merge(self, _neck: nn.Module, args: tuple) -> tuple:
+    def merge_into(self, x: torch.Tensor) -> torch.Tensor:
+        """The neck's input (B, C, H, W) plus up(LN(s_L)); lets go of the side stream."""
         side, self._side = self._side, None
         if side is None or self._step != len(self.blocks):
             raise RuntimeError("lst: the neck ran before the side network saw every block")
-        x = args[0]  # (B, C, H, W)
-        return (x + self.up(self.norm(side)).permute(0, 3, 1, 2).to(x.dtype), *args[1:])
+        return x + self.up(self.norm(side)).permute(0, 3, 1, 2).to(x.dtype)
+
+
+class LadderRung(AdapterLayer):
+    """Encoder block ``index`` (``base_layer``), its output fed to the side network (block 0 also its input)."""
+
+    def __init__(self, block: nn.Module, side: LadderSideNetwork, index: int) -> None:
+        super().__init__(block)
+        share(self, "side", side)
+        self.index = index
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index == 0:
+            self.side.start(x)
+        out = self.base_layer(x)
+        self.side.rung(self.index, out)
+        return out
+
+
+class LadderMerge(AdapterLayer):
+    """The encoder's neck (``base_layer``), reading the backbone's last features plus the side output."""
+
+    def __init__(self, neck: nn.Module, side: LadderSideNetwork) -> None:
+        super().__init__(neck)
+        share(self, "side", side)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(self.side.merge_into(x))
 
 
 def inject(sam: nn.Module, config: LstConfig) -> None:
@@ -144,5 +168,7 @@ def inject(sam: nn.Module, config: LstConfig) -> None:
         "the ladder side network reads every block's output at one width and resolution; TinyViT's stages change both"
     ))
     encoder = sam.image_encoder
-    encoder.lst = LadderSideNetwork(encoder, config)
-    encoder.lst.attach(encoder)
+    side = encoder.lst = LadderSideNetwork(encoder, config)
+    for index, block in enumerate(encoder.blocks):
+        encoder.blocks[index] = LadderRung(block, side, index)
+    encoder.neck = LadderMerge(encoder.neck, side)

@@ -23,10 +23,10 @@ up-projection gets a gradient on the first step). The FFT runs in float32 (as un
 must). The high-pass mask is defined on the unshifted spectrum (|k| < side/2 per axis, k the
 integer frequency), the same mask as the authors' centred square after ``fftshift``.
 
-segment-anything's modules are left as they are: a pre-hook on the image encoder keeps the
-normalised image, a hook on ``patch_embed`` computes F_hfc + F_pe, and a pre-hook on each
-block adds its p_i (bound methods, so deep copies hook their own module). The parameters
-live in ``image_encoder.sam_adapter``.
+segment-anything's modules are left as they are: ``patch_embed`` is replaced by a layer that
+computes F_hfc + F_pe from its input (the normalised image) and output, and each block by a
+layer that adds its p_i to the block's input. The parameters live in
+``image_encoder.sam_adapter``; the last block's layer lets go of the features.
 
 ViT-B (C = 768, c = 24, patch 16), image encoder trainable: handcrafted embedding
 3·24·16·16 + 24 = 18,456; embedding Linear 768·24 + 24 = 18,456; 12 lightweight MLPs
@@ -43,6 +43,7 @@ from torch import nn
 
 from .blocks import require_vit
 from .config import PeftConfig
+from .layer import AdapterLayer, AdapterModule, share
 
 
 @dataclasses.dataclass
@@ -71,8 +72,8 @@ def high_pass(images: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.fft.ifft2(spectrum).real.abs().to(images.dtype)
 
 
-class SamAdapterPrompts(nn.Module):
-    """The shared and per-block parts of SAM-Adapter, plus the hooks that feed and apply them."""
+class SamAdapterPrompts(AdapterModule, nn.Module):
+    """The shared and per-block parts of SAM-Adapter, registered as ``image_encoder.sam_adapter``."""
 
     def __init__(self, encoder: nn.Module, config: SamAdapterConfig) -> None:
         super().__init__()
@@ -89,7 +90,6 @@ class SamAdapterPrompts(nn.Module):
         )
         self.up = nn.Linear(hidden, dim)
         self._init_weights(zero_init=config.zero_init)
-        self._image: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
 
     def _init_weights(self, zero_init: bool) -> None:
@@ -111,42 +111,42 @@ class SamAdapterPrompts(nn.Module):
     def prompt(self, index: int, features: torch.Tensor) -> torch.Tensor:
         return self.up(self.lightweight[index](features))
 
-    def attach(self, encoder: nn.Module) -> None:
-        self._handles = [
-            encoder.register_forward_pre_hook(self._keep_image),
-            encoder.patch_embed.register_forward_hook(self._after_patch_embed),
-            encoder.register_forward_hook(self._release),
-        ]
-        for index, block in enumerate(encoder.blocks):
-            self._handles.append(block.register_forward_pre_hook(_BlockPrompt(self, index)))
-
-    # bound methods (not closures), so deep copies of the model hook their own module
-    def _keep_image(self, _module: nn.Module, args: tuple) -> None:
-        self._image = args[0]
-
-    def _after_patch_embed(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        if self._image is None:
-            raise RuntimeError("sam_adapter: the patch embedding ran outside the image encoder's forward")
-        self._features = self.features(self._image, output)
-
-    def _release(self, _module: nn.Module, _args: tuple, _output: torch.Tensor) -> None:
-        self._image = self._features = None
+    def keep_features(self, images: torch.Tensor, patches: torch.Tensor) -> None:
+        self._features = self.features(images, patches)
 
     def add_prompt(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._features is None:
+        """x + p_index; the last block's call lets go of the features."""
+        features = self._features
+        if features is None:
             raise RuntimeError("sam_adapter: a block ran outside the image encoder's forward")
-        return x + self.prompt(index, self._features).to(x.dtype)
+        if index == len(self.lightweight) - 1:
+            self._features = None
+        return x + self.prompt(index, features).to(x.dtype)
 
 
-class _BlockPrompt:
-    """Pre-hook of block ``index``: adds p_index to its input. A small object (not a closure)
-    holding the adapter module, so ``copy.deepcopy`` maps it to the copy's module."""
+class PatchFeatures(AdapterLayer):
+    """The encoder's ``patch_embed`` (``base_layer``); keeps F_hfc + F_pe of its input image for the blocks."""
 
-    def __init__(self, owner: SamAdapterPrompts, index: int) -> None:
-        self.owner, self.index = owner, index
+    def __init__(self, patch_embed: nn.Module, prompts: SamAdapterPrompts) -> None:
+        super().__init__(patch_embed)
+        share(self, "prompts", prompts)
 
-    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
-        return (self.owner.add_prompt(self.index, args[0]), *args[1:])
+    def adapted_forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.base_layer(images)
+        self.prompts.keep_features(images, patches)
+        return patches
+
+
+class PromptedBlock(AdapterLayer):
+    """Encoder block ``index`` (``base_layer``) with p_index added to its input."""
+
+    def __init__(self, block: nn.Module, prompts: SamAdapterPrompts, index: int) -> None:
+        super().__init__(block)
+        share(self, "prompts", prompts)
+        self.index = index
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(self.prompts.add_prompt(self.index, x))
 
 
 def inject(sam: nn.Module, config: SamAdapterConfig) -> None:
@@ -154,5 +154,7 @@ def inject(sam: nn.Module, config: SamAdapterConfig) -> None:
         "SAM-Adapter feeds patch-embedding and high-frequency features of one width into every block of a single-resolution ViT; TinyViT's stages change width (128, 160, 320) and resolution"
     ))
     encoder = sam.image_encoder
-    encoder.sam_adapter = SamAdapterPrompts(encoder, config)
-    encoder.sam_adapter.attach(encoder)
+    prompts = encoder.sam_adapter = SamAdapterPrompts(encoder, config)
+    encoder.patch_embed = PatchFeatures(encoder.patch_embed, prompts)
+    for index, block in enumerate(encoder.blocks):
+        encoder.blocks[index] = PromptedBlock(block, prompts, index)

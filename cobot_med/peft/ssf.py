@@ -7,9 +7,9 @@ also after the patch embedding, as SSF does, and (our reading of SSF's "after th
 norm" for SAM, which has a neck instead) after each of the neck's four operations
 (``conv 1x1``, ``LayerNorm2d``, ``conv 3x3``, ``LayerNorm2d``), switchable with ``neck``.
 
-segment-anything's modules are left as they are: each scale/shift pair lives on the module
-it follows (``blocks.0.attn.qkv.ssf.scale``, so the base keys are unchanged) and is applied
-by a forward hook (a bound method, so deep copies hook their own pair).
+segment-anything's modules are left as they are: each operation is replaced by a
+:class:`ScaleShiftLayer` that calls it and scales and shifts its output; the pair is the
+layer's ``ssf`` (``blocks.0.attn.qkv.ssf.scale``, the keys SSF adapters have always had).
 
 Init: identity (γ = 1, β = 0), so the model equals SAM at step 0; the official code draws
 γ ~ N(1, 0.02) and β ~ N(0, 0.02), available as ``init_std=0.02``. Being linear and
@@ -30,6 +30,7 @@ from torch import nn
 
 from .blocks import require_vit
 from .config import PeftConfig
+from .layer import AdapterLayer, wrap
 
 _BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.lin1", "mlp.lin2")
 
@@ -62,13 +63,18 @@ class ScaleShift(nn.Module):
         shape[self.channel_dim] = -1
         return x * self.scale.view(shape).to(x.dtype) + self.shift.view(shape).to(x.dtype)
 
-    def attach(self, module: nn.Module) -> None:
-        """Register on ``module`` as its child ``ssf`` and scale-and-shift its output."""
-        module.ssf = self
-        self._handle = module.register_forward_hook(self._after)
 
-    def _after(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self(output)
+class ScaleShiftLayer(AdapterLayer):
+    """An operation (``base_layer``) followed by its :class:`ScaleShift` ``ssf``; token-wise as its base."""
+
+    token_wise = True
+
+    def __init__(self, base: nn.Module, ssf: ScaleShift) -> None:
+        super().__init__(base)
+        self.ssf = ssf
+
+    def adapted_forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.ssf(self.base_layer(*args))
 
 
 def _channels(module: nn.Module) -> int:
@@ -85,14 +91,13 @@ def inject(sam: nn.Module, config: SsfConfig) -> None:
         "SSF's sites are a plain ViT's operations (patch embedding, norm1, qkv, proj, norm2, the two MLP Linears, the neck); TinyViT adds BatchNorm convolutions (stage 1, every block's local_conv, patch merging) that SSF's definition does not place, so it is not implemented there"
     ))
     encoder = sam.image_encoder
-    sites: list[tuple[nn.Module, int, int]] = []  # (module, channels, channel dim of its output)
+    sites: list[tuple[str, int, int]] = []  # (path in the encoder, channels, channel dim of its output)
     if config.patch_embed:
-        sites.append((encoder.patch_embed, encoder.patch_embed.proj.out_channels, -1))  # (B, H, W, C)
-    for block in encoder.blocks:
-        for path in _BLOCK_OPS:
-            module = block.get_submodule(path)
-            sites.append((module, _channels(module), -1))
+        sites.append(("patch_embed", encoder.patch_embed.proj.out_channels, -1))  # (B, H, W, C)
+    for b, block in enumerate(encoder.blocks):
+        sites.extend((f"blocks.{b}.{path}", _channels(block.get_submodule(path)), -1) for path in _BLOCK_OPS)
     if config.neck:
-        sites.extend((module, _channels(module), 1) for module in encoder.neck)  # (B, C, H, W)
-    for module, channels, channel_dim in sites:
-        ScaleShift(channels, channel_dim, config.init_std).attach(module)
+        sites.extend((f"neck.{i}", _channels(module), 1) for i, module in enumerate(encoder.neck))  # (B, C, H, W)
+    for path, channels, channel_dim in sites:
+        ssf = ScaleShift(channels, channel_dim, config.init_std)
+        wrap(encoder, path, lambda base, ssf=ssf: ScaleShiftLayer(base, ssf))

@@ -1,15 +1,23 @@
-"""The common contract of the PEFT library: inject by name, count, group, merge, aux loss.
+"""The common contract of the PEFT library: inject by name, count, group, merge, disable, unload, aux loss.
 
-Each method is one module with a config dataclass and an ``inject(sam, config)`` that adds
-its layers; this module freezes SAM first, then unfreezes the mask decoder for every
-method that trains (all but ``frozen``), and records which state-dict entries the method
-added so adapter checkpoints can hold just those plus the trainable ones.
+Each method is one module with a config dataclass and an ``inject(sam, config)`` that puts its
+:class:`~cobot_med.peft.layer.AdapterLayer` layers in place of base modules (the one injection
+mechanism: module replacement; no hooks, no class swapping). What trains is set here only:
+SAM is frozen, then the parameters the method added, the base tensors it names
+(``trainable(sam, config)``: BitFit's biases, ``full``'s encoder) and, for every method that
+trains (all but ``frozen``), the mask decoder are unfrozen. The state-dict entries the method
+added plus the trainable ones are recorded, so adapter checkpoints hold just those.
+
+The way back: :func:`unload` puts every base module back, :func:`disable_adapters` runs the
+base for the length of a ``with`` block, :func:`merge_adapters` asks each layer that says it is
+``mergeable`` to fold itself into its base.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -18,16 +26,17 @@ from . import adaptformer, conv_lora, decoder, frozen, full, lora
 from . import adapter, bitfit, lst, sam_adapter, ssf, vpt
 from .cobot import is_cobot_parameter
 from .config import PeftConfig
+from .layer import AdapterLayer, AdapterModule, adapter_layers, replace_module
 
 
 @dataclasses.dataclass(frozen=True)
 class PeftMethod:
     name: str
     config_class: type[PeftConfig]
-    inject: Callable[[nn.Module, Any], None]
+    inject: Callable[[nn.Module, Any], None] | None  # puts the method's layers in place; None: adds nothing
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     trains_decoder: bool = True
-    mergeable: bool = False  # the branch folds into the frozen weights for inference
+    trainable: Callable[[nn.Module, Any], Iterable[nn.Parameter]] | None = None  # base tensors that train
 
     def make_config(self, options: Mapping[str, Any] | None = None) -> PeftConfig:
         merged = {**self.defaults, **(options or {})}
@@ -42,13 +51,13 @@ METHODS: dict[str, PeftMethod] = {
     for m in (
         PeftMethod("frozen", frozen.FrozenConfig, frozen.inject, trains_decoder=False),
         PeftMethod("decoder", decoder.DecoderConfig, decoder.inject),
-        PeftMethod("full", full.FullConfig, full.inject),
-        PeftMethod("lora", lora.LoraConfig, lora.inject, mergeable=True),
-        PeftMethod("lora+cobot", lora.LoraConfig, lora.inject, {"cobot": {}}, mergeable=True),
+        PeftMethod("full", full.FullConfig, None, trainable=full.trainable),
+        PeftMethod("lora", lora.LoraConfig, lora.inject),
+        PeftMethod("lora+cobot", lora.LoraConfig, lora.inject, {"cobot": {}}),
         PeftMethod("adaptformer", adaptformer.AdaptFormerConfig, adaptformer.inject),
         PeftMethod("adaptformer+cobot", adaptformer.AdaptFormerConfig, adaptformer.inject, {"cobot": {}}),
         PeftMethod("conv_lora", conv_lora.ConvLoraConfig, conv_lora.inject),
-        PeftMethod("bitfit", bitfit.BitFitConfig, bitfit.inject),
+        PeftMethod("bitfit", bitfit.BitFitConfig, None, trainable=bitfit.trainable),
         PeftMethod("ssf", ssf.SsfConfig, ssf.inject),
         PeftMethod("vpt", vpt.VptConfig, vpt.inject),
         PeftMethod("adapter", adapter.AdapterConfig, adapter.inject),
@@ -74,10 +83,17 @@ def apply_peft(sam: nn.Module, name: str, options: Mapping[str, Any] | None = No
     method = get_method(name)
     config = method.make_config(options)
     before = {id(t) for t in sam.state_dict(keep_vars=True).values()}
+    if method.inject is not None:
+        method.inject(sam, config)
+    # what trains, set in this one place: what the method added, the base tensors it names, the decoder
     sam.requires_grad_(False)
-    method.inject(sam, config)
+    trains = [p for p in sam.parameters() if id(p) not in before]
+    if method.trainable is not None:
+        trains.extend(method.trainable(sam, config))
     if method.trains_decoder:
-        sam.mask_decoder.requires_grad_(True)
+        trains.extend(sam.mask_decoder.parameters())
+    for p in trains:
+        p.requires_grad_(True)
     state = sam.state_dict(keep_vars=True)
     trainable = {id(p) for p in sam.parameters() if p.requires_grad}
     adapter_keys = [k for k, t in state.items() if id(t) not in before or id(t) in trainable]
@@ -113,23 +129,77 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
-def _mergeable_layers(model: nn.Module) -> Iterator[lora.LoraQkv]:
-    return (m for m in model.modules() if isinstance(m, lora.LoraQkv))
+def _mergeable_layers(model: nn.Module) -> list[AdapterLayer]:
+    return [layer for _, layer in adapter_layers(model) if layer.mergeable]
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Fold every LoRA(+COBOT) branch into its frozen qkv weight; returns how many layers merged."""
-    layers = list(_mergeable_layers(model))
+    """Fold every layer that says it is ``mergeable`` (LoRA, LoRA+COBOT) into its base's weights.
+
+    Returns how many layers merged: 0 for a method with no mergeable layer, whose layers keep
+    running their branch (a layer's own ``merge()`` refuses with a TypeError).
+    """
+    layers = _mergeable_layers(model)
     for layer in layers:
         layer.merge()
     return len(layers)
 
 
 def unmerge_adapters(model: nn.Module) -> int:
-    layers = list(_mergeable_layers(model))
+    """Take every merged branch back out of its base's weights; returns how many mergeable layers there are."""
+    layers = _mergeable_layers(model)
     for layer in layers:
         layer.unmerge()
     return len(layers)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model`` computes its base's outputs; on exit every layer is as it was.
+
+    Merged layers are unmerged for the block and merged again after it. Tensors a method trains
+    in place (``full``, BitFit's biases, the mask decoder of every method) are the base's own and
+    stay as trained.
+    """
+    layers = [layer for _, layer in adapter_layers(model)]
+    states = [(layer, layer.disabled, layer.merged) for layer in layers]
+    try:
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+            layer.disabled = True
+        yield model
+    finally:
+        for layer, disabled, merged in states:
+            layer.disabled = disabled
+            if merged and not layer.merged:
+                layer.merge()
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put every base module back and remove what the method registered beside it; returns ``model``.
+
+    Afterwards ``model`` is its base: the same modules, state-dict keys and outputs, nothing of
+    the adapter left. ``merge=True`` folds mergeable layers into their bases first (LoRA's
+    merge-and-unload, for inference); without it merged layers are unmerged. ``requires_grad``
+    is left as it is (``apply_peft`` sets it again), and so are tensors a method trains in place
+    (``full``, BitFit, the mask decoder). A model can then take another method with ``apply_peft``.
+    """
+    for path, layer in reversed(adapter_layers(model)):  # inner layers first
+        if merge and layer.mergeable:
+            layer.merge()
+            base = layer.base_layer
+        else:
+            base = layer.unload()
+        if path:
+            replace_module(model, path, base)
+        else:
+            model = base
+    added = [path for path, m in model.named_modules() if isinstance(m, AdapterModule)]
+    for path in reversed(added):
+        parent, _, child = path.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, child)
+    return model
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:

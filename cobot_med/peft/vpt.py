@@ -26,14 +26,14 @@ Options: ``num_tokens`` (default 16, which puts VPT at exactly LoRA's budget on 
 sweeps 1-200 per task) and ``dropout`` on the prompts (VPT's prompt dropout, default 0).
 Init as in the VPT code: uniform(-v, v), v = sqrt(6 / (3 * patch² + C)) (0.0625 on ViT-B).
 
-Why a new attention module rather than a hook: the prompts change the set of keys inside
-the attention, which no hook on segment-anything's ``Attention`` can reach. The module
-takes over the original's ``qkv``, ``proj``, ``rel_pos_h`` and ``rel_pos_w`` under the same
-names (checkpoint keys unchanged; the prompts are ``blocks.i.attn.prompts``) and computes
-attention with ``scaled_dot_product_attention`` and the bias as an additive mask, as
+Why a layer around the attention rather than one around ``qkv``: the prompts change the set of
+keys inside the attention, so :class:`PromptedAttention` replaces each block's ``attn`` and
+computes attention itself from the original's ``qkv``, ``proj``, ``rel_pos_h`` and
+``rel_pos_w`` (its ``base_layer``; the prompts are ``blocks.i.attn.prompts``), with
+``scaled_dot_product_attention`` and the bias as an additive mask, as
 :class:`~cobot_med.sam.attention.SdpaAttention` does, whichever ``attention`` kind the model
 was built with. Inject after :func:`~cobot_med.sam.attention.set_attention` (``build_model``
-does): switching the attention kind afterwards would replace the prompted attention.
+does): the prompted attention is not one of its kinds, so it is left alone.
 
 Prompts add keys and values, so the model does not equal SAM at step 0.
 ViT-B, image encoder trainable: 12 blocks x 16 tokens x 768 = **147,456**.
@@ -51,6 +51,7 @@ from torch import nn
 
 from .blocks import require_vit
 from .config import PeftConfig
+from .layer import AdapterLayer, share
 
 
 @dataclasses.dataclass
@@ -76,44 +77,37 @@ def relative_position_bias(attn: nn.Module, q: torch.Tensor, H: int, W: int) -> 
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, H * W, H * W)
 
 
-class PromptedAttention(nn.Module):
-    """segment-anything's ``Attention`` with the block's prompt tokens as extra keys and values."""
+class PromptedAttention(AdapterLayer):
+    """segment-anything's ``Attention`` (``base_layer``) with the block's prompt tokens as extra keys and values."""
 
     def __init__(self, attn: nn.Module, norm: nn.Module, num_tokens: int, dropout: float, init_bound: float):
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.scale = attn.scale
-        self.use_rel_pos = attn.use_rel_pos
-        self.qkv = attn.qkv  # the original's parameters, under the original names
-        self.proj = attn.proj
-        if self.use_rel_pos:
-            self.rel_pos_h = attn.rel_pos_h
-            self.rel_pos_w = attn.rel_pos_w
+        super().__init__(attn)
         self.prompts = nn.Parameter(torch.empty(num_tokens, attn.qkv.in_features).uniform_(-init_bound, init_bound))
         self.prompt_dropout = nn.Dropout(dropout)
-        # the block's norm1, used but not registered here (it stays blocks.i.norm1 in the state dict)
-        self.__dict__["block_norm"] = norm
+        share(self, "block_norm", norm)  # the block's norm1, used but not registered here (it stays blocks.i.norm1)
 
     def prompt_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (heads, T, head_dim) of the prompts: qkv(norm1(P))."""
+        attn = self.base_layer
         prompts = self.block_norm(self.prompt_dropout(self.prompts))
         T = prompts.shape[0]
-        _, k, v = self.qkv(prompts).reshape(T, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)
+        _, k, v = attn.qkv(prompts).reshape(T, 3, attn.num_heads, -1).permute(1, 2, 0, 3).unbind(0)
         return k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B*, h, w, C), the whole grid (global blocks) or its windows (windowed blocks)
+        attn = self.base_layer
         B, H, W, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = attn.qkv(x).reshape(B, H * W, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         pk, pv = self.prompt_keys_values()
         T = pk.shape[1]
         k = torch.cat([k, pk.to(k.dtype).expand(B, -1, -1, -1)], dim=2)
         v = torch.cat([v, pv.to(v.dtype).expand(B, -1, -1, -1)], dim=2)
         mask = None
-        if self.use_rel_pos:
-            mask = F.pad(relative_position_bias(self, q, H, W), (0, T)).to(q.dtype)  # 0 towards prompts
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.proj(out.permute(0, 2, 1, 3).reshape(B, H, W, -1))
+        if attn.use_rel_pos:
+            mask = F.pad(relative_position_bias(attn, q, H, W), (0, T)).to(q.dtype)  # 0 towards prompts
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        return attn.proj(out.permute(0, 2, 1, 3).reshape(B, H, W, -1))
 
 
 def inject(sam: nn.Module, config: VptConfig) -> None:

@@ -34,10 +34,18 @@ CHECKPOINT_CHOICES = ("none", "global", "all")
 
 
 def _token_wise(module: nn.Module) -> bool:
-    """True when ``module`` maps every token on its own (so it can skip padded tokens)."""
-    from ..peft.lora import LoraQkv  # late: the PEFT package imports this one's package
+    """True when ``module`` maps every token on its own (so it can skip padded tokens): a Linear,
+    or PEFT layers that say they are token-wise (LoRA, SSF) around one."""
+    from ..peft.layer import is_token_wise  # late: the PEFT package imports this one's package
 
-    return type(module) is nn.Linear or (type(module) is LoraQkv and type(module.base) is nn.Linear)
+    return is_token_wise(module)
+
+
+def _base_block(block: nn.Module) -> nn.Module:
+    """The block itself, or the base block under PEFT layers (SAM-Adapter, LST) wrapped around it."""
+    from ..peft.layer import base_of
+
+    return base_of(block)
 
 
 class FastBlock(Block):
@@ -69,7 +77,7 @@ class FastBlock(Block):
             and isinstance(attn, SdpaAttention)
             and not (attn._forward_hooks or attn._forward_pre_hooks)
             and _token_wise(attn.qkv)
-            and type(attn.proj) is nn.Linear
+            and _token_wise(attn.proj)
         )
 
     def _forward_unpadded(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +126,7 @@ def _groups(size: int, ws: int, count: int) -> list[tuple[int, int, int]]:
 
 def _fast_blocks(image_encoder: nn.Module) -> list[FastBlock]:
     blocks = []
-    for block in getattr(image_encoder, "blocks", ()):  # segment-anything's ViT blocks only
+    for block in map(_base_block, getattr(image_encoder, "blocks", ())):  # segment-anything's ViT blocks only
         if type(block) is Block:
             block.__class__ = FastBlock
         if isinstance(block, FastBlock):

@@ -1,0 +1,205 @@
+"""One way to inject and a way back (issue 13 item 8): layers only, unload, disable_adapters, merge."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from cobot_med.adapter import load_adapter_weights, save_adapter
+from cobot_med.model import ModelSpec, build_model
+from cobot_med.peft import METHODS, apply_peft, disable_adapters, merge_adapters, unload, unmerge_adapters
+from cobot_med.peft.layer import AdapterLayer, AdapterModule, adapter_layers
+from cobot_med.sam import build_sam
+from toy import SIZE, tiny, toy_batch
+
+# every method that adds layers, with the options that place them differently
+LAYERED = [
+    ("lora", {}),
+    ("lora+cobot", {}),
+    ("adaptformer", {}),
+    ("adaptformer+cobot", {}),
+    ("adaptformer", {"branch_input": "residual_stream"}),
+    ("conv_lora", {}),
+    ("ssf", {}),
+    ("vpt", {}),
+    ("adapter", {}),
+    ("sam_adapter", {}),
+    ("lst", {}),
+]
+IDS = [m + ("-" + "-".join(map(str, o.values())) if o else "") for m, o in LAYERED]
+MERGEABLE = {"lora", "lora+cobot"}
+NO_LAYERS = ["frozen", "decoder", "full", "bitfit"]  # they add nothing: what trains is the base's own
+
+
+def perturb_added(model, scale=0.05):
+    """Move every tensor the method added off its init (non-zero, different per key), the decoder left alone."""
+    added = [k for k in model.adapter_keys if not k.startswith("mask_decoder.")]
+    state = model.sam.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key in added:
+            tensor = state[key]
+            if tensor.is_floating_point():
+                g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+                tensor.add_(torch.randn(tensor.shape, generator=g, dtype=tensor.dtype) * scale)
+    return added
+
+
+def forward(model):
+    images, boxes, _ = toy_batch()
+    with torch.no_grad():
+        return model.eval()(images, boxes)
+
+
+def assert_same_state(state, reference):
+    assert list(state) == list(reference)
+    different = [k for k in reference if not torch.equal(state[k], reference[k])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_injection_registers_no_hooks(method):
+    model = tiny(method)
+    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    assert not hooked
+    layers = adapter_layers(model)
+    assert bool(layers) == (method not in NO_LAYERS)
+    assert all(not isinstance(layer.base_layer, AdapterLayer) for _, layer in layers)  # one layer per site
+
+
+@pytest.mark.parametrize(("method", "options"), LAYERED, ids=IDS)
+def test_unload_gives_back_the_base(method, options):
+    base = tiny("frozen")
+    reference_state, reference = base.sam.state_dict(), forward(base)
+    model = tiny(method, **options)
+    assert perturb_added(model)
+    adapted = forward(model)
+    assert not torch.allclose(adapted, reference, atol=1e-4)  # the adapter matters
+    assert unload(model.sam) is model.sam
+    assert not any(isinstance(m, (AdapterLayer, AdapterModule)) for m in model.modules())
+    assert_same_state(model.sam.state_dict(), reference_state)
+    assert [n for n, _ in model.sam.named_parameters()] == [n for n, _ in base.sam.named_parameters()]
+    assert torch.equal(forward(model), reference)
+
+
+@pytest.mark.parametrize(("method", "options"), LAYERED, ids=IDS)
+def test_disable_adapters_runs_the_base_and_comes_back(method, options):
+    reference = forward(tiny("frozen"))
+    model = tiny(method, **options)
+    perturb_added(model)
+    adapted = forward(model)
+    with disable_adapters(model) as inside:
+        assert inside is model
+        assert torch.equal(forward(model), reference)
+    assert torch.equal(forward(model), adapted)
+    with pytest.raises(ValueError), disable_adapters(model):  # restored on an error too
+        raise ValueError
+    assert not any(layer.disabled for _, layer in adapter_layers(model))
+
+
+@pytest.mark.parametrize(("method", "options"), LAYERED, ids=IDS)
+def test_merge_uses_each_layers_own_contract(method, options):
+    model = tiny(method, **options)
+    perturb_added(model)
+    unmerged = forward(model)
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = merge_adapters(model)
+    if method not in MERGEABLE:
+        assert merged == 0 and not any(layer.merged for layer in layers)
+        assert torch.equal(forward(model), unmerged)  # a no-op: the branches keep running
+        with pytest.raises(TypeError, match="cannot merge"):
+            layers[0].merge()
+        return
+    assert merged == len(layers) and all(layer.mergeable and layer.merged for layer in layers)
+    assert torch.allclose(forward(model), unmerged, atol=1e-5)
+    with disable_adapters(model):  # unmerged for the block: the base again
+        assert torch.allclose(forward(model), forward(tiny("frozen")), atol=1e-5)
+    assert all(layer.merged for layer in layers)
+    assert unmerge_adapters(model) == len(layers)
+    assert torch.allclose(forward(model), unmerged, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(MERGEABLE))
+def test_unload_merged_keeps_the_adapter_in_the_base_weights(method):
+    model = tiny(method)
+    perturb_added(model)
+    adapted = forward(model)
+    merge_adapters(model)
+    unload(model.sam, merge=True)
+    assert not adapter_layers(model)
+    assert list(model.sam.state_dict()) == list(tiny("frozen").sam.state_dict())
+    assert torch.allclose(forward(model), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", NO_LAYERS)
+def test_methods_without_layers_have_nothing_to_take_back(method):
+    model = tiny(method)
+    before = {k: v.clone() for k, v in model.sam.state_dict().items()}
+    out = forward(model)
+    assert merge_adapters(model) == 0
+    with disable_adapters(model):
+        assert torch.equal(forward(model), out)
+    unload(model.sam)
+    assert_same_state(model.sam.state_dict(), before)
+
+
+def test_swap_the_method_without_rebuilding():
+    """unload, then apply another method: the same model as one built with that method."""
+    target = tiny("adaptformer")
+    perturb_added(target)
+    model = tiny("lora")
+    perturb_added(model)
+    unload(model.sam)
+    _, keys = apply_peft(model.sam, "adaptformer")
+    assert keys == target.adapter_keys
+    target_state = target.sam.state_dict()
+    model.sam.load_state_dict({k: target_state[k] for k in keys}, strict=False)
+    assert torch.equal(forward(model), forward(target))
+
+
+def test_swap_the_adapter_of_one_method(tmp_path):
+    """Another adapter's weights load into the same built model, and back."""
+    base = tmp_path / "sam_tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("tiny", SIZE).state_dict(), base)
+    outputs, folders = [], []
+    for seed in (1, 2):
+        model = tiny("lora", checkpoint=base)
+        perturb_added(model, scale=0.05 * seed)
+        outputs.append(forward(model))
+        folders.append(save_adapter(model, tmp_path / f"adapter{seed}"))
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)
+    model = tiny("lora", checkpoint=base)
+    for folder, expected in zip(folders + folders[:1], outputs + outputs[:1]):
+        load_adapter_weights(model, folder)
+        assert torch.equal(forward(model), expected)
+
+
+def lite(peft):
+    torch.manual_seed(0)
+    return build_model(ModelSpec(arch="lite_medsam", peft=peft)).eval()
+
+
+@pytest.fixture(scope="module")
+def lite_base():
+    """LiteMedSAM's state dict and its logits for one slice and box (a forward takes seconds on CPU)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.rand(1, 3, 256, 256, generator=g) * 255, torch.tensor([[[60.0, 70, 180, 200]]])
+    base = lite("frozen")
+    with torch.no_grad():
+        return inputs, base.sam.state_dict(), base(*inputs)
+
+
+@pytest.mark.parametrize("method", ["lora", "adaptformer"])
+def test_unload_and_disable_on_lite_medsam(method, lite_base):
+    inputs, reference_state, reference = lite_base
+    model = lite(method)
+    perturb_added(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(*inputs), reference, atol=1e-4)
+        with disable_adapters(model):
+            assert torch.equal(model(*inputs), reference)
+        unload(model.sam)
+        assert torch.equal(model(*inputs), reference)
+    assert_same_state(model.sam.state_dict(), reference_state)
