@@ -227,7 +227,8 @@ class RunSettings:
         else:
             self.gradient_checkpointing = None
         self.compile = _auto_or("compile", self.compile, lambda n, v: as_flag(v, n, error=SettingsError))
-        self.eval_batch_size = _number("eval_batch_size", self.eval_batch_size, int, 1, 4096)
+        self.eval_batch_size = _auto_or("eval_batch_size", self.eval_batch_size,
+                                        lambda n, v: _number(n, v, int, 1, 4096))
         self.nsd_tolerance_mm = _number("nsd_tolerance_mm", self.nsd_tolerance_mm, float, 0, 1000, low_open=True)
         wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
         unknown = [n for n in wanted if n not in self.organs]
@@ -288,6 +289,26 @@ class RunSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def slice_batch(self, device: Any, network: Any = None) -> int:
+        """Slices per model call in validation, test and inference: ``eval_batch_size``, or with ``auto`` what
+        measured fastest for the base model on the device. 1 for LiteMedSAM on a CPU: its TinyViT's stage-1
+        activations (64 channels at 256 x 256 per slice) are memory bound and a batch makes each slice slower
+        (bf16 0.82 s per slice at 1 against 1.11 s at 8; whole-volume inference 4.31x LiteMedSAM's own way at 1
+        against 3.18x at 8, BENCHMARKS.md); 8 otherwise (SAM's ViTs gain from batches)."""
+        if self.eval_batch_size != "auto":
+            return int(self.eval_batch_size)
+        arch = self.arch
+        if network is not None:  # an adapter's own arch wins over the setting
+            from .adapter import unwrap
+
+            try:
+                arch = getattr(unwrap(network).spec, "arch", arch)
+            except TypeError:  # a module that is not PromptableSam (a test's stand-in): the setting's arch
+                pass
+        import torch
+
+        return 1 if arch == "lite_medsam" and torch.device(device).type == "cpu" else 8
 
     # --- what depends on the machine, checked before any work -----------------------------------
 

@@ -362,3 +362,18 @@ def test_resolve_speed_resolves_every_setting_for_one_run(cpu, monkeypatch):
     speed = P.resolve_speed("cpu", training=False, amp=None, attention="eager", compile="true", threads=1)
     assert (speed.precision.name, speed.attention_kind, speed.compile, speed.threads.torch_threads) == (
         "bf16", "eager", True, 1)
+
+
+def test_slice_batch_auto_is_one_for_lite_medsam_on_cpu_and_an_explicit_size_wins():
+    from cobot_med.model import ModelSpec, build_model
+    from cobot_med.settings import load_settings
+
+    auto = load_settings("adome")
+    assert auto.eval_batch_size == "auto"
+    assert auto.slice_batch("cpu") == 8 and auto.slice_batch("cuda") == 8  # vit_b, the bundles' default arch
+    assert load_settings("adome", arch="lite_medsam").slice_batch("cpu") == 1
+    assert load_settings("adome", arch="lite_medsam").slice_batch("cuda") == 8
+    tiny = build_model(ModelSpec("tiny", 64, "frozen"))
+    assert load_settings("adome", arch="lite_medsam").slice_batch("cpu", tiny) == 8  # the network's own arch wins
+    assert load_settings("adome", arch="lite_medsam", eval_batch_size=4).slice_batch("cpu") == 4
+    assert load_settings("adome", eval_batch_size="16").slice_batch("cpu") == 16

@@ -259,7 +259,8 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
         write_label_files(out, organs, settings.dataset)
     distributed.barrier()  # the folder is ready; no process has started writing
     chain = run_volume_chain(settings, recipe)
-    predictor = SlicePredictor(network, device, settings.eval_batch_size, speed.precision)
+    slice_batch = settings.slice_batch(device, network)
+    predictor = SlicePredictor(network, device, slice_batch, speed.precision)
     job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress)
     status: dict[str, tuple[bool, str]] = {c.case_id: job.finished(c) for c in cases if not c.error}
     distributed.barrier()  # every process has seen the same finished cases before any writes a new one
@@ -323,7 +324,7 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
         "model": model_info,
         "model_identity": identity,
         "processes": processes,
-        "settings": {"batch_size": settings.eval_batch_size, "device": str(device), **speed.describe(),
+        "settings": {"batch_size": slice_batch, "eval_batch_size": settings.eval_batch_size, "device": str(device), **speed.describe(),
                      "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps},
         "cases": [dataclasses.asdict(c) for c in outcomes],
         "ignored": [{"name": n, "reason": r} for n, r in ignored],
