@@ -152,7 +152,7 @@ def run_inference(args, ours: C.Choices) -> dict:
     }, args.repeats, args.device, warm=("LiteMedSAM's way", "ours"), budget_s=args.budget)
     medians = {name: C.median(t) for name, t in times.items()}
     base = medians["LiteMedSAM's way"]
-    return {"volume": list(args.shape), "layout": "staggered" if args.staggered else "side by side",
+    return {"volume": list(args.shape), "batch": args.batch, "layout": "staggered" if args.staggered else "side by side",
             "slices_with_organs": slices, "slice_organ_boxes": boxes,
             "seconds": times, "median_seconds": medians,
             "speedup": {name: base / value for name, value in medians.items()}, "label_dice_agreement": agreement}
@@ -192,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--organs", type=int, default=4)
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 160, 40), metavar=("X", "Y", "Z"))
-    parser.add_argument("--batch", type=int, default=8, help="slices per encoder call (ours, inference)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="slices per encoder call (ours, inference; default: what eval_batch_size=auto gives)")
     parser.add_argument("--train-batch", type=int, default=2, help="slices per training step")
     parser.add_argument("--peft", default="lora+cobot")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -203,6 +204,10 @@ def main() -> None:
     C.add_speed_arguments(parser)
     args = parser.parse_args()
     args.device = C.pick_device(args.device)
+    if args.batch is None:  # as a run resolves eval_batch_size=auto for lite_medsam on this device
+        from cobot_med.settings import load_settings
+
+        args.batch = load_settings("adome", arch="lite_medsam").slice_batch(args.device)
     torch.manual_seed(args.seed)
     infer_choices, threads = C.apply_speed_arguments(args, training=False)
     C.print_choices(infer_choices, threads, args.device)
@@ -214,7 +219,8 @@ def main() -> None:
         result["training"] = run_training(args, train_choices)
     print(json.dumps(result))
 
-    print(f"\nwhole-volume inference, lite_medsam (pretrained), volume {tuple(args.shape)}, organs {inference['layout']}: "
+    print(f"\nwhole-volume inference, lite_medsam (pretrained), volume {tuple(args.shape)}, organs {inference['layout']}, "
+          f"ours {args.batch} slice(s) per call: "
           f"{inference['slices_with_organs']} slices with organs, {inference['slice_organ_boxes']} slice-organ boxes")
     for name, median in inference["median_seconds"].items():
         print(f"  {name:<18} {median:8.2f} s/volume  {inference['speedup'][name]:5.2f}x")
