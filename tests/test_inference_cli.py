@@ -11,10 +11,9 @@ import pytest
 import torch
 from test_inference import ADOME, assert_same_geometry, label_of, oriented
 
-from cobot_med.adapter import save_adapter
+from toy import acting_adapter
 from cobot_med.cli import main
 from cobot_med.inference import load_network
-from cobot_med.model import ModelSpec, build_model
 from cobot_med.predict import SlicePredictor, from_labels, predict_volume
 from cobot_med.settings import load_settings
 
@@ -31,13 +30,7 @@ def phantoms(phantom_factory):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """A tiny lora+cobot adapter whose LoRA up-projections are non-zero (so merging changes weights)."""
-    torch.manual_seed(0)
-    model = build_model(ModelSpec("tiny", 64, "lora+cobot"))
-    with torch.no_grad():
-        for parameter in model.sam.image_encoder.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.05)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter_best")
+    return acting_adapter(tmp_path_factory.mktemp("adapter") / "adapter_best")
 
 
 def test_infer_command_runs_the_bundle_with_the_adapters_own_settings(phantoms, adapter, tmp_path, capsys):

@@ -34,3 +34,17 @@ def loss_fn(logits, target):
     probs = logits.sigmoid()
     dice = 1 - (2 * (probs * target).sum((-1, -2)) + 1) / (probs.sum((-1, -2)) + target.sum((-1, -2)) + 1)
     return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+
+
+def acting_adapter(folder):
+    """A tiny lora+cobot adapter saved in ``folder`` whose branches are non-zero (so it changes the output and
+    merging changes weights), the same every time."""
+    from cobot_med.adapter import save_adapter
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("tiny", 64, "lora+cobot"))
+    with torch.no_grad():
+        for parameter in model.sam.image_encoder.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    return save_adapter(model, folder)
