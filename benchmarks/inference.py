@@ -63,11 +63,19 @@ def make_volume(shape=(128, 128, 32), organs: int = 4, seed: int = 0) -> tuple[n
         inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 <= 1
         inside &= (z >= lo) & (z < hi)
         labels[inside & (labels == 0)] = k
-    body = ((x - X / 2) / (0.45 * X)) ** 2 + ((y - Y / 2) / (0.4 * Y)) ** 2 <= 1
-    image = np.where(body, 110.0, 5.0) + rng.normal(0, 12, shape)
+    return ct_like(labels, organs, rng, body_radii=(0.45, 0.4)), labels
+
+
+def ct_like(labels: np.ndarray, organs: int, rng: np.random.Generator, body_radii=(0.45, 0.4)) -> np.ndarray:
+    """CT-like intensities in [0, 255] (float32) for a label volume: an elliptic body, organ k brighter by 20 k,
+    noise."""
+    X, Y, _ = labels.shape
+    x, y = np.meshgrid(np.arange(X), np.arange(Y), indexing="ij")
+    body = ((x - X / 2) / (body_radii[0] * X)) ** 2 + ((y - Y / 2) / (body_radii[1] * Y)) ** 2 <= 1
+    image = np.where(body[..., None], 110.0, 5.0) + rng.normal(0, 12, labels.shape)
     for k in range(1, organs + 1):
         image[labels == k] += 20.0 * k
-    return np.clip(image, 0, 255).astype(np.float32), labels
+    return np.clip(image, 0, 255).astype(np.float32)
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ import _common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from inference import dice_agreement, make_volume  # noqa: E402
+from inference import ct_like, dice_agreement, make_volume  # noqa: E402
 from train_step import gradients, make_batch, train_step  # noqa: E402
 
 from cobot_med.model import ModelSpec, build_model  # noqa: E402
@@ -66,11 +66,7 @@ def side_by_side_volume(shape=(160, 160, 40), organs: int = 4, seed: int = 0) ->
         inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
         inside &= np.abs(z - cz + 0.5) <= rz
         labels[inside & (labels == 0)] = k
-    body = ((x - X / 2) / (0.47 * X)) ** 2 + ((y - Y / 2) / (0.45 * Y)) ** 2 <= 1
-    image = np.where(body, 110.0, 5.0) + rng.normal(0, 12, shape)
-    for k in range(1, organs + 1):
-        image[labels == k] += 20.0 * k
-    return np.clip(image, 0, 255).astype(np.float32), labels
+    return ct_like(labels, organs, rng, body_radii=(0.47, 0.45)), labels
 
 
 def official_model():

@@ -294,8 +294,10 @@ class RunSettings:
         """Slices per model call in validation, test and inference: ``eval_batch_size``, or with ``auto`` what
         measured fastest for the base model on the device. 1 for LiteMedSAM on a CPU: its TinyViT's stage-1
         activations (64 channels at 256 x 256 per slice) are memory bound and a batch makes each slice slower
-        (bf16 0.82 s per slice at 1 against 1.11 s at 8; whole-volume inference 4.31x LiteMedSAM's own way at 1
-        against 3.18x at 8, BENCHMARKS.md); 8 otherwise (SAM's ViTs gain from batches)."""
+        (bf16 0.82 s per slice at 1 against 1.11 s at 8, fp32 1.12 against 1.37; whole-volume inference 4.51x
+        LiteMedSAM's own way at 1 against 3.18x at 8; BENCHMARKS.md). Measured on an AVX-512 BF16/AMX CPU only;
+        the fp32 figures suggest the same on AVX2 CPUs, not measured there. 8 otherwise (SAM's ViTs gain from
+        batches)."""
         if self.eval_batch_size != "auto":
             return int(self.eval_batch_size)
         arch = self.arch
