@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from cobot_med.adapter import load_adapter_weights, save_adapter
+from cobot_med.adapter import AdapterError, adapter_keys, load_adapter_weights, save_adapter
 from cobot_med.model import ModelSpec, build_model
 from cobot_med.peft import METHODS, apply_peft, disable_adapters, merge_adapters, unload, unmerge_adapters
 from cobot_med.peft.layer import AdapterLayer, AdapterModule, adapter_layers
@@ -204,3 +204,52 @@ def test_unload_and_disable_on_lite_medsam(method, lite_base):
         unload(model.sam)
         assert torch.equal(model(*inputs), reference)
     assert_same_state(model.sam.state_dict(), reference_state)
+
+
+@pytest.fixture
+def base_checkpoint(tmp_path):
+    path = tmp_path / "sam_tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("tiny", SIZE).state_dict(), path)
+    return path
+
+
+def test_set_peft_keeps_spec_and_keys_in_step(tmp_path, base_checkpoint):
+    """PromptableSam.set_peft: the swapped model describes itself as the new method, so what it saves
+    is that method's adapter, which a model built with that method loads and reproduces."""
+    model = tiny("lora", checkpoint=base_checkpoint)
+    model.set_peft("adaptformer", {"branch_input": "residual_stream"})
+    target = tiny("adaptformer", checkpoint=base_checkpoint, branch_input="residual_stream")
+    assert model.spec == target.spec
+    assert model.adapter_keys == target.adapter_keys
+    assert model.base_sha256 == target.base_sha256 is not None  # the decoder was not touched: still the base
+    perturb_added(model)
+    expected = forward(model)
+    folder = save_adapter(model, tmp_path / "swapped")
+    load_adapter_weights(target, folder)
+    assert torch.equal(forward(target), expected)
+    old = tiny("lora", checkpoint=base_checkpoint)
+    with pytest.raises(AdapterError, match="adaptformer"):  # an adapter of the old method no longer fits
+        load_adapter_weights(old, folder)
+
+
+def test_unload_says_when_the_base_was_changed_in_place(base_checkpoint):
+    """unload keeps base_sha256 only while every base tensor the method trained is the base's."""
+    untouched = tiny("lora", checkpoint=base_checkpoint).unload()
+    assert (untouched.spec.peft, untouched.adapter_keys) == ("frozen", [])
+    assert untouched.base_sha256 is not None
+    assert_same_state(untouched.sam.state_dict(), tiny("frozen", checkpoint=base_checkpoint).sam.state_dict())
+
+    trained = tiny("lora", checkpoint=base_checkpoint)
+    with torch.no_grad():
+        trained.sam.mask_decoder.iou_prediction_head.layers[0].bias.add_(0.1)  # as training the decoder does
+    trained.unload()
+    assert trained.spec.peft == "frozen" and trained.base_sha256 is None
+    assert set(adapter_keys(trained)) == set(trained.sam.state_dict())  # saving now holds every tensor
+
+    merged = tiny("lora", checkpoint=base_checkpoint)
+    perturb_added(merged)
+    merge_adapters(merged)
+    merged.unload(merge=True)
+    assert merged.base_sha256 is None  # the LoRA update lives in the base weights now
+

@@ -7,7 +7,9 @@ an image (one per organ) against a single image embedding.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+import dataclasses
+import hashlib
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,56 @@ class PromptableSam(nn.Module):
         self.spec = spec  # cobot_med.model.ModelSpec when built by build_model
         self.adapter_keys = list(adapter_keys)  # state-dict keys (of ``sam``) an adapter checkpoint holds
         self.base_sha256 = base_sha256  # SHA-256 of the official checkpoint loaded, None without one
+        self._base_digests = self._digest_adapter_tensors()
+
+    def _digest_adapter_tensors(self) -> dict[str, str]:
+        """SHA-256 of each adapter tensor as it is now: after :meth:`unload`, the base tensors among them
+        (the decoder, BitFit's biases, ``full``'s weights: trained where they are) are checked against these."""
+        if self.base_sha256 is None:
+            return {}
+        state = self.sam.state_dict()
+        return {k: _tensor_digest(state[k]) for k in self.adapter_keys}
+
+    def unload(self, merge: bool = False) -> "PromptableSam":
+        """Take the PEFT method out (:func:`cobot_med.peft.unload`): the model becomes ``frozen`` SAM.
+
+        ``spec`` and ``adapter_keys`` follow, so saving, tracking and the run identity describe the model
+        as it now is. What the method changed in place stays (merged layers with ``merge=True``, a trained
+        decoder or bias): then the weights are no longer the official base's, ``base_sha256`` becomes None,
+        and an adapter saved from here holds every tensor.
+        """
+        from ..peft import apply_peft, unload
+        from ..peft.layer import adapter_layers
+
+        merged = merge and any(layer.mergeable for _, layer in adapter_layers(self.sam))
+        unload(self.sam, merge=merge)
+        state = self.sam.state_dict()
+        changed = [k for k, digest in self._base_digests.items() if k in state and _tensor_digest(state[k]) != digest]
+        if merged or changed:
+            self.base_sha256 = None
+        self._set_method("frozen", *apply_peft(self.sam, "frozen"))
+        return self
+
+    def set_peft(self, method: str, options: Mapping[str, Any] | None = None) -> "PromptableSam":
+        """Swap the PEFT method in place: :meth:`unload`, then inject ``method`` with ``options``.
+
+        The result equals a model built with that method on the weights left by the unload, and
+        ``spec`` / ``adapter_keys`` say so (an adapter of the old method cannot be saved under the new one).
+        """
+        from ..peft import apply_peft
+
+        self.unload()
+        self._set_method(method, *apply_peft(self.sam, method, options))
+        return self
+
+    def _set_method(self, method: str, config: Any, adapter_keys: Sequence[str]) -> None:
+        from .speed import apply_speed_switches
+
+        self.adapter_keys = list(adapter_keys)
+        if self.spec is not None:
+            self.spec = dataclasses.replace(self.spec, peft=method, peft_options=config.to_dict())
+            apply_speed_switches(self.sam, self.spec.skip_window_padding, self.spec.gradient_checkpointing)
+        self._base_digests = self._digest_adapter_tensors()
 
     @property
     def image_size(self) -> int:
@@ -185,3 +237,9 @@ class PromptableSam(nn.Module):
         scale = torch.tensor([S / W, S / H, S / W, S / H])
         logits = self(x, (boxes * scale)[None].to(device), output_size=(S, S))
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (any dtype)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
