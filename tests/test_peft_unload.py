@@ -29,7 +29,7 @@ LAYERED = [
     ("lst", {}),
 ]
 IDS = [m + ("-" + "-".join(map(str, o.values())) if o else "") for m, o in LAYERED]
-MERGEABLE = {"lora", "lora+cobot"}
+MERGEABLE = {"lora", "lora+cobot", "ssf"}  # SSF: all but its layers after the neck's bias-free convs
 NO_LAYERS = ["frozen", "decoder", "full", "bitfit"]  # they add nothing: what trains is the base's own
 
 
@@ -101,7 +101,7 @@ def test_disable_adapters_runs_the_base_and_comes_back(method, options):
 @pytest.mark.parametrize(("method", "options"), LAYERED, ids=IDS)
 def test_merge_uses_each_layers_own_contract(method, options):
     model = tiny(method, **options)
-    perturb_added(model)
+    added = perturb_added(model)
     unmerged = forward(model)
     layers = [layer for _, layer in adapter_layers(model)]
     merged = merge_adapters(model)
@@ -111,18 +111,28 @@ def test_merge_uses_each_layers_own_contract(method, options):
         with pytest.raises(TypeError, match="cannot merge"):
             layers[0].merge()
         return
-    assert merged == len(layers) and all(layer.mergeable and layer.merged for layer in layers)
+    folding = [layer for layer in layers if layer.mergeable]
+    assert merged == len(folding) > 0 and all(layer.merged == layer.mergeable for layer in layers)
+    assert len(folding) == len(layers) - (2 if method == "ssf" and options.get("neck", True) else 0)
     assert torch.allclose(forward(model), unmerged, atol=1e-5)
     with disable_adapters(model):  # unmerged for the block: the base again
         assert torch.allclose(forward(model), forward(tiny("frozen")), atol=1e-5)
-    assert all(layer.merged for layer in layers)
-    assert unmerge_adapters(model) == len(layers)
+    assert all(layer.merged for layer in folding)
+    assert unmerge_adapters(model) == len(folding)
     assert torch.allclose(forward(model), unmerged, atol=1e-5)
+    assert_close_state(model.sam.state_dict(), tiny(method, **options).sam.state_dict(), skip=added)
 
 
-@pytest.mark.parametrize("method", sorted(MERGEABLE))
-def test_unload_merged_keeps_the_adapter_in_the_base_weights(method):
-    model = tiny(method)
+def assert_close_state(state, reference, skip=()):
+    """Same keys; equal to float rounding (after a merge and unmerge), the keys in ``skip`` aside."""
+    assert list(state) == list(reference)
+    for key, value in reference.items():
+        assert key in skip or torch.allclose(state[key], value, rtol=1e-6, atol=1e-7), key
+
+
+@pytest.mark.parametrize(("method", "options"), [("lora", {}), ("lora+cobot", {}), ("ssf", {"neck": False})])
+def test_unload_merged_keeps_the_adapter_in_the_base_weights(method, options):
+    model = tiny(method, **options)
     perturb_added(model)
     adapted = forward(model)
     merge_adapters(model)
@@ -130,6 +140,38 @@ def test_unload_merged_keeps_the_adapter_in_the_base_weights(method):
     assert not adapter_layers(model)
     assert list(model.sam.state_dict()) == list(tiny("frozen").sam.state_dict())
     assert torch.allclose(forward(model), adapted, atol=1e-5)
+
+
+def test_merge_and_unload_refuses_layers_that_cannot_fold():
+    """SSF after the neck's bias-free convolutions cannot fold: merge-and-unload would drop it, so it refuses,
+    before changing anything."""
+    model = tiny("ssf")
+    perturb_added(model)
+    adapted, state = forward(model), {k: v.clone() for k, v in model.sam.state_dict().items()}
+    with pytest.raises(ValueError, match="neck"):
+        unload(model.sam, merge=True)
+    assert_same_state(model.sam.state_dict(), state)
+    assert torch.equal(forward(model), adapted)
+    layer = model.sam.image_encoder.neck[0]
+    with pytest.raises(TypeError, match="without a bias"):
+        layer.merge()
+
+
+def test_ssf_merge_is_the_papers_reparameterisation():
+    """A merged SSF site computes γ ⊙ op(x) + β with the op's own weights: W' = γ W, b' = γ b + β."""
+    model = tiny("ssf", init_std=0.3)
+    qkv = model.sam.image_encoder.blocks[0].attn.qkv
+    x = torch.randn(5, qkv.in_features)
+    with torch.no_grad():
+        expected = qkv.ssf.scale * torch.nn.functional.linear(x, qkv.base_layer.weight, qkv.base_layer.bias) + qkv.ssf.shift
+        qkv.merge()
+        assert torch.allclose(qkv(x), expected, atol=1e-5)
+        assert torch.allclose(qkv.base_layer.bias, qkv.ssf.scale * tiny("frozen").sam.image_encoder.blocks[0].attn.qkv.bias
+                              + qkv.ssf.shift, atol=1e-6)
+        qkv.ssf.scale[0] = 0
+        qkv.unmerge()
+        with pytest.raises(ValueError, match="zero scale"):
+            qkv.merge()
 
 
 @pytest.mark.parametrize("method", NO_LAYERS)

@@ -12,9 +12,13 @@ segment-anything's modules are left as they are: each operation is replaced by a
 layer's ``ssf`` (``blocks.0.attn.qkv.ssf.scale``, the keys SSF adapters have always had).
 
 Init: identity (γ = 1, β = 0), so the model equals SAM at step 0; the official code draws
-γ ~ N(1, 0.02) and β ~ N(0, 0.02), available as ``init_std=0.02``. Being linear and
-per-channel, a trained SSF folds into the preceding layer's weight for inference
-(re-parameterisation, as the paper notes); that folding is not implemented here.
+γ ~ N(1, 0.02) and β ~ N(0, 0.02), available as ``init_std=0.02``.
+
+Merging (the paper's re-parameterisation): being linear and per-channel, a trained SSF folds
+into the operation before it, W' = γ ⊙ W (per output channel), b' = γ ⊙ b + β, for the Linears,
+the patch embedding's convolution and the LayerNorms. The neck's two convolutions have no bias to
+take β (and a LayerNorm over channels follows, which a per-channel shift does not commute with),
+so their layers stay unmerged and keep running; with ``neck=False`` every layer merges.
 
 ViT-B, image encoder trainable: per block 2 x (768 + 2304 + 768 + 768 + 3072 + 768) = 16,896,
 x 12 = 202,752; patch embedding 2 x 768 = 1,536; neck 4 x 2 x 256 = 2,048; total **206,336**
@@ -26,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
 from .blocks import require_vit
@@ -75,6 +80,48 @@ class ScaleShiftLayer(AdapterLayer):
 
     def adapted_forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.ssf(self.base_layer(*args))
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The base's (weight, bias) over the channels SSF scales, None where it has no bias to take β."""
+        base = self.base_layer.proj if isinstance(self.base_layer, PatchEmbed) else self.base_layer
+        weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+        if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+            return weight, bias
+        return None
+
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        return self._affine() is not None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if not self.mergeable:
+            raise TypeError(f"SSF after a {type(self.base_layer).__name__} without a bias cannot merge: there is "
+                            "no bias to take its shift")
+        if not bool((self.ssf.scale != 0).all()):
+            raise ValueError("SSF with a zero scale cannot merge: the base could not be recovered by unmerge()")
+        self._fold(+1)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(-1)
+            self.merged = False
+
+    def _fold(self, direction: int) -> None:
+        """W' = γ W, b' = γ b + β (direction +1), or back (-1); in float64, rounded once."""
+        weight, bias = self._affine()
+        scale, shift = self.ssf.scale.double(), self.ssf.shift.double()
+        per_row = scale.view(-1, *[1] * (weight.dim() - 1))
+        if direction > 0:
+            weight.copy_(weight.double() * per_row)
+            bias.copy_(bias.double() * scale + shift)
+        else:
+            weight.copy_(weight.double() / per_row)
+            bias.copy_((bias.double() - shift) / scale)
 
 
 def _channels(module: nn.Module) -> int:

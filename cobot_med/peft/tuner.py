@@ -134,7 +134,8 @@ def _mergeable_layers(model: nn.Module) -> list[AdapterLayer]:
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Fold every layer that says it is ``mergeable`` (LoRA, LoRA+COBOT) into its base's weights.
+    """Fold every layer that says it is ``mergeable`` (LoRA, LoRA+COBOT, SSF but after the neck's
+    bias-free convolutions) into its base's weights.
 
     Returns how many layers merged: 0 for a method with no mergeable layer, whose layers keep
     running their branch (a layer's own ``merge()`` refuses with a TypeError).
@@ -181,11 +182,17 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
 
     Afterwards ``model`` is its base: the same modules, state-dict keys and outputs, nothing of
     the adapter left. ``merge=True`` folds mergeable layers into their bases first (LoRA's
-    merge-and-unload, for inference); without it merged layers are unmerged. ``requires_grad``
+    merge-and-unload, for inference; refused with a ValueError, before anything changes, when a
+    layer cannot fold); without it merged layers are unmerged. ``requires_grad``
     is left as it is (``apply_peft`` sets it again), and so are tensors a method trains in place
     (``full``, BitFit, the mask decoder). A model can then take another method with ``apply_peft``.
     """
-    for path, layer in reversed(adapter_layers(model)):  # inner layers first
+    layers = adapter_layers(model)
+    kept_apart = [path for path, layer in layers if not layer.mergeable]
+    if merge and kept_apart:  # checked first: nothing is changed when refusing
+        raise ValueError(f"cannot merge and unload: {len(kept_apart)} layer(s) do not fold into their base "
+                         f"(e.g. {kept_apart[0]}), and unloading would drop what they add; unload without merge")
+    for path, layer in reversed(layers):  # inner layers first
         if merge and layer.mergeable:
             layer.merge()
             base = layer.base_layer
