@@ -12,7 +12,8 @@ A layer also says what it can do:
   :func:`cobot_med.peft.tuner.disable_adapters` sets it on every layer for the length of a
   ``with`` block;
 - ``mergeable``: the layer can fold its branch into the base's weights (``merge()`` /
-  ``unmerge()``, ``merged`` says which); the others refuse with a one-line reason;
+  ``unmerge()``, ``merged`` says which; a mergeable layer implements ``fold(±1)``); the others
+  refuse with a one-line reason;
 - ``token_wise``: the layer maps every token on its own when its base does, so
   :mod:`cobot_med.sam.speed` may skip padded tokens through it;
 - ``unload()``: the base module, with any merged branch taken out first.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 
@@ -66,13 +68,27 @@ class AdapterLayer(nn.Module):
     def adapted_forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
+    @torch.no_grad()
     def merge(self) -> None:
-        """Fold the branch into the base's weights (mergeable layers only)."""
-        raise TypeError(f"{type(self).__name__} does not fold into its base layer: it cannot merge")
+        """Fold the branch into the base's weights (mergeable layers only); a no-op when merged."""
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} does not fold into its base layer: it cannot merge")
+        if not self.merged:
+            self.fold(+1)
+            self.merged = True
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Take a merged branch back out of the base's weights (mergeable layers only)."""
-        raise TypeError(f"{type(self).__name__} does not fold into its base layer: it cannot unmerge")
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} does not fold into its base layer: it cannot unmerge")
+        if self.merged:
+            self.fold(-1)
+            self.merged = False
+
+    def fold(self, direction: int) -> None:
+        """Add the branch to the base's weights (``direction`` +1) or take it out (-1)."""
+        raise NotImplementedError
 
     def unload(self) -> nn.Module:
         """The base module as it was before injection (a merged branch is taken out first)."""

@@ -113,22 +113,11 @@ class LoraQkv(AdapterLayer):
             a = self.sites[target].matrix().t() @ a
         return (b @ a) * self.scale
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._apply_delta(+1)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self._apply_delta(-1)
-            self.merged = False
-
-    def _apply_delta(self, sign: int) -> None:
+    def fold(self, direction: int) -> None:
+        """W ± ΔW on each target's output rows."""
         weight = self.base_layer.weight
         for t in self.targets:
-            weight.index_add_(0, self.columns(t), sign * self.delta_weight(t).to(weight.dtype))
+            weight.index_add_(0, self.columns(t), direction * self.delta_weight(t).to(weight.dtype))
 
 
 def inject(sam: nn.Module, config: LoraConfig) -> None:

@@ -93,25 +93,16 @@ class ScaleShiftLayer(AdapterLayer):
     def mergeable(self) -> bool:  # type: ignore[override]
         return self._affine() is not None
 
-    @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            return
+        """As every layer's, with SSF's two refusals: no bias to take β, or a zero γ (unmerge could not divide)."""
         if not self.mergeable:
             raise TypeError(f"SSF after a {type(self.base_layer).__name__} without a bias cannot merge: there is "
                             "no bias to take its shift")
-        if not bool((self.ssf.scale != 0).all()):
+        if not self.merged and not bool((self.ssf.scale != 0).all()):
             raise ValueError("SSF with a zero scale cannot merge: the base could not be recovered by unmerge()")
-        self._fold(+1)
-        self.merged = True
+        super().merge()
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self._fold(-1)
-            self.merged = False
-
-    def _fold(self, direction: int) -> None:
+    def fold(self, direction: int) -> None:
         """W' = γ W, b' = γ b + β (direction +1), or back (-1); in float64, rounded once."""
         weight, bias = self._affine()
         scale, shift = self.ssf.scale.double(), self.ssf.shift.double()
