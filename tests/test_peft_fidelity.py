@@ -259,16 +259,22 @@ def test_cobot_ablations_keep_gamma():
         assert relative_l2(after, before) > 1e-2, switches
 
 
-def test_lora_cobot_stack_equals_the_reference_encoder():
-    encoder, reference = adapted_and_base("lora+cobot")
+def assert_qkv_stack_matches(method, reference_qkv):
+    """The whole adapted encoder equals the base encoder whose every qkv runs ``reference_qkv(x, encoder, b)``,
+    and differs from the base."""
+    encoder, reference = adapted_and_base(method)
     x = encoder_input()
     with torch.no_grad():
         base = reference(x)
         for b, block in enumerate(reference.blocks):
-            block.attn.qkv = _Call(lambda x, b=b: ref_lora_qkv(x, encoder.blocks[b].attn.qkv, encoder.cobot, b))
+            block.attn.qkv = _Call(lambda x, b=b: reference_qkv(x, encoder, b))
         ours, expected = encoder(x), reference(x)
     torch.testing.assert_close(ours, expected, **TOL)
     assert relative_l2(ours, base) > 1e-2
+
+
+def test_lora_cobot_stack_equals_the_reference_encoder():
+    assert_qkv_stack_matches("lora+cobot", lambda x, enc, b: ref_lora_qkv(x, enc.blocks[b].attn.qkv, enc.cobot, b))
 
 
 class _Call(nn.Module):
@@ -404,15 +410,7 @@ def test_conv_lora_defaults_are_autogluons_sam_preset():
 
 
 def test_conv_lora_stack_equals_the_reference_encoder():
-    encoder, reference = adapted_and_base("conv_lora")
-    x = encoder_input()
-    with torch.no_grad():
-        base = reference(x)
-        for b, block in enumerate(reference.blocks):
-            block.attn.qkv = _Call(lambda x, b=b: ref_conv_lora(x, encoder.blocks[b].attn.qkv)[0])
-        ours, expected = encoder(x), reference(x)
-    torch.testing.assert_close(ours, expected, **TOL)
-    assert relative_l2(ours, base) > 1e-2
+    assert_qkv_stack_matches("conv_lora", lambda x, enc, b: ref_conv_lora(x, enc.blocks[b].attn.qkv)[0])
 
 
 def test_deep_copy_keeps_the_residual_stream_hook_on_its_own_block():
