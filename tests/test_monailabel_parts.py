@@ -27,12 +27,15 @@ def test_settings_defaults_and_output_places(tmp_path):
     app = settings.from_conf({"models": "tiny"}, str(tmp_path))
     assert [m.name for m in app.models] == ["tiny"] and app.models[0].adapter is None
     assert app.dataset == "adome" and app.organs == ORGANS
-    assert app.peft == "lora+cobot" and app.propagation == "box3d" and app.amp == "auto" and app.batch_size == 8
+    assert app.peft == "lora+cobot" and app.propagation == "box3d"
     assert app.output_dir == (tmp_path / "cobot_med").resolve()
     assert app.tracking_uri in (os.environ.get("MLFLOW_TRACKING_URI"), f"sqlite:///{app.output_dir / 'mlflow.db'}")
     run = app.models[0].run  # the bundle's settings object the app serves and trains with
-    assert (run.dataset, run.arch, run.adapter, run.eval_batch_size, run.tracking_uri) == (
-        "adome", "tiny", "", 8, app.tracking_uri)
+    assert (run.dataset, run.arch, run.adapter, run.eval_batch_size, run.amp, run.tracking_uri) == (
+        "adome", "tiny", "", "auto", "auto", app.tracking_uri)
+    assert run.slice_batch("cpu") == 8  # auto: 1 only for LiteMedSAM on a CPU
+    lite = settings.from_conf({"models": "lite_medsam"}, str(tmp_path)).models[0].run
+    assert lite.slice_batch("cpu") == 1 and lite.slice_batch("cuda") == 8
 
 
 @pytest.mark.parametrize("conf, message", [

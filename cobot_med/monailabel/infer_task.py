@@ -69,7 +69,7 @@ class CobotMedInfer(BasicInferTask):
         choices = [settings.propagation] + [p for p in PROPAGATIONS if p != settings.propagation]
         super().__init__(
             path=None, network=None, type=InferType.DEEPGROW, labels=dict(settings.organs), dimension=3,
-            description=f"SAM ({model.arch}) with the served PEFT adapter: ROI box and clicks -> 3D segmentation",
+            description=f"SAM ({model.name}) with the served PEFT adapter: ROI box and clicks -> 3D segmentation",
             config={"propagation": choices},
         )
         self.served = ServedModel(settings.model_dir(model.name), model.adapter, self._load)
@@ -96,10 +96,11 @@ class CobotMedInfer(BasicInferTask):
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
         prompted = data["prompted"]
+        network = data.pop("network")
         try:
-            label, record = project.segment(data.pop("network"), data["volume"], prompted.organ, prompted.organ_id,
+            label, record = project.segment(network, data["volume"], prompted.organ, prompted.organ_id,
                                             prompted.interaction, prompted.propagation, device,
-                                            self.settings.batch_size, data.pop("precision"))
+                                            self.model.run.slice_batch(device, network), data.pop("precision"))
         except project.BadPrompt as err:
             raise RequestError(str(err)) from None
         data["pred"] = label

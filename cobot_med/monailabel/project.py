@@ -165,7 +165,7 @@ def _clicked(predictor: SlicePredictor, volume: torch.Tensor, z: int, clicks: li
 
 
 def segment(network: Any, data: dict, organ: str, organ_id: int, interaction: Interaction, propagation: str,
-            device: str | torch.device, batch_size: int = 8,
+            device: str | torch.device, batch_size: int,
             amp: Any = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """One organ from an ROI and clicks -> oriented label (1, X, Y, Z) uint8 (``organ_id`` inside) and what was done.
 

@@ -16,7 +16,8 @@ key                default                      meaning
 ``propagation``    ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
 ``amp``            ``auto``                     precision in inference and training, as the bundles' ``amp``
                                                 (``auto``: what the device runs fast; true/false, bf16, fp16)
-``batch_size``     ``8``                        slices per forward pass in inference (``eval_batch_size``)
+``batch_size``     ``auto``                     slices per forward pass in inference (``eval_batch_size``;
+                                                ``auto``: 1 for LiteMedSAM on a CPU, else 8)
 =================  ===========================  ==========================================================
 
 Each served model is one :class:`cobot_med.settings.RunSettings` of the dataset's bundle (its defaults,
@@ -48,9 +49,7 @@ class ConfError(ValueError):
 class ModelSettings:
     """One served model: its base, the adapter it starts with (None: the base alone), and its run settings."""
 
-    name: str
-    arch: str
-    image_size: int | None
+    name: str  # the base arch it serves
     adapter: str | None
     run: RunSettings = dataclasses.field(repr=False, compare=False)  # the bundle's settings of this model
 
@@ -60,14 +59,11 @@ class AppSettings:
     models: tuple[ModelSettings, ...]
     dataset: str  # the dataset bundle (bundles/<dataset>.json)
     organs: dict[str, int]  # organ -> label id, the layout's order
-    sam_checkpoint: str | None
     peft: str
     epochs: int
     output_dir: Path
     tracking_uri: str
     propagation: str
-    amp: str
-    batch_size: int
 
     def model_dir(self, model: str) -> Path:
         """Where one model's training rounds and served-adapter record live."""
@@ -104,7 +100,7 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
     output_dir = Path(get("output_dir") or Path(studies) / "cobot_med").resolve()
     base = _checked("peft", base, peft=get("peft", "lora+cobot"))
     base = _checked("amp", base, amp=get("amp", "auto"))
-    base = _checked("batch_size", base, eval_batch_size=get("batch_size", "8"))
+    base = _checked("batch_size", base, eval_batch_size=get("batch_size", "auto"))
     base = _checked("epochs", base, epochs=get("epochs", "5"))
     base = _checked("sam_checkpoint", base, sam_checkpoint=get("sam_checkpoint"))
     base = _checked("output_dir / tracking_uri", base, output_dir=str(output_dir), tracking_uri=get("tracking_uri"))
@@ -135,10 +131,9 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
             project.check_model_files(run)
         except project.SettingsError as err:
             raise ConfError(f"--conf models / sam_checkpoint / adapter: {err}") from None
-        models.append(ModelSettings(name, name, run.image_size, start, run))
+        models.append(ModelSettings(name, start, run))
 
     return AppSettings(
-        models=tuple(models), dataset=base.dataset, organs=base.organs,
-        sam_checkpoint=base.sam_checkpoint or None, peft=base.peft, epochs=base.epochs, output_dir=output_dir,
-        tracking_uri=tracking, propagation=propagation, amp=base.amp, batch_size=base.eval_batch_size,
+        models=tuple(models), dataset=base.dataset, organs=base.organs, peft=base.peft, epochs=base.epochs,
+        output_dir=output_dir, tracking_uri=tracking, propagation=propagation,
     )

@@ -56,7 +56,7 @@ class CobotMedTrain(TrainTask):
     """Fine-tune the served model's adapter on the datastore's saved labels (see the module)."""
 
     def __init__(self, model: ModelSettings, settings: AppSettings, served: ServedModel) -> None:
-        super().__init__(f"Fine-tune the {model.arch} adapter ({settings.peft} for a new one) on the saved labels; "
+        super().__init__(f"Fine-tune the {model.name} adapter ({settings.peft} for a new one) on the saved labels; "
                          "MLflow-tracked; served as soon as it finishes")
         self.model, self.settings, self.served = model, settings, served
         self.model_dir = settings.model_dir(model.name)
