@@ -1,6 +1,6 @@
 """LiteMedSAM: our path against LiteMedSAM's own way, in one run (whole-volume inference and a training step).
 
-    python benchmarks/lite_medsam.py [--organs 4] [--shape 160 160 40] [--batch 8] [--train-batch 2]
+    python benchmarks/lite_medsam.py [--organs 4] [--shape 160 160 40] [--batch auto] [--train-batch 2]
         [--peft lora+cobot] [--repeats 2] [--budget 60] [--device auto] [--skip-training]
         [--amp auto|true|false|bf16|fp16 | --dtype auto|fp32|bf16|fp16] [--attention ...] [--threads auto|N]
 
@@ -99,8 +99,9 @@ def official_image(slice_2d: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]
 def official_volume(model, volume: np.ndarray, labels: np.ndarray, organs: int) -> torch.Tensor:
     """LiteMedSAM's 3D loop: per organ, per slice holding it, one encoder call and one box; (X, Y, Z) labels."""
     X, Y, Z = volume.shape
-    out = torch.zeros(X, Y, Z, dtype=torch.uint8)
-    best = torch.full((X, Y, Z), -torch.inf)
+    device = next(model.parameters()).device
+    out = torch.zeros(X, Y, Z, dtype=torch.uint8, device=device)
+    best = torch.full((X, Y, Z), -torch.inf, device=device)
     for k in range(1, organs + 1):
         for z in range(Z):
             rows, cols = np.nonzero(labels[:, :, z] == k)
@@ -108,8 +109,8 @@ def official_volume(model, volume: np.ndarray, labels: np.ndarray, organs: int) 
                 continue
             image, (newh, neww) = official_image(volume[:, :, z])
             box = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float64)
-            box = torch.trunc(box * 256.0 / max(X, Y)).float()[None, None]
-            embedding = model.image_encoder(image)
+            box = torch.trunc(box * 256.0 / max(X, Y)).float()[None, None].to(device)
+            embedding = model.image_encoder(image.to(device))
             sparse, dense = model.prompt_encoder(points=None, boxes=box, masks=None)
             low, _ = model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -118,14 +119,14 @@ def official_volume(model, volume: np.ndarray, labels: np.ndarray, organs: int) 
             wins = (torch.sigmoid(logits) > 0.5) & (logits > best[:, :, z])  # overlaps: the most probable organ
             out[:, :, z][wins] = k
             best[:, :, z] = torch.where(wins, logits, best[:, :, z])
-    return out
+    return out.cpu()
 
 
 def our_volume(model, volume: np.ndarray, labels: np.ndarray, organs: int, batch: int, amp) -> torch.Tensor:
     """``cobot-med infer``'s path on the same volume and label-derived boxes; (X, Y, Z) labels."""
     names = {f"organ{k}": k for k in range(1, organs + 1)}
     prompts = from_labels(torch.from_numpy(labels.astype(np.int64))[None], names)
-    predictor = SlicePredictor(model, "cpu" if not next(model.parameters()).is_cuda else "cuda", batch, amp)
+    predictor = SlicePredictor(model, next(model.parameters()).device, batch, amp)
     probs, _ = predict_volume(predictor, torch.from_numpy(volume), prompts)
     return to_label_map(probs, list(names.values()))[0].to(torch.uint8)
 
@@ -134,8 +135,9 @@ def run_inference(args, ours: C.Choices) -> dict:
     volume, labels = (make_volume if args.staggered else side_by_side_volume)(tuple(args.shape), args.organs, args.seed)
     boxes = int(sum((labels[:, :, z] == k).any() for z in range(labels.shape[2]) for k in range(1, args.organs + 1)))
     slices = int((labels > 0).any(axis=(0, 1)).sum())
-    reference_model = official_model()
-    our_model = build_model(ModelSpec(arch="lite_medsam", peft="frozen", attention=ours.path.attention)).eval()
+    reference_model = official_model().to(args.device)
+    our_model = build_model(ModelSpec(arch="lite_medsam", peft="frozen", attention=ours.path.attention))
+    our_model = our_model.to(args.device).eval()
     C.progress("checking the label maps")
     ref_map = official_volume(reference_model, volume, labels, args.organs)
     fp32_map = our_volume(our_model, volume, labels, args.organs, args.batch, "fp32")
@@ -155,7 +157,8 @@ def run_inference(args, ours: C.Choices) -> dict:
 
 
 def run_training(args, ours: C.Choices) -> dict:
-    model = build_model(ModelSpec(arch="lite_medsam", peft=args.peft, attention=ours.path.attention)).train()
+    model = build_model(ModelSpec(arch="lite_medsam", peft=args.peft, attention=ours.path.attention))
+    model = model.to(args.device).train()
     generator = torch.Generator().manual_seed(args.seed + 1)
     with torch.no_grad():  # non-zero adapter branch ends, so the adapter acts in the gradients checked
         for p in model.sam.image_encoder.parameters():
