@@ -234,7 +234,7 @@ def load_adapter(path: str | Path, sam_checkpoint: str | Path | None = None,
     if "recipe" in changes:
         changes["recipe"] = {**config["spec"].recipe, **changes["recipe"]}
     spec = dataclasses.replace(config["spec"], **changes)
-    model = build_model(spec, sam_checkpoint if base else None)
+    model = build_model(spec, sam_checkpoint, base=bool(base))  # no base: a full-weights adapter has every tensor
     load_adapter_tensors(model, read_weights(path, config), resolve_adapter(path)[1])
     return model.to(map_location)
 

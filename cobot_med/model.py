@@ -45,15 +45,16 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
 
-def build_model(spec: ModelSpec, sam_checkpoint: str | Path | None = None) -> PromptableSam:
+def build_model(spec: ModelSpec, sam_checkpoint: str | Path | None = None, *, base: bool = True) -> PromptableSam:
     """SAM for ``spec``, the checkpoint loaded strictly, then the PEFT method injected.
 
     Without ``sam_checkpoint``, an arch whose weights ship with a package (``lite_medsam``) loads
-    those; the others stay randomly initialised. ``base_sha256`` is the loaded file's SHA-256.
+    those; the others stay randomly initialised. ``base=False`` loads no base weights at all (for a
+    full-weights adapter, which brings every tensor). ``base_sha256`` is the loaded file's SHA-256.
     """
     sam = build_sam(spec.arch, spec.image_size)
     set_attention(sam.image_encoder, spec.attention)
-    sam_checkpoint = sam_checkpoint or default_checkpoint(spec.arch)
+    sam_checkpoint = (sam_checkpoint or default_checkpoint(spec.arch)) if base else None
     sha256 = load_sam_checkpoint(sam, sam_checkpoint) if sam_checkpoint else None
     config, adapter_keys = apply_peft(sam, spec.peft, spec.peft_options)
     spec = dataclasses.replace(spec, peft_options=config.to_dict())

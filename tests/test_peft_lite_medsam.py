@@ -146,3 +146,38 @@ def test_training_leaves_the_frozen_batch_norms_of_tinyvit_alone():
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
     full = build_model(ModelSpec(arch="lite_medsam", peft="full")).train()  # trainable norms do train
     assert all(m.training for m in full.sam.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.slow  # a few seconds: two LiteMedSAM forwards
+def test_full_fine_tuning_keeps_the_running_statistics_it_trained(tmp_path):
+    """Under ``full`` TinyViT's batch norms train, so their running statistics belong to the adapter: saved,
+    loaded, and marking the base as changed on unload."""
+    from cobot_med.adapter import load_adapter, save_adapter
+
+    model = lite("full")
+    assert any(k.endswith("running_mean") for k in model.adapter_keys)
+    assert not any(k.endswith("running_mean") for k in lite("lora").adapter_keys)  # frozen norms keep the base's
+    image, box = slice_and_box()
+    model.train()(image, box)  # one training-mode forward moves the running statistics
+    with torch.no_grad():
+        expected = model.eval()(image, box)
+        loaded = load_adapter(save_adapter(model, tmp_path / "full"))
+        torch.testing.assert_close(loaded.eval()(image, box), expected)
+    model.unload()
+    assert model.base_sha256 is None
+
+
+def test_a_full_weights_adapter_of_lite_medsam_loads(tmp_path):
+    """Once its base was changed in place, a LiteMedSAM model saves every tensor; loading that folder must not
+    put the packaged base under it (and then refuse the extra keys)."""
+    from cobot_med.adapter import load_adapter, save_adapter
+
+    model = lite("decoder")
+    with torch.no_grad():
+        model.sam.mask_decoder.iou_prediction_head.layers[0].bias.add_(0.1)
+    model.unload()
+    assert model.base_sha256 is None
+    loaded = load_adapter(save_adapter(model, tmp_path / "full"))
+    assert loaded.base_sha256 is None
+    state = loaded.sam.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.sam.state_dict().items())

@@ -78,7 +78,8 @@ def apply_peft(sam: nn.Module, name: str, options: Mapping[str, Any] | None = No
     """Freeze ``sam``, inject method ``name`` and set what trains.
 
     Returns the method's config and the state-dict keys of the adapter (what the method added
-    plus every trainable tensor), i.e. what an adapter checkpoint holds.
+    plus every trainable tensor and the running statistics of batch norms that train), i.e. what an
+    adapter checkpoint holds.
     """
     method = get_method(name)
     config = method.make_config(options)
@@ -96,8 +97,16 @@ def apply_peft(sam: nn.Module, name: str, options: Mapping[str, Any] | None = No
         p.requires_grad_(True)
     state = sam.state_dict(keep_vars=True)
     trainable = {id(p) for p in sam.parameters() if p.requires_grad}
+    trainable |= {id(b) for m in sam.modules() if trains_statistics(m) for b in m.buffers(recurse=False)}
     adapter_keys = [k for k, t in state.items() if id(t) not in before or id(t) in trainable]
     return config, adapter_keys
+
+
+def trains_statistics(module: nn.Module) -> bool:
+    """A batch norm whose weight trains: its running statistics change in training (so they belong to the
+    adapter); the other batch norms stay in eval mode (``PromptableSam.train``) and keep the base's."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and (
+        module.weight.requires_grad)
 
 
 def count_parameters(sam: nn.Module) -> dict[str, int]:

@@ -8,7 +8,6 @@ an image (one per organ) against a single image embedding.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -36,15 +35,14 @@ class PromptableSam(nn.Module):
         self.spec = spec  # cobot_med.model.ModelSpec when built by build_model
         self.adapter_keys = list(adapter_keys)  # state-dict keys (of ``sam``) an adapter checkpoint holds
         self.base_sha256 = base_sha256  # SHA-256 of the official checkpoint loaded, None without one
-        self._base_digests = self._digest_adapter_tensors()
+        self._versions = self._adapter_versions()
 
-    def _digest_adapter_tensors(self) -> dict[str, str]:
-        """SHA-256 of each adapter tensor as it is now: after :meth:`unload`, the base tensors among them
-        (the decoder, BitFit's biases, ``full``'s weights: trained where they are) are checked against these."""
-        if self.base_sha256 is None:
-            return {}
-        state = self.sam.state_dict()
-        return {k: _tensor_digest(state[k]) for k in self.adapter_keys}
+    def _adapter_versions(self) -> dict[str, int]:
+        """The in-place version counter of each adapter tensor now. Optimiser steps, ``load_state_dict`` and
+        merges bump it; after :meth:`unload` the base tensors among them (the decoder, BitFit's biases,
+        ``full``'s weights: trained where they are) are checked against these."""
+        state = self.sam.state_dict(keep_vars=True)
+        return {k: state[k]._version for k in self.adapter_keys}
 
     def unload(self, merge: bool = False) -> "PromptableSam":
         """Take the PEFT method out (:func:`cobot_med.peft.unload`): the model becomes ``frozen`` SAM.
@@ -59,8 +57,8 @@ class PromptableSam(nn.Module):
 
         merged = merge and any(layer.mergeable for _, layer in adapter_layers(self.sam))
         unload(self.sam, merge=merge)
-        state = self.sam.state_dict()
-        changed = [k for k, digest in self._base_digests.items() if k in state and _tensor_digest(state[k]) != digest]
+        state = self.sam.state_dict(keep_vars=True)
+        changed = [k for k, version in self._versions.items() if k in state and state[k]._version != version]
         if merged or changed:
             self.base_sha256 = None
         self._set_method("frozen", *apply_peft(self.sam, "frozen"))
@@ -85,7 +83,7 @@ class PromptableSam(nn.Module):
         if self.spec is not None:
             self.spec = dataclasses.replace(self.spec, peft=method, peft_options=config.to_dict())
             apply_speed_switches(self.sam, self.spec.skip_window_padding, self.spec.gradient_checkpointing)
-        self._base_digests = self._digest_adapter_tensors()
+        self._versions = self._adapter_versions()
 
     @property
     def image_size(self) -> int:
@@ -95,11 +93,12 @@ class PromptableSam(nn.Module):
         """As ``nn.Module.train``, but batch norms whose weights are frozen stay in eval mode: a frozen
         encoder with batch norms (LiteMedSAM's TinyViT) would otherwise drift its running statistics
         towards the fine-tuning batches, changing the "frozen" base under the adapter."""
+        from ..peft.tuner import trains_statistics
+
         super().train(mode)
         if mode:
             for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
-                        module.weight is not None and module.weight.requires_grad):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not trains_statistics(module):
                     module.eval()
         return self
 
@@ -238,8 +237,3 @@ class PromptableSam(nn.Module):
         logits = self(x, (boxes * scale)[None].to(device), output_size=(S, S))
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
 
-
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (any dtype)."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).hexdigest()
