@@ -304,8 +304,9 @@ def _device_type(device: torch.device | str) -> str:
 COMPILE_RULES: dict[tuple[str, str], tuple[bool, str]] = {
     ("cpu", "train"): (False, "on CPU compiling takes minutes for +13% per step (BENCHMARKS.md, bf16 on an "
                               "AVX-512 BF16 CPU; not measured on AVX2) and needs a C++ compiler"),
-    ("cpu", "infer"): (False, "on CPU each new batch shape recompiles for minutes, for +6% per volume (BENCHMARKS.md, "
-                              "fp32 on the AVX2 class, emulated)"),
+    ("cpu", "infer"): (False, "on CPU each new batch shape recompiles for minutes, for +6% per volume (BENCHMARKS.md: "
+                              "measured in fp32 on the AVX2 class, emulated; not measured in bf16 on the AVX-512 "
+                              "BF16/AMX class)"),
     ("cuda", "train"): (False, "not measured on a GPU in this project (segment-anything-fast: +37% for "
                                "inference on an A100); turn it on with compile=true"),
     ("cuda", "infer"): (False, "not measured on a GPU in this project; a volume's last batch recompiles"),
