@@ -19,12 +19,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .blocks import adaptable_blocks
+from .blocks import QKV_TARGETS, adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
 from .layer import AdapterLayer
 
-_SLICES = ("q", "k", "v")
 INITS = ("xavier_normal", "zero_b")
 
 
@@ -43,9 +42,9 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora init must be one of {INITS}, got {self.init!r}")
         if self.rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
-        bad = [t for t in self.targets if t not in _SLICES] or ([] if self.targets else ["(none)"])
+        bad = [t for t in self.targets if t not in QKV_TARGETS] or ([] if self.targets else ["(none)"])
         if bad:
-            raise ValueError(f"lora targets must be among {_SLICES}, got {list(self.targets)}")
+            raise ValueError(f"lora targets must be among {QKV_TARGETS}, got {list(self.targets)}")
         if self.cobot is not None:
             CobotConfig.from_dict(self.cobot)  # validate early
             if self.rank % 4:
@@ -64,20 +63,16 @@ class LoraQkv(AdapterLayer):
         base: nn.Linear,
         rank: int,
         scale: float,
-        targets: tuple[str, ...],
+        columns: dict[str, torch.Tensor],
         dropout: float = 0.0,
         sites: dict[str, CobotSite] | None = None,
         init: str = "xavier_normal",
-        columns: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """``columns[t]``: the qkv output indices of target t (:meth:`AdaptableBlock.qkv_columns`);
-        by default segment-anything's [q | k | v] thirds."""
+        """``columns[t]``: the qkv output indices of each target t (:meth:`AdaptableBlock.qkv_columns`)."""
         super().__init__(base)
         self.scale = scale
-        self.targets = tuple(targets)
-        third = base.out_features // 3
-        for t in self.targets:  # not saved: the layout is the encoder's, rebuilt with it
-            cols = columns[t] if columns else torch.arange(_SLICES.index(t) * third, (_SLICES.index(t) + 1) * third)
+        self.targets = tuple(columns)
+        for t, cols in columns.items():  # not saved: the layout is the encoder's, rebuilt with it
             self.register_buffer(f"columns_{t}", cols, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ModuleDict({t: nn.Linear(base.in_features, rank, bias=False) for t in self.targets})
@@ -103,7 +98,8 @@ class LoraQkv(AdapterLayer):
             d = self.lora_A[t](x)
             if t in self.sites:
                 d = self.sites[t](d)
-            out = out.index_add(out.dim() - 1, self.columns(t), self.lora_B[t](d) * self.scale)
+            # in place: the base Linear keeps its inputs, not its output, for backward
+            out.index_add_(out.dim() - 1, self.columns(t), self.lora_B[t](d) * self.scale)
         return out
 
     def delta_weight(self, target: str) -> torch.Tensor:
@@ -134,9 +130,8 @@ def inject(sam: nn.Module, config: LoraConfig) -> None:
             attn.qkv,
             rank=config.rank,
             scale=config.alpha / config.rank,
-            targets=config.targets,
+            columns={t: adaptable.qkv_columns(t) for t in config.targets},
             dropout=config.dropout,
             sites=block_sites,
             init=config.init,
-            columns={t: adaptable.qkv_columns(t) for t in config.targets},
         )
