@@ -133,7 +133,8 @@ def test_explicit_settings_win(cpu):
     cpu(AMX)
     assert P.resolve_precision(False, "cpu").dtype == torch.float32
     assert P.resolve_precision("fp32", "cpu").reason == "fp32: amp=false (explicit)"
-    assert P.resolve_precision("fp16", "cpu", training=True).grad_scaler
+    fp16 = P.resolve_precision("fp16", "cpu", training=True)  # MONAI's trainer scales (and autocasts) on CUDA only
+    assert fp16.dtype == torch.float16 and not fp16.grad_scaler
     cpu(AVX2)
     with pytest.warns(UserWarning, match="amp=bf16 on a CPU without fast bf16"):
         precision = P.resolve_precision("bf16", "cpu")
@@ -163,6 +164,7 @@ def test_cuda_rules(monkeypatch, cpu, bf16, training, dtype, scaler):
     assert ("grad scaler" in precision.reason) == scaler
     assert P.resolve_precision(True, "cuda", training=training).dtype == dtype  # true: the GPU's half dtype
     assert P.resolve_precision("bf16", "cuda").dtype == torch.bfloat16  # explicit wins
+    assert P.resolve_precision("fp16", "cuda", training=training).grad_scaler == training  # fp16 training on CUDA
     assert P.resolve_precision(False, "cuda").dtype == torch.float32
 
 

@@ -224,7 +224,7 @@ class Precision:
     setting: str  # as asked, canonical (parse_amp): auto, true, bf16, fp16, fp32
     dtype: torch.dtype
     reason: str
-    grad_scaler: bool = False  # fp16 training: scale the loss so small gradients do not underflow
+    grad_scaler: bool = False  # fp16 training on CUDA: scale the loss so small gradients do not underflow
 
     @property
     def name(self) -> str:
@@ -265,6 +265,8 @@ def resolve_precision(setting: Any = "auto", device: torch.device | str = "cpu",
     ``auto``: CUDA -> bf16 where supported, else fp16 (grad scaler in training); CPU -> bf16
     where it runs fast (:func:`cpu_bf16_support`), else fp32. ``true``: bf16 (fp16 on a GPU
     without bf16). An explicit dtype is used as given (a warning when the CPU runs bf16 slowly).
+    The grad scaler is for fp16 training on CUDA only: MONAI's ``SupervisedTrainer`` scales and
+    autocasts on CUDA alone, so fp16 training on a CPU runs without one and records so.
     """
     setting = parse_amp(setting)
     kind = _device_type(device)
@@ -284,12 +286,17 @@ def resolve_precision(setting: Any = "auto", device: torch.device | str = "cpu",
                 reason += f"; {why}: expect it slower than fp32"
                 warnings.warn(f"amp={setting} on a CPU without fast bf16 ({why}): expect it several times "
                               "slower than fp32; amp=auto picks fp32 here", stacklevel=2)
-        return Precision(setting, dtype, reason, grad_scaler=training and dtype == torch.float16)
+        return Precision(setting, dtype, reason, grad_scaler=_needs_scaler(kind, dtype, training))
     dtype, why = _half_for(kind)
-    scaler = training and dtype == torch.float16
+    scaler = _needs_scaler(kind, dtype, training)
     if scaler:
         why += "; a grad scaler guards training"
     return Precision(setting, dtype, f"{DTYPE_NAMES[dtype]}: {why}", grad_scaler=scaler)
+
+
+def _needs_scaler(device_type: str, dtype: torch.dtype, training: bool) -> bool:
+    """fp16 training on CUDA (MONAI's trainer has no grad scaler off CUDA)."""
+    return training and dtype == torch.float16 and device_type == "cuda"
 
 
 def _device_type(device: torch.device | str) -> str:
