@@ -300,6 +300,10 @@ def test_plan_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     plan = P.plan_threads("cpu", cores=16)
     assert plan.torch_threads == 6 and "OMP_NUM_THREADS=6" in plan.reason
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets when it is unset: kept, and the reason says so
+    plan = P.plan_threads("cpu", cores=16)
+    assert plan.torch_threads == 1 and "torchrun sets 1 when it is unset; 4 physical cores per process" in plan.reason
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert P.plan_threads("cpu", threads=2, cores=16).torch_threads == 2  # explicit beats OMP_NUM_THREADS
     monkeypatch.setattr(P, "physical_cores", lambda: 3)
     monkeypatch.delenv("OMP_NUM_THREADS")

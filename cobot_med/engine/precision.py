@@ -14,7 +14,8 @@ is logged and recorded (``describe()``). An explicit setting always wins.
   ``~/.cache/cobot-med/cpu_bf16.json``); otherwise fp32.
 - ``compile`` (:func:`resolve_compile`): from :data:`COMPILE_RULES`, one row per device type and mode.
 - threads (:func:`plan_threads`): on a CPU, torch's intra-op threads and the data loader workers
-  together use the machine's physical cores (hyper-threads share a core's matrix units).
+  together use the machine's physical cores (hyper-threads share a core's matrix units); under a
+  default multi-process ``torchrun``, torchrun's own ``OMP_NUM_THREADS=1`` decides (``threads=`` sets more).
 
 The attention kind's rule lives beside the kinds, in :mod:`cobot_med.sam.attention`
 (``resolve_attention``); :func:`resolve_speed` resolves all of them for one run. Every probe here
@@ -398,7 +399,11 @@ def plan_threads(device: torch.device | str = "cpu", threads: Any = "auto", num_
     of a ``torchrun`` on this machine, ``$LOCAL_WORLD_SIZE``).
 
     An explicit ``threads`` or ``num_workers`` (an int) wins; with ``threads='auto'``,
-    ``$OMP_NUM_THREADS`` (the usual way to pin threads) wins over the cores.
+    ``$OMP_NUM_THREADS`` (the usual way to pin threads) wins over the cores. ``torchrun`` with more
+    than one process per machine sets ``OMP_NUM_THREADS=1`` itself when it is unset, so under a
+    default torchrun each process runs 1 torch thread, not its share of the cores
+    (``cores // LOCAL_WORLD_SIZE`` less its loader workers, which still come from that share): set
+    ``threads=`` (or ``OMP_NUM_THREADS``) to use more.
     """
     if cores is None:
         cores = physical_cores()
@@ -414,6 +419,9 @@ def plan_threads(device: torch.device | str = "cpu", threads: Any = "auto", num_
         count, why = _count(threads, "threads", 1), "threads (explicit)"
     elif omp.isdigit() and int(omp) > 0:
         count, why = int(omp), f"OMP_NUM_THREADS={omp}"
+        if local > 1:
+            why += (f" (torchrun sets 1 when it is unset; {share} physical cores per process here: "
+                    "threads= or OMP_NUM_THREADS sets the count)")
     else:
         count, why = max(1, share - workers), f"{where}, less the loader workers"
     return ThreadPlan(count, workers, f"{count} torch threads: {why}; {why_workers}")
