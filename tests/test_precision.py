@@ -64,7 +64,7 @@ def test_parse_amp_rejects_unknown_values():
 def test_auto_is_fp32_on_a_cpu_without_fast_bf16(cpu):
     cpu(AVX2)  # no measurement: the flags settle it
     precision = P.resolve_precision("auto", "cpu", training=True)
-    assert precision.dtype == torch.float32 and precision.amp is False and not precision.grad_scaler
+    assert precision.dtype == torch.float32 and precision.name == "fp32" and not precision.grad_scaler
     assert precision.reason.startswith("fp32: CPU has no fast bf16") and "AVX2" in precision.reason
     cpu(AVX512_NO_BF16)
     assert P.resolve_precision("auto", "cpu").dtype == torch.float32
@@ -73,7 +73,7 @@ def test_auto_is_fp32_on_a_cpu_without_fast_bf16(cpu):
 def test_auto_is_bf16_on_a_cpu_with_amx_or_avx512_bf16(cpu):
     cpu(AMX)
     precision = P.resolve_precision("auto", "cpu", training=True)
-    assert precision.dtype == torch.bfloat16 and precision.amp == "bf16" and not precision.grad_scaler
+    assert precision.dtype == torch.bfloat16 and precision.name == "bf16" and not precision.grad_scaler
     assert precision.reason == "bf16: CPU has AMX-BF16/AVX512-BF16"
     assert precision.describe() == {"amp": "auto", "amp_dtype": "bf16", "amp_reason": precision.reason,
                                     "grad_scaler": False}

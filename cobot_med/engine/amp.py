@@ -10,9 +10,9 @@ import contextlib
 
 import torch
 
-from .precision import DTYPES, Precision, resolve_precision
+from .precision import Precision, resolve_precision
 
-__all__ = ["DTYPES", "autocast"]
+__all__ = ["autocast"]
 
 
 def autocast(device: torch.device | str, amp: Precision | bool | str | None = "auto"):

@@ -231,11 +231,6 @@ class Precision:
     def name(self) -> str:
         return DTYPE_NAMES[self.dtype]
 
-    @property
-    def amp(self) -> bool | str:
-        """What :func:`cobot_med.engine.amp.autocast` takes: False (fp32) or the dtype name."""
-        return False if self.dtype == torch.float32 else self.name
-
     def describe(self) -> dict[str, Any]:
         """Flat, for MLflow params and ``summary.json``."""
         return {"amp": self.setting, "amp_dtype": self.name, "amp_reason": self.reason, "grad_scaler": self.grad_scaler}
