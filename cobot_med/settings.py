@@ -130,7 +130,7 @@ class RunSettings:
     gradient_checkpointing: str | None
     compile: bool | str
     merge_adapters: bool
-    eval_batch_size: int
+    eval_batch_size: int | str  # a size, or "auto" (slice_batch decides per device and model)
     # inference (the ``inference`` run id and ``cobot-med infer``)
     input_dir: str
     labels_dir: str

@@ -17,13 +17,14 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..predict import SlicePredictor, from_labels, organ_channels, predict_volume, to_label_map
+from .precision import Precision
 
 
 class VolumeSliceInferer(Inferer):
     """``__call__(image (1,1,X,Y,Z) in [0,255], network, label (1,1,X,Y,Z))`` -> label map (1,1,X,Y,Z) uint8
     as a MetaTensor carrying the image's metadata; prompts are the label's tight boxes per slice."""
 
-    def __init__(self, organs: Mapping[str, int], batch_size: int = 8, amp: bool | str = False) -> None:
+    def __init__(self, organs: Mapping[str, int], batch_size: int = 8, amp: Precision | bool | str = False) -> None:
         super().__init__()
         self.organs, self.batch_size, self.amp = dict(organs), int(batch_size), amp
 

@@ -8,6 +8,7 @@ import torch
 from monai.inferers import Inferer
 
 from .amp import autocast
+from .precision import Precision
 
 
 class BoxPromptInferer(Inferer):
@@ -17,7 +18,7 @@ class BoxPromptInferer(Inferer):
     hands MONAI's engines as extra arguments.
     """
 
-    def __init__(self, amp: bool | str = True) -> None:
+    def __init__(self, amp: Precision | bool | str = True) -> None:
         super().__init__()
         self.amp = amp
 

@@ -16,12 +16,15 @@ same recipe.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..engine.amp import autocast
 from ..sam.recipes import InputRecipe, SamRecipe
+
+if TYPE_CHECKING:
+    from ..engine.precision import Precision
 
 
 def recipe_of(network: Any) -> InputRecipe:
@@ -39,10 +42,13 @@ def model_images(volume: torch.Tensor, zs: list[int], recipe: InputRecipe | int)
 
 
 class SlicePredictor:
-    """Runs the network on lists of (slice, prompts) in batches; returns probabilities at the slice grid."""
+    """Runs the network on lists of (slice, prompts) in batches; returns probabilities at the slice grid.
+
+    ``amp``: what :func:`cobot_med.engine.amp.autocast` takes, usually the run's resolved
+    :class:`~cobot_med.engine.precision.Precision` (or an ``amp`` setting, resolved for the device)."""
 
     def __init__(self, network: Any, device: torch.device | str = "cpu", batch_size: int = 8,
-                 amp: bool | str = False, on_slices: Callable[[int], None] | None = None) -> None:
+                 amp: Precision | bool | str = False, on_slices: Callable[[int], None] | None = None) -> None:
         self.network, self.device = network, torch.device(device)
         self.batch_size, self.amp = max(int(batch_size), 1), amp
         self.recipe = recipe_of(network)
