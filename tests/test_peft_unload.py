@@ -157,6 +157,21 @@ def test_merge_and_unload_refuses_layers_that_cannot_fold():
         layer.merge()
 
 
+def test_a_refused_merge_changes_nothing():
+    """A zero γ in the last SSF layer: merge_adapters and merge-and-unload refuse before folding any layer."""
+    model = tiny("ssf", neck=False)
+    perturb_added(model)
+    layers = [layer for _, layer in adapter_layers(model)]
+    with torch.no_grad():
+        layers[-1].ssf.scale[0] = 0
+    state = {k: v.clone() for k, v in model.sam.state_dict().items()}
+    for attempt in (lambda: merge_adapters(model), lambda: unload(model.sam, merge=True)):
+        with pytest.raises(ValueError, match="zero scale"):
+            attempt()
+        assert not any(layer.merged for layer in layers)
+        assert_same_state(model.sam.state_dict(), state)
+
+
 def test_ssf_merge_is_the_papers_reparameterisation():
     """A merged SSF site computes γ ⊙ op(x) + β with the op's own weights: W' = γ W, b' = γ b + β."""
     model = tiny("ssf", init_std=0.3)

@@ -1,10 +1,9 @@
-"""``decoder``: train SAM's mask decoder only (the papers' "Lightweight" row)."""
+"""``decoder``: train SAM's mask decoder only (the papers' "Lightweight" row); nothing is added: the tuner
+unfreezes the mask decoder, as for every trained method."""
 
 from __future__ import annotations
 
 import dataclasses
-
-from torch import nn
 
 from .config import PeftConfig
 
@@ -12,7 +11,3 @@ from .config import PeftConfig
 @dataclasses.dataclass
 class DecoderConfig(PeftConfig):
     pass
-
-
-def inject(sam: nn.Module, config: DecoderConfig) -> None:
-    """Nothing to add: the tuner unfreezes the mask decoder, as for every trained method."""

@@ -68,12 +68,17 @@ class AdapterLayer(nn.Module):
     def adapted_forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
+    def check_merge(self) -> None:
+        """Raise, with the reason, when the branch cannot fold into the base now (merge calls it first, and so
+        do the tuner's merges for every layer before changing any)."""
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} does not fold into its base layer: it cannot merge")
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the branch into the base's weights (mergeable layers only); a no-op when merged."""
-        if not self.mergeable:
-            raise TypeError(f"{type(self).__name__} does not fold into its base layer: it cannot merge")
         if not self.merged:
+            self.check_merge()
             self.fold(+1)
             self.merged = True
 

@@ -93,14 +93,13 @@ class ScaleShiftLayer(AdapterLayer):
     def mergeable(self) -> bool:  # type: ignore[override]
         return self._affine() is not None
 
-    def merge(self) -> None:
-        """As every layer's, with SSF's two refusals: no bias to take β, or a zero γ (unmerge could not divide)."""
+    def check_merge(self) -> None:
+        """SSF's two refusals: no bias to take β, or a zero γ (unmerge could not divide by it)."""
         if not self.mergeable:
             raise TypeError(f"SSF after a {type(self.base_layer).__name__} without a bias cannot merge: there is "
                             "no bias to take its shift")
-        if not self.merged and not bool((self.ssf.scale != 0).all()):
+        if not bool((self.ssf.scale != 0).all()):
             raise ValueError("SSF with a zero scale cannot merge: the base could not be recovered by unmerge()")
-        super().merge()
 
     def fold(self, direction: int) -> None:
         """W' = γ W, b' = γ b + β (direction +1), or back (-1); in float64, rounded once."""

@@ -49,8 +49,8 @@ class PeftMethod:
 METHODS: dict[str, PeftMethod] = {
     m.name: m
     for m in (
-        PeftMethod("frozen", frozen.FrozenConfig, frozen.inject, trains_decoder=False),
-        PeftMethod("decoder", decoder.DecoderConfig, decoder.inject),
+        PeftMethod("frozen", frozen.FrozenConfig, None, trains_decoder=False),
+        PeftMethod("decoder", decoder.DecoderConfig, None),
         PeftMethod("full", full.FullConfig, None, trainable=full.trainable),
         PeftMethod("lora", lora.LoraConfig, lora.inject),
         PeftMethod("lora+cobot", lora.LoraConfig, lora.inject, {"cobot": {}}),
@@ -150,6 +150,9 @@ def merge_adapters(model: nn.Module) -> int:
     running their branch (a layer's own ``merge()`` refuses with a TypeError).
     """
     layers = _mergeable_layers(model)
+    for layer in layers:  # every refusal before the first change
+        if not layer.merged:
+            layer.check_merge()
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -201,6 +204,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     if merge and kept_apart:  # checked first: nothing is changed when refusing
         raise ValueError(f"cannot merge and unload: {len(kept_apart)} layer(s) do not fold into their base "
                          f"(e.g. {kept_apart[0]}), and unloading would drop what they add; unload without merge")
+    for _, layer in layers if merge else ():
+        if not layer.merged:
+            layer.check_merge()
     for path, layer in reversed(layers):  # inner layers first
         if merge and layer.mergeable:
             layer.merge()
