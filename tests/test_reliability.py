@@ -132,6 +132,25 @@ def test_the_test_split_is_scored_only_with_this_runs_best_adapter(tmp_path):
         test_best_adapter(network, session, settings, evaluator=None)
 
 
+def test_an_evaluation_of_another_model_is_not_overwritten(tmp_path):
+    """Zero-shot at another input size is another model: its evaluation.json is kept unless overwrite is on."""
+    import types
+
+    from cobot_med.engine.workflow import evaluate_adapter
+
+    def evaluate(**values):
+        settings = settings_for(tmp_path, peft="frozen", **values)
+        evaluator = types.SimpleNamespace(run=lambda: None, state=types.SimpleNamespace(metrics={"test_dsc": 0.5}))
+        evaluate_adapter(network_of(settings), settings, evaluator)
+        return json.loads((settings.output_path / "evaluation.json").read_text())["adapter"]
+
+    assert evaluate()["image_size"] == 64
+    assert evaluate()["recipe"]["image_size"] == 64  # the same model again: its own file, rewritten
+    with pytest.raises(AdapterError, match="holds the evaluation of another model"):
+        evaluate(image_size=128)
+    assert evaluate(image_size=128, overwrite="true")["image_size"] == 128
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "not a readable resume checkpoint"),
     (b"PK\x03\x04 truncated zip", "not a readable resume checkpoint"),

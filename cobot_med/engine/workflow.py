@@ -40,17 +40,21 @@ def test_best_adapter(network: torch.nn.Module, session: Any, settings: Any, eva
 def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) -> dict[str, float]:
     """The ``evaluate`` run id: score a saved adapter (or, with ``peft=frozen`` and no adapter, the base model
     zero-shot) on the test split; print the table, write ``evaluation.json`` (naming the adapter, its weights'
-    SHA-256 and the base it ran on)."""
+    SHA-256, the base it ran on, its input size and recipe). An ``evaluation.json`` of another model (other
+    weights, base, arch, input size or recipe) is not overwritten without ``overwrite``."""
     config = read_adapter_config(settings.adapter) if settings.adapter else {}
     model = unwrap(network)
     scored = {"path": str(Path(settings.adapter).absolute()) if settings.adapter else None,
               "weights_sha256": config.get("weights_sha256"),
               "base_checkpoint_sha256": config.get("base_checkpoint_sha256", getattr(model, "base_sha256", None)),
-              "arch": model.spec.arch, "peft": model.spec.peft}
+              "arch": model.spec.arch, "peft": model.spec.peft, "image_size": int(model.spec.image_size),
+              "recipe": model.spec.recipe}
     out = settings.output_path / "evaluation.json"
     if out.is_file() and not settings.overwrite:
         previous = json.loads(out.read_text()).get("adapter", {})
-        if any(previous.get(k) != scored[k] for k in ("weights_sha256", "base_checkpoint_sha256", "arch")):
+        current = json.loads(json.dumps(scored))  # as it reads back (tuples become lists)
+        same = ("weights_sha256", "base_checkpoint_sha256", "arch", "image_size", "recipe")
+        if any(previous.get(k) != current[k] for k in same):
             raise AdapterError(f"{out} holds the evaluation of another model ({previous.get('path') or 'a base model'}); "
                                "choose another output_dir or pass --overwrite true")
     for_inference(network, settings.merge_adapters)
