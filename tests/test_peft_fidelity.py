@@ -413,7 +413,7 @@ def test_conv_lora_stack_equals_the_reference_encoder():
     assert_qkv_stack_matches("conv_lora", lambda x, enc, b: ref_conv_lora(x, enc.blocks[b].attn.qkv)[0])
 
 
-def test_deep_copy_keeps_the_residual_stream_hook_on_its_own_block():
+def test_deep_copy_keeps_the_residual_stream_tap_on_its_own_block():
     model = tiny("adaptformer", branch_input="residual_stream").double().eval()
     randomize(model.sam.image_encoder)
     twin = copy.deepcopy(model)

@@ -310,3 +310,15 @@ def test_unload_says_when_the_base_was_changed_in_place(base_checkpoint):
     merged.unload(merge=True)
     assert merged.base_sha256 is None  # the LoRA update lives in the base weights now
 
+
+
+def test_a_disabled_conv_lora_adds_no_stale_auxiliary_loss():
+    """Under disable_adapters the MoE does not run, so the load-balancing loss of an earlier forward must not count."""
+    from cobot_med.peft import auxiliary_loss
+
+    model = tiny("conv_lora")
+    forward(model)
+    assert auxiliary_loss(model) is not None
+    with disable_adapters(model):
+        forward(model)
+        assert auxiliary_loss(model) is None

@@ -60,11 +60,10 @@ class AdaptFormerBranch(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
         self.site = site

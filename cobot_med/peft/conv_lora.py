@@ -132,7 +132,7 @@ class ConvMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             rows = (gates[:, e] > 0).nonzero(as_tuple=True)[0]
             if rows.numel():
-                outputs = outputs.index_put((torch.full_like(rows, e), rows), expert(x[rows]))
+                outputs.index_put_((torch.full_like(rows, e), rows), expert(x[rows]))  # a fresh tensor: in place
         return outputs.logsumexp(dim=0)
 
 
@@ -174,6 +174,8 @@ def inject(sam: nn.Module, config: ConvLoraConfig) -> None:
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
-    """The weighted load-balancing loss of the last forward, or None when the model has no MoE."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, ConvMoE) and m.aux_loss is not None]
+    """The weighted load-balancing loss of the last forward, or None when the model has no MoE (a disabled layer's
+    MoE did not run, so its loss from an earlier forward does not count)."""
+    losses = [m.moe.aux_loss for m in model.modules()
+              if isinstance(m, ConvLoraQkv) and not m.disabled and m.moe.aux_loss is not None]
     return torch.stack(losses).sum() if losses else None
