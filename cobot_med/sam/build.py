@@ -17,10 +17,7 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .recipes import RECIPES, SAM_PIXEL_MEAN, SAM_PIXEL_STD
-
-PIXEL_MEAN = SAM_PIXEL_MEAN
-PIXEL_STD = SAM_PIXEL_STD
+from .recipes import RECIPES
 
 
 @dataclass(frozen=True)

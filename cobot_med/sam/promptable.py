@@ -201,7 +201,8 @@ class PromptableSam(nn.Module):
 
         ``image`` is (H,W) or (H,W,3) with intensities already in [0, 255] (windowed); ``boxes`` (K,4)
         XYXY in the slice's own pixel grid. By default the model's input recipe does the pre- and
-        post-processing (:mod:`cobot_med.sam.recipes`). For SAM weights, ``square`` is a plain
+        post-processing (:mod:`cobot_med.sam.recipes`); a recipe reads one CT channel, so an (H,W,3) image
+        is taken by its first channel there. For SAM weights, ``square`` is a plain
         bilinear resize to S x S, ``longest_side`` segment-anything's own preprocessing (as
         ``SamPredictor``: resize the longest side, pad, crop back).
         """
