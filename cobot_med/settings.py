@@ -264,13 +264,16 @@ class RunSettings:
         return {"attention": self.attention, "skip_window_padding": self.skip_window_padding,
                 "gradient_checkpointing": self.gradient_checkpointing}
 
-    def speed_choices(self, device: Any, training: bool) -> Any:
+    def speed_choices(self, device: Any, training: bool, network: Any = None) -> Any:
         """What ``amp``, ``attention``, ``compile``, ``threads`` and ``num_workers`` resolve to on ``device``,
-        with the reasons (:func:`cobot_med.engine.precision.resolve_speed`; nothing applied yet)."""
+        with the reasons (:func:`cobot_med.engine.precision.resolve_speed`; nothing applied yet). With the
+        built ``network``, its own attention setting is resolved (a loaded adapter runs the kind it recorded
+        when ``attention`` is not given; ``SpeedChoices.for_model``)."""
         from .engine.precision import resolve_speed
 
-        return resolve_speed(device, training, amp=self.amp, attention=self.attention or "auto",
-                             compile=self.compile, threads=self.threads, num_workers=self.num_workers)
+        choices = resolve_speed(device, training, amp=self.amp, attention=self.attention or "auto",
+                                compile=self.compile, threads=self.threads, num_workers=self.num_workers)
+        return choices if network is None else choices.for_model(network)
 
     def model_spec(self):
         """The :class:`~cobot_med.model.ModelSpec` of a fresh model of these settings."""

@@ -228,3 +228,19 @@ def test_settings_are_checked_once_with_clear_messages(tmp_path):
     settings = load_settings("adome", dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
     with pytest.raises(SettingsError, match="sam_checkpoint is empty.*sam_vit_b_01ec64.pth"):
         settings.check("training")
+
+
+def test_run_params_record_what_the_model_runs():
+    """MLflow params: where the resolved speed choices and the built model differ (an adapter's recorded
+    attention, compile), the model's values win."""
+    from cobot_med.engine.tracking import run_params
+
+    settings = load_settings("adome", arch="tiny", image_size=64, peft="lora")
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(arch="tiny", image_size=64, peft="lora", attention="eager"))
+    speed = {"amp": "auto", "amp_dtype": "fp32", "attention": "auto", "attention_kind": "onehot", "compile": True}
+    params = run_params(network, settings, speed)
+    assert (params["attention"], params["compile"], params["amp_dtype"]) == ("eager", False, "fp32")
+    speed = settings.speed_choices("cpu", training=True, network=network)
+    params = run_params(network, settings, speed.describe())
+    assert (params["attention"], params["attention_kind"]) == ("eager", "eager")

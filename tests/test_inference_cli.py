@@ -85,6 +85,25 @@ def test_speed_switches_off_on_the_command_line_give_the_same_probabilities(phan
         assert a.max() > 0.5 and np.abs(a - b).max() < 1e-4
 
 
+def test_an_adapters_recorded_attention_is_what_runs_and_what_is_recorded(phantoms, tmp_path, capsys):
+    """An adapter saved with attention=eager, run with the default settings (no --attention): the model runs
+    eager, and the log and summary.json say eager, not what auto would pick."""
+    from cobot_med.adapter import save_adapter
+    from cobot_med.model import ModelSpec, build_model
+
+    images, labels = phantoms
+    torch.manual_seed(0)
+    eager = save_adapter(build_model(ModelSpec("tiny", 64, "lora", attention="eager")), tmp_path / "eager")
+    out = tmp_path / "out"
+    assert main(["infer", "--config", "adome", "--input", str(images), "--output", str(out), "--adapter", str(eager),
+                 "--labels", str(labels), "--organs", "liver", "--device", "cpu"]) == 0
+    assert "; attention eager;" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["attention"] == "eager"
+    assert (summary["settings"]["attention"], summary["settings"]["attention_kind"]) == ("eager", "eager")
+    assert summary["settings"]["attention_reason"] == "attention=eager (as the loaded model records it)"
+
+
 def test_merged_lora_predicts_what_the_unmerged_adapter_predicts(phantoms, adapter):
     images, labels = phantoms
     image, label = oriented(sorted(images.glob("*.nii.gz"))[1], label_of(labels, sorted(images.glob("*.nii.gz"))[1]))

@@ -370,6 +370,26 @@ def test_resolve_speed_resolves_every_setting_for_one_run(cpu, monkeypatch):
         "bf16", "eager", True, 1)
 
 
+def test_for_model_records_the_attention_the_built_model_runs(cpu):
+    """A loaded adapter runs the attention it recorded when none is given: the choices follow the model."""
+    from cobot_med.model import ModelSpec, build_model
+
+    cpu(AVX2)
+    speed = P.resolve_speed("cpu", training=False)
+    assert speed.attention == "auto" and speed.attention_kind != "eager"
+    eager = speed.for_model(build_model(ModelSpec("tiny", 64, "frozen", attention="eager")))
+    assert (eager.attention, eager.attention_kind) == ("eager", "eager")
+    assert eager.attention_reason == "attention=eager (as the loaded model records it)"
+    assert eager.describe() == {**speed.describe(), "attention": "eager", "attention_kind": "eager",
+                                "attention_reason": eager.attention_reason}
+    assert speed.for_model(build_model(ModelSpec("tiny", 64, "frozen"))) is speed  # auto, as resolved
+    assert speed.for_model(torch.nn.Linear(1, 1)) is speed  # no spec: nothing to follow
+    trained = P.resolve_speed("cpu", training=True, attention="eager")  # mode and dtype are the choices' own
+    kind, why = A.AUTO_RULES["cpu", "fp32", "train"]
+    auto = trained.for_model(build_model(ModelSpec("tiny", 64, "frozen")))
+    assert (auto.attention, auto.attention_kind, auto.attention_reason) == ("auto", kind, f"{kind}: {why}")
+
+
 def test_slice_batch_auto_is_one_for_lite_medsam_on_cpu_and_an_explicit_size_wins():
     from cobot_med.model import ModelSpec, build_model
     from cobot_med.settings import load_settings

@@ -450,11 +450,32 @@ class SpeedChoices:
     compile: bool
     compile_reason: str
     threads: ThreadPlan
+    device_type: str = "cpu"  # what the choices were resolved for (for_model resolves attention again for it)
+    training: bool = False
 
     def apply_threads(self) -> "SpeedChoices":
         """Set torch's threads as planned (the loader workers are the data loaders' setting); returns self."""
         self.threads.apply()
         return self
+
+    def for_model(self, network: Any) -> "SpeedChoices":
+        """These choices with the attention ``network`` was built with (its spec's ``attention``), resolved for
+        this device, precision and mode: what runs is what is recorded. A loaded adapter runs the kind it
+        recorded unless ``attention`` was given, which the settings alone cannot know. Unchanged for a network
+        without a spec (a test's stand-in)."""
+        from ..adapter import unwrap
+        from ..sam.attention import resolve_attention
+
+        try:
+            setting = unwrap(network).spec.attention
+        except (TypeError, AttributeError):
+            return self
+        if setting == self.attention:
+            return self
+        kind, why = resolve_attention(setting, self.device_type, self.precision.dtype, self.training)
+        if setting != "auto":
+            why = f"attention={setting} (as the loaded model records it)"
+        return dataclasses.replace(self, attention=setting, attention_kind=kind, attention_reason=why)
 
     def describe(self) -> dict[str, Any]:
         """Flat and JSON-friendly: MLflow params, ``resolved_settings.json``, inference ``summary.json``."""
@@ -468,7 +489,8 @@ def resolve_speed(device: torch.device | str, training: bool, amp: Any = "auto",
     """Resolve ``amp``, ``attention``, ``compile`` and the threads for a run on ``device`` (``None`` = auto).
 
     Nothing is applied: call ``.threads.apply()``, autocast with ``.precision``, build with
-    ``.attention``, compile if ``.compile``; record ``.describe()``.
+    ``.attention``, compile if ``.compile``; once the model is built, record ``.for_model(model).describe()``
+    (an adapter's recorded attention kind wins where none was given).
     """
     from ..sam.attention import DEFAULT_KIND, resolve_attention  # late: the sam package is heavier
 
@@ -477,7 +499,7 @@ def resolve_speed(device: torch.device | str, training: bool, amp: Any = "auto",
     kind, why_kind = resolve_attention(setting, _device_type(device), precision.dtype, training)
     compiled, why_compile = resolve_compile(compile, device, training)
     plan = plan_threads(device, threads, num_workers)
-    return SpeedChoices(precision, setting, kind, why_kind, compiled, why_compile, plan)
+    return SpeedChoices(precision, setting, kind, why_kind, compiled, why_compile, plan, _device_type(device), training)
 
 
 def describe_machine() -> dict[str, Any]:

@@ -195,7 +195,8 @@ def ensure_experiment(uri: str, dataset: str) -> str:
 def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The MLflow params of a training run (docs/CONTRACTS.md): settings, method options as the model
     runs them, speed switches as applied, what ``speed`` (the resolved speed choices' ``describe()``: precision,
-    attention, compile, threads, each with its reason) says, trainable counts."""
+    attention, compile, threads, each with its reason) says, trainable counts. Where ``speed`` and the model
+    disagree (``attention``, ``compile``), the model's own values win: they are what runs."""
     from ..adapter import unwrap
     from ..data.chains import ct_window_in_force
     from ..peft import count_parameters
@@ -204,7 +205,8 @@ def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = No
     model = unwrap(network)
     spec = model.spec
     counts = count_parameters(model.sam)
-    params: dict[str, Any] = {
+    params: dict[str, Any] = dict(speed or {})
+    params.update({
         "dataset": settings.dataset, "peft": spec.peft, "arch": spec.arch, "image_size": spec.image_size,
         "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,
         "jitter": settings.jitter, "batch_size": settings.batch_size,
@@ -213,8 +215,7 @@ def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = No
         "peft_options": json.dumps(spec.peft_options, sort_keys=True),
         "attention": spec.attention, "skip_window_padding": spec.skip_window_padding,
         "gradient_checkpointing": spec.gradient_checkpointing, "compile": is_compiled(model),
-    }
-    params.update(dict(speed or {}))
+    })
     params.update({k: counts[k] for k in ("image_encoder_trainable", "mask_decoder_trainable", "total_trainable")})
     return params
 

@@ -241,6 +241,7 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
     boxes = BoxFile(settings.boxes_file, settings.organs) if settings.boxes_file else None
     if network is None:
         network, model_info = load_network(settings, device, compile=speed.compile)
+        speed = speed.for_model(network)  # the attention the model runs: an adapter's own, unless given
         log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
             f"{' (zero-shot)' if model_info['zero_shot'] else ', adapter ' + str(settings.adapter)}"
             f", {model_info['merged_layers']} LoRA layers merged; {speed.precision.reason}; attention "
@@ -248,6 +249,7 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
     else:
         model_info = {"adapter": None, "zero_shot": False, "arch": "custom", "peft": type(network).__name__,
                       "image_size": int(network.image_size), "merged_layers": 0}
+        speed = speed.for_model(network)  # a PromptableSam's own attention; a stand-in's choices unchanged
         if hasattr(network, "eval"):
             network.eval()
     recipe = recipe_of(network)
