@@ -104,7 +104,7 @@ def test_adaptformer_reads_tiny_vits_normalised_mlp_input():
             for p in block.mlp.adaptformer.parameters():
                 p.normal_()
             x = torch.randn(1, 10, 128) * 3 + 1
-            outputs[reads] = block.mlp.eval()(x) - block.mlp.base_layer(x)
+            outputs[reads] = block.eval().mlp(x) - block.mlp.base_layer(x)  # eval: the branch (on the block) too
             branch = block.mlp.adaptformer
             source = block.mlp.base_layer.norm(x) if reads == "mlp_input" else x
             torch.testing.assert_close(outputs[reads], branch(source))

@@ -28,7 +28,7 @@ from torch import nn
 from .blocks import adaptable_blocks
 from .cobot import CobotConfig, CobotSite, attach_orchestrator
 from .config import PeftConfig
-from .layer import AdapterLayer, share
+from .layer import AdapterLayer, AdapterModule, share
 
 BRANCH_INPUTS = ("mlp_input", "residual_stream")
 
@@ -52,8 +52,9 @@ class AdaptFormerConfig(PeftConfig):
                 raise ValueError(f"adaptformer+cobot needs a bottleneck divisible by 4, got {self.bottleneck}")
 
 
-class AdaptFormerBranch(nn.Module):
-    """LayerNorm -> down -> [COBOT] -> ReLU -> dropout -> up -> * scale."""
+class AdaptFormerBranch(AdapterModule, nn.Module):
+    """LayerNorm -> down -> [COBOT] -> ReLU -> dropout -> up -> * scale; registered on its block as
+    ``adaptformer`` (the keys AdaptFormer adapters have always had: ``blocks.i.adaptformer.*``)."""
 
     def __init__(self, dim: int, bottleneck: int, dropout: float, scale: float, site: CobotSite | None = None):
         super().__init__()
@@ -84,11 +85,9 @@ class AdaptFormerMlp(AdapterLayer):
     the block's ``norm2``, which a :class:`ResidualStreamTap` put in place of ``norm2`` hands over
     before the MLP runs.
     """
-    base_key = "mlp"  # the key its base always had
-
     def __init__(self, mlp: nn.Module, branch: AdaptFormerBranch, normalise_with_mlp_norm: bool = False) -> None:
         super().__init__(mlp)
-        self.adaptformer = branch
+        share(self, "adaptformer", branch)  # registered on the block
         self.normalise_with_mlp_norm = normalise_with_mlp_norm
         self.reads_residual_stream = False
         self._residual: torch.Tensor | None = None
@@ -124,7 +123,8 @@ def inject(sam: nn.Module, config: AdaptFormerConfig) -> None:
     residual = config.branch_input == "residual_stream"
     for adaptable, site in zip(blocks, sites):
         block = adaptable.block
-        branch = AdaptFormerBranch(adaptable.width, config.bottleneck, config.dropout, config.scale, site)
+        block.adaptformer = branch = AdaptFormerBranch(adaptable.width, config.bottleneck, config.dropout,
+                                                       config.scale, site)
         block.mlp = AdaptFormerMlp(block.mlp, branch, normalise_with_mlp_norm=adaptable.mlp_norm_inside and not residual)
         if residual and not adaptable.mlp_norm_inside:
             block.norm2 = ResidualStreamTap(block.norm2, block.mlp)

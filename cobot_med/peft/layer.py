@@ -29,7 +29,7 @@ deep copy of the model still maps the reference to its own copy.
 State-dict keys do not show the layer: the base's entries keep the names they had before
 injection (``blocks.0.norm1.weight`` under SSF's layer, not ``blocks.0.norm1.base_layer.weight``),
 or, for the layers that always held their base under a name of their own, that name
-(``base_key``: LoRA's and Conv-LoRA's ``qkv.base.weight``, AdaptFormer's ``mlp.mlp.lin1.weight``).
+(``base_key``: LoRA's and Conv-LoRA's ``qkv.base.weight``).
 So base checkpoints, adapters and full-weight adapters saved before this module existed load
 as they are. Parameter *names* (``named_parameters``) do show ``base_layer``.
 
