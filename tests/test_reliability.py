@@ -91,6 +91,27 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, base, cha
     assert not (second.output_path / "resolved_settings.json").exists()  # nothing written before the refusal
 
 
+def test_a_resume_whose_amp_resolves_to_another_dtype_is_refused(tmp_path):
+    """amp=auto is fp32 on an AVX2 CPU and bf16 on an AMX one: the identity holds the dtype that ran, so a
+    resume on a machine that resolves auto otherwise is refused, not switched from fp32 to bf16 mid-run."""
+    from cobot_med.engine.precision import Precision
+
+    settings = settings_for(tmp_path)
+    network = network_of(settings)
+    bf16, fp32 = Precision("auto", torch.bfloat16, "test: fast bf16"), Precision("auto", torch.float32, "test: none")
+    ident = identity(settings, network.spec.image_size, network.base_sha256, network.recipe, bf16)
+    assert ident["amp"] == "bf16"
+    write_checkpoint(settings, network, settings.output_path, identity=ident)
+    with pytest.raises(SettingsError, match="amp: 'bf16' there, 'fp32' now"):
+        TrainingSession.start(settings, network, fp32)
+    assert TrainingSession.start(settings, network, bf16).resuming  # where it resolves alike: resumed
+    # a checkpoint written before the dtype was recorded holds the setting: compared as a setting
+    write_checkpoint(settings, network, settings.output_path, identity={**ident, "amp": "auto"})
+    assert TrainingSession.start(settings, network, fp32).resuming
+    with pytest.raises(SettingsError, match="amp: 'auto' there, 'fp32' now"):
+        TrainingSession.start(settings_for(tmp_path, amp="false"), network, fp32)
+
+
 def test_a_matching_resume_continues_the_same_run_and_a_finished_one_is_not_reopened(tmp_path):
     settings = settings_for(tmp_path)
     network = network_of(settings)

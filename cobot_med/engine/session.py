@@ -3,7 +3,8 @@
 A rerun must never report another run's model or score. So before anything is written:
 
 - ``resume.pt`` records the run's *identity* (the settings that decide what it learns: data, split,
-  model, base checkpoint, optimiser, jitter, precision, tracking store) and its key. A run resumes only
+  model, base checkpoint, optimiser, jitter, precision as resolved -- the autocast dtype, not ``auto``,
+  which may resolve to another dtype on another machine -- tracking store) and its key. A run resumes only
   when resuming is on and the identity matches; otherwise it stops and names the settings that differ.
   ``epochs`` may grow (to train a killed run further); a finished run is not reopened.
 - A fresh run in a folder that holds another run's results (adapters, checkpoint, test predictions)
@@ -35,10 +36,20 @@ REGENERATED = ("overlays", "val_predictions", "loss_curve.png")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
                  "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri")
+LEGACY_AMP = ("auto", "true")  # identities of older checkpoints recorded the amp setting, not the dtype it ran
 
 
-def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: Any = None) -> dict[str, Any]:
-    """The settings that decide what a training run learns and where it reports (see the module docstring)."""
+def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: Any = None,
+             precision: Any = None) -> dict[str, Any]:
+    """The settings that decide what a training run learns and where it reports (see the module docstring).
+
+    ``amp`` is the dtype training autocasts to (``precision``, the run's resolved
+    :class:`~cobot_med.engine.precision.Precision`; resolved here for the settings' device when not given)."""
+    if precision is None:
+        from .network import resolve_device
+        from .precision import resolve_precision
+
+        precision = resolve_precision(settings.amp, resolve_device(settings.device), training=True)
     return {
         "dataset": settings.dataset, "layout": settings.layout,
         "dataset_dir": str(Path(settings.dataset_dir).absolute()) if settings.dataset_dir and not settings.datalist else "",
@@ -48,7 +59,7 @@ def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: An
         "peft_options": settings.peft_options, "sam_checkpoint_sha256": base_sha256, "lr": settings.lr,
         "cobot_lr": settings.cobot_lr, "weight_decay": settings.weight_decay, "batch_size": settings.batch_size,
         "jitter": settings.jitter, "min_area": settings.min_area, "modality": settings.effective_modality,
-        "recipe": recipe.to_dict() if recipe is not None else None, "amp": settings.amp,
+        "recipe": recipe.to_dict() if recipe is not None else None, "amp": precision.name,
         "tracking_uri": tracking.resolve_tracking_uri(settings.tracking_uri, settings.output_path),
     }
 
@@ -100,8 +111,9 @@ class TrainingSession:
         return self.output_dir / CHECKPOINT_NAME
 
     @classmethod
-    def start(cls, settings: Any, network: torch.nn.Module) -> "TrainingSession":
-        """Decide fresh or resume for ``settings`` with the built ``network``; clears or refuses as above.
+    def start(cls, settings: Any, network: torch.nn.Module, precision: Any = None) -> "TrainingSession":
+        """Decide fresh or resume for ``settings`` with the built ``network`` and the run's resolved
+        ``precision`` (see :func:`identity`); clears or refuses as above.
 
         Under torchrun the first process decides (and deletes) and the others follow its decision."""
         from ..adapter import unwrap
@@ -109,7 +121,7 @@ class TrainingSession:
 
         model = unwrap(network)
         out = settings.output_path
-        ident = identity(settings, model.spec.image_size, model.base_sha256, model.recipe)
+        ident = identity(settings, model.spec.image_size, model.base_sha256, model.recipe, precision)
         decision: tuple[str | None, bool, str | None] = (None, False, None)  # (run key, resuming, error)
         if process_rank() == 0:
             try:
@@ -155,6 +167,8 @@ def _decide(settings: Any, out: Path, ident: dict[str, Any]) -> tuple[str, bool]
     path = out / CHECKPOINT_NAME
     if path.is_file() and settings.resume and not settings.overwrite:
         state = read_checkpoint(path)
+        if state["identity"].get("amp") in LEGACY_AMP:  # recorded as the setting, before the dtype was
+            ident = {**ident, "amp": settings.amp}
         differ = [k for k in IDENTITY_KEYS if state["identity"].get(k) != ident.get(k)]
         if differ:
             details = "; ".join(f"{k}: {state['identity'].get(k)!r} there, {ident.get(k)!r} now" for k in differ)
