@@ -115,6 +115,11 @@ def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset, speed
                 "compile": "False"} | {k: str(v).capitalize() if k == "skip_window_padding" else v
                                        for k, v in speed.items()}
     assert {k: run.data.params[k] for k in expected} == expected
+    # machine-dependent values are not params (a resume elsewhere would change them): resolved_settings.json has them
+    assert not [k for k in run.data.params if k in ("torch_threads", "num_workers") or k.endswith("_reason")]
+    resolved = json.loads((out / "resolved_settings.json").read_text())
+    assert resolved["speed"]["attention"] == expected["attention"] and resolved["speed"]["torch_threads"] >= 1
+    assert resolved["identity"]["amp"] == run.data.params["amp_dtype"]  # the resolved dtype, not "auto"
     model = json.loads((out / "adapter_best" / "adapter_config.json").read_text())["model"]
     assert model["attention"] == expected["attention"]
     assert model["gradient_checkpointing"] == expected["gradient_checkpointing"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -244,3 +245,42 @@ def test_run_params_record_what_the_model_runs():
     speed = settings.speed_choices("cpu", training=True, network=network)
     params = run_params(network, settings, speed.describe())
     assert (params["attention"], params["attention_kind"]) == ("eager", "eager")
+
+
+def test_a_run_resumed_on_another_machine_logs_the_same_params(tmp_path, monkeypatch):
+    """MLflow refuses to change a param, and a resumed run logs its params again: thread counts, loader workers
+    and reasons (which differ between machines) are not params; resolved_settings.json records them."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cobot_med.engine.tracking import run_params
+    from cobot_med.engine.workflow import write_resolved_settings
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    settings = load_settings("adome", arch="tiny", image_size=64, peft="lora", output_dir=str(tmp_path / "out"))
+    network = tiny("lora")
+    machines = [settings.speed_choices("cpu", training=True, network=network) for _ in range(2)]
+    machines[1] = dataclasses.replace(machines[1], threads=dataclasses.replace(
+        machines[1].threads, torch_threads=machines[0].threads.torch_threads + 2, reason="another machine"))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("resume"), run_name="r").info.run_id
+
+    def log(params):
+        client.log_batch(run, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+
+    first, resumed = (run_params(network, settings, m.describe()) for m in machines)
+    assert first == resumed
+    assert not {"torch_threads", "num_workers", "threads_reason", "amp_reason", "attention_reason",
+                "compile_reason"} & set(first)
+    assert {"amp", "amp_dtype", "grad_scaler", "attention", "attention_kind", "compile"} <= set(first)
+    log(first)
+    log(resumed)  # the resumed run on the other machine: the same params, accepted
+    log({"torch_threads": machines[0].threads.torch_threads})  # logging the threads as a param, as before:
+    with pytest.raises(MlflowException, match="Changing param values is not allowed"):
+        log({"torch_threads": machines[1].threads.torch_threads})  # the resumed run crashed
+    session = types.SimpleNamespace(run_key="k1", run_name="r-k1", identity={"peft": "lora"})
+    settings.output_path.mkdir(parents=True)
+    record = json.loads(open(write_resolved_settings(settings, session, machines[1])).read())
+    assert record["speed"] == json.loads(json.dumps(machines[1].describe()))
+    assert record["speed"]["torch_threads"] == machines[0].threads.torch_threads + 2

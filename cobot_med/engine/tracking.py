@@ -28,6 +28,9 @@ EXPERIMENT_PREFIX = "cobot-med/"
 STATUS_TAG = "cobot_med.status"
 FINISHED = "finished"
 KIND_TAG = "cobot_med.kind"  # "training" (joins comparisons) or "evaluation" (an adapter scored again)
+# Resolved speed values that depend on the machine, not the run: never MLflow params (a resumed run logs its
+# params again, and MLflow refuses to change one); resolved_settings.json records them.
+MACHINE_PARAMS = ("torch_threads", "num_workers")
 CHECK_TIMEOUT_S = 5.0
 
 
@@ -192,11 +195,18 @@ def ensure_experiment(uri: str, dataset: str) -> str:
     return experiment.experiment_id if experiment else store.create_experiment(experiment_name(dataset))
 
 
+def is_machine_param(name: str) -> bool:
+    """A resolved speed value that depends on the machine (thread counts, loader workers, every ``*_reason``)."""
+    return name in MACHINE_PARAMS or name.endswith("_reason")
+
+
 def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The MLflow params of a training run (docs/CONTRACTS.md): settings, method options as the model
-    runs them, speed switches as applied, what ``speed`` (the resolved speed choices' ``describe()``: precision,
-    attention, compile, threads, each with its reason) says, trainable counts. Where ``speed`` and the model
-    disagree (``attention``, ``compile``), the model's own values win: they are what runs."""
+    runs them, speed switches as applied, what ``speed`` (the resolved speed choices' ``describe()``) says of
+    the precision, attention and compile, trainable counts. Where ``speed`` and the model disagree
+    (``attention``, ``compile``), the model's own values win: they are what runs. Thread counts, loader
+    workers and the reasons (:func:`is_machine_param`) are left to ``resolved_settings.json``: MLflow refuses
+    to change a param, and a run resumed on another machine logs its params again."""
     from ..adapter import unwrap
     from ..data.chains import ct_window_in_force
     from ..peft import count_parameters
@@ -205,7 +215,7 @@ def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = No
     model = unwrap(network)
     spec = model.spec
     counts = count_parameters(model.sam)
-    params: dict[str, Any] = dict(speed or {})
+    params: dict[str, Any] = {k: v for k, v in (speed or {}).items() if not is_machine_param(k)}
     params.update({
         "dataset": settings.dataset, "peft": spec.peft, "arch": spec.arch, "image_size": spec.image_size,
         "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,

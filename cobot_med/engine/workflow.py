@@ -75,9 +75,15 @@ def scalar_metrics(engine: Any) -> dict[str, float]:
             if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
 
 
-def write_resolved_settings(settings: Any, session: Any) -> str:
-    """``resolved_settings.json``: every setting as this run used it, with its key (an MLflow artifact)."""
+def write_resolved_settings(settings: Any, session: Any, speed: Any = None) -> str:
+    """``resolved_settings.json``: every setting as this run used it, with its key, and ``speed``'s choices
+    (the resolved speed choices, or their ``describe()``) with their reasons, thread counts and loader
+    workers, which depend on the machine and are not MLflow params (an MLflow artifact, rewritten by a
+    resumed run)."""
     path = settings.output_path / "resolved_settings.json"
-    write_json(path, {"run_key": session.run_key, "run_name": session.run_name, "identity": session.identity,
-                      "settings": settings.to_dict()})
+    record = {"run_key": session.run_key, "run_name": session.run_name, "identity": session.identity,
+              "settings": settings.to_dict()}
+    if speed is not None:
+        record["speed"] = speed.describe() if hasattr(speed, "describe") else dict(speed)
+    write_json(path, record)
     return str(path)
