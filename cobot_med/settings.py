@@ -317,12 +317,19 @@ class RunSettings:
 
     # --- what depends on the machine, checked before any work -----------------------------------
 
+    @property
+    def trains(self) -> bool:
+        """Whether the run trains (what the bundle's speed choices resolve for): False once checked for
+        ``evaluate`` or ``inference`` (:meth:`check`, each run id's first step), True otherwise."""
+        return getattr(self, "checked_for", "training") == "training"
+
     def check(self, run_id: str = "training") -> "RunSettings":
         """Files, folders, device and tracking store for ``run_id``; returns self. Raises SettingsError."""
         from .engine import checks
 
         if run_id not in RUN_IDS:
             raise SettingsError(f"unknown run id {run_id!r}; the bundles have {list(RUN_IDS)}")
+        self.checked_for = run_id
         checks.check_device(self.device)
         checks.check_model_files(self)
         if run_id == "training":

@@ -125,6 +125,24 @@ def test_other_bundles_train_and_evaluate(phantom_dirs, tmp_path, dataset, speed
     assert model["gradient_checkpointing"] == expected["gradient_checkpointing"]
 
 
+def test_evaluate_resolves_its_speed_choices_for_inference(phantom_dirs, tmp_path, monkeypatch):
+    """The evaluate run id trains nothing: its precision, attention and compile are resolved as for inference."""
+    from cobot_med.settings import RunSettings
+
+    asked = []
+    resolve = RunSettings.speed_choices
+
+    def speed_choices(self, device, training, network=None):
+        asked.append(training)
+        return resolve(self, device, training, network)
+
+    monkeypatch.setattr(RunSettings, "speed_choices", speed_choices)
+    run_bundle("adome", "evaluate", dataset_dir=str(phantom_dirs["adome"]), output_dir=str(tmp_path / "eval"),
+               peft="frozen", **FAST)
+    assert asked and not any(asked)
+    assert (tmp_path / "eval" / "evaluation.json").is_file()
+
+
 def test_a_killed_and_resumed_training_equals_an_uninterrupted_one(phantom_dirs, tmp_path):
     """Kill a training after its first epoch; the rerun goes on from there in the same MLflow run, and ends with
     exactly the weights and validation scores of a run that was never stopped."""
