@@ -284,3 +284,31 @@ def test_a_run_resumed_on_another_machine_logs_the_same_params(tmp_path, monkeyp
     record = json.loads(open(write_resolved_settings(settings, session, machines[1])).read())
     assert record["speed"] == json.loads(json.dumps(machines[1].describe()))
     assert record["speed"]["torch_threads"] == machines[0].threads.torch_threads + 2
+
+
+def test_a_resume_with_more_epochs_logs_no_changed_param(tmp_path):
+    """epochs may grow on resume; MLflow refuses a changed param, so the grown value goes to a tag that the
+    sweep's matching and compare read (run_param), and the params logged before are not logged again."""
+    import mlflow
+
+    from cobot_med.engine import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = tracking.experiment_name("adome")
+    run_id = store.create_run(store.create_experiment(experiment), run_name="r").info.run_id
+    first = {"dataset": "adome", "peft": "lora", "seed": 0, "epochs": 2}
+    store.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in first.items()])
+    session = types.SimpleNamespace(tracking_uri=uri, experiment=experiment, run_name="r")
+
+    resumed = tracking.params_for_run({**first, "epochs": 4, "lr": 0.001}, session)
+    assert resumed == {"lr": 0.001}  # only what the run has not logged yet
+    store.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in resumed.items()])
+    run = store.get_run(run_id)
+    assert run.data.params["epochs"] == "2" and tracking.run_param(run, "epochs") == "4"
+
+    store.set_tag(run_id, tracking.STATUS_TAG, tracking.FINISHED)
+    store.set_terminated(run_id, "FINISHED")
+    assert tracking.find_finished_run(uri, "adome", "lora", 0, {"epochs": 4}) == run_id
+    assert tracking.find_finished_run(uri, "adome", "lora", 0, {"epochs": 2}) is None
+    assert tracking.params_for_run(first, session) == first  # a finished run is not reopened: a new run logs all

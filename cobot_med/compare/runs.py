@@ -114,7 +114,7 @@ def _all_runs(client, experiment_id: str) -> Iterable:
 
 
 def _run_row(experiment: str, run) -> dict[str, Any]:
-    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    metrics, tags = run.data.metrics, run.data.tags
     row: dict[str, Any] = {
         "experiment": experiment,
         "run_id": run.info.run_id,
@@ -125,7 +125,7 @@ def _run_row(experiment: str, run) -> dict[str, Any]:
         "end_time": run.info.end_time,
     }
     for name in PARAMS:
-        row[name] = params.get(name)
+        row[name] = tracking.run_param(run, name)
     if not row["dataset"] and experiment.startswith(EXPERIMENT_PREFIX):
         row["dataset"] = experiment[len(EXPERIMENT_PREFIX):]  # the contract's experiment name
     for name in ("image_size", "seed", "epochs", "image_encoder_trainable"):

@@ -28,6 +28,7 @@ EXPERIMENT_PREFIX = "cobot-med/"
 STATUS_TAG = "cobot_med.status"
 FINISHED = "finished"
 KIND_TAG = "cobot_med.kind"  # "training" (joins comparisons) or "evaluation" (an adapter scored again)
+RESUMED_TAG_PREFIX = "cobot_med.resumed."  # a param a resume changed: its new value
 # Resolved speed values that depend on the machine, not the run: never MLflow params (a resumed run logs its
 # params again, and MLflow refuses to change one); resolved_settings.json records them.
 MACHINE_PARAMS = ("torch_threads", "num_workers")
@@ -180,12 +181,34 @@ def find_finished_run(uri: str, dataset: str, peft: str, seed: int, match: Mappi
     experiment = store.get_experiment_by_name(experiment_name(dataset))
     if experiment is None:
         return None
-    wanted = {"dataset": dataset, "peft": peft, "seed": seed, **{k: v for k, v in (match or {}).items() if v is not None}}
-    clauses = [f"params.{key} = {_quote(value)}" for key, value in wanted.items()]
+    clauses = [f"params.{key} = {_quote(value)}" for key, value in (("dataset", dataset), ("peft", peft), ("seed", seed))]
     clauses += [f"tags.`{STATUS_TAG}` = '{FINISHED}'", "attributes.status = 'FINISHED'"]
-    runs = store.search_runs([experiment.experiment_id], filter_string=" and ".join(clauses), max_results=1,
+    runs = store.search_runs([experiment.experiment_id], filter_string=" and ".join(clauses),
                              order_by=["attributes.end_time DESC"])
-    return runs[0].info.run_id if runs else None
+    wanted = {k: str(v) for k, v in (match or {}).items() if v is not None}
+    # matched in Python: a param that grew on resume (epochs) is read from its tag (run_param)
+    return next((run.info.run_id for run in runs if all(run_param(run, k) == v for k, v in wanted.items())), None)
+
+
+def run_param(run: Any, key: str) -> str | None:
+    """A run's param as it ended: the value a resume changed it to (tag ``cobot_med.resumed.<key>``), else the
+    param."""
+    return run.data.tags.get(RESUMED_TAG_PREFIX + key, run.data.params.get(key))
+
+
+def params_for_run(params: Mapping[str, Any], session: Any) -> dict[str, Any]:
+    """``params`` as a training run may log them. A resumed run logs its params again and MLflow refuses to
+    change one: params it logged before are left out, and one that changed (``epochs`` grown to train a
+    killed run further) is recorded in the tag ``cobot_med.resumed.<key>``, which :func:`run_param` reads."""
+    run = find_run(session.tracking_uri, session.experiment, session.run_name)
+    if run is None or run.info.status == "FINISHED":  # MONAI's handler starts a new run then
+        return dict(params)
+    logged = run.data.params
+    store = client(session.tracking_uri)
+    for key, value in params.items():
+        if key in logged and logged[key] != str(value):
+            store.set_tag(run.info.run_id, RESUMED_TAG_PREFIX + key, str(value))
+    return {k: v for k, v in params.items() if k not in logged}
 
 
 def ensure_experiment(uri: str, dataset: str) -> str:
