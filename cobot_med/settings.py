@@ -22,6 +22,22 @@ from .errors import SettingsError
 from .flags import as_flag
 
 RUN_IDS = ("training", "evaluate", "inference")
+AUTO_ARCH = "auto"
+PAPER_ARCH = "vit_b"  # the papers' base: what training starts from unless told otherwise
+EMBEDDED_ARCH = "lite_medsam"  # the base whose weights ship with the install
+
+
+def resolve_arch(arch: str, run_id: str, sam_checkpoint: str = "", adapter_arch: str | None = None) -> str:
+    """What ``arch=auto`` (the bundles' default) means for ``run_id``: an adapter's own base; with a
+    ``sam_checkpoint``, or for training, the papers' ViT-B; otherwise (scoring or inferring with no weights
+    given) LiteMedSAM, whose weights ship with the install. Any other value is itself."""
+    if arch != AUTO_ARCH:
+        return arch
+    if adapter_arch:
+        return adapter_arch
+    if sam_checkpoint or run_id == "training":
+        return PAPER_ARCH
+    return EMBEDDED_ARCH
 MAX_IMAGE_SIZE = 4096  # 4x SAM's 1024; beyond it the position tables alone take tens of GB
 
 
@@ -142,11 +158,11 @@ class RunSettings:
     def __post_init__(self) -> None:
         from .data.layouts import LAYOUTS
         from .peft import METHODS
-        from .sam.build import ARCHITECTURES, check_image_size, get_architecture
+        from .sam.build import ARCHITECTURES
 
         if not self.layout:
-            raise SettingsError("layout is empty: run a dataset bundle on the workflow, e.g. --config_file "
-                                "\"['bundles/common.json','bundles/adome.json']\"")
+            raise SettingsError("layout is empty: run a dataset bundle, e.g. python -m monai.bundle run training "
+                                "--config_file bundles/adome.json")
         self.layout = _choice("layout", self.layout, LAYOUTS)
         self.dataset = _text("dataset", self.dataset) or self.layout
         for name in ("dataset_dir", "datalist", "output_dir", "tracking_uri", "sam_checkpoint", "adapter",
@@ -154,16 +170,15 @@ class RunSettings:
             setattr(self, name, _text(name, getattr(self, name)))
         self.device = _text("device", self.device) or "auto"
         self.seed = _number("seed", self.seed, int, 0)
-        self.arch = _choice("arch", self.arch, ARCHITECTURES)
+        self.arch = _choice("arch", self.arch or AUTO_ARCH, {*ARCHITECTURES, AUTO_ARCH})
+        if self.arch == AUTO_ARCH and self.sam_checkpoint and not self.adapter:
+            self.arch = PAPER_ARCH  # whatever the run id: resolve_arch
         self.peft = _choice("peft", self.peft, METHODS)
         if self.image_size in (None, "", "none", "None"):
             self.image_size = None
         else:
             self.image_size = _number("image_size", self.image_size, int, 1, MAX_IMAGE_SIZE)
-            try:
-                check_image_size(get_architecture(self.arch), self.image_size)
-            except ValueError as err:
-                raise SettingsError(str(err)) from None
+        self._check_image_size()
         if isinstance(self.peft_options, str):
             try:
                 self.peft_options = json.loads(self.peft_options or "{}")
@@ -234,6 +249,43 @@ class RunSettings:
         unknown = [n for n in wanted if n not in self.organs]
         if unknown:
             raise SettingsError(f"unknown organs {unknown}; the {self.layout} label map has {list(self.organs)}")
+
+    def _check_image_size(self) -> None:
+        from .sam.build import check_image_size, get_architecture
+
+        if self.image_size is not None and self.arch != AUTO_ARCH:
+            try:
+                check_image_size(get_architecture(self.arch), self.image_size)
+            except ValueError as err:
+                raise SettingsError(str(err)) from None
+
+    def resolve_arch(self, run_id: str) -> str:
+        """Settle ``arch=auto`` for ``run_id`` (:func:`resolve_arch`); says so in one line when it picks the
+        embedded LiteMedSAM base for a run that was given no weights."""
+        adapter_arch = None
+        if self.adapter:  # the adapter's own model runs: a flag that says otherwise is refused, not ignored
+            from .adapter import read_adapter_config
+
+            spec = read_adapter_config(self.adapter)["spec"]
+            adapter_arch = spec.arch
+            if self.arch not in (AUTO_ARCH, spec.arch):
+                raise SettingsError(f"arch {self.arch} does not apply: the adapter {self.adapter} was trained on "
+                                    f"{spec.arch}; leave --arch out")
+            if self.image_size not in (None, int(spec.image_size)):
+                raise SettingsError(f"image_size {self.image_size} does not apply: the adapter {self.adapter} was "
+                                    f"trained at {spec.image_size} px; leave --image_size out")
+            self.image_size = int(spec.image_size)
+        if self.arch != AUTO_ARCH:
+            return self.arch
+        self.arch = resolve_arch(self.arch, run_id, self.sam_checkpoint, adapter_arch)
+        if self.arch == EMBEDDED_ARCH:
+            import sys
+
+            print(f"cobot-med: no sam_checkpoint and no adapter given: {run_id} runs the LiteMedSAM base that ships "
+                  "with the install (arch lite_medsam); pass --arch and --sam_checkpoint for another base",
+                  file=sys.stderr, flush=True)
+        self._check_image_size()
+        return self.arch
 
     # --- what the parts of the workflow read ---------------------------------------------------
 
@@ -331,6 +383,9 @@ class RunSettings:
             raise SettingsError(f"unknown run id {run_id!r}; the bundles have {list(RUN_IDS)}")
         self.checked_for = run_id
         checks.check_device(self.device)
+        if self.adapter and not Path(self.adapter).exists():
+            checks.check_model_files(self)  # names the missing adapter before arch=auto reads its config
+        self.resolve_arch(run_id)
         checks.check_model_files(self)
         if run_id == "training":
             checks.check_data(self)

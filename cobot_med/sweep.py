@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .engine import tracking
 from .errors import SettingsError
+from .settings import AUTO_ARCH, resolve_arch
 
 # Bundle settings that a finished run must share with the pair to count for it (params of the contract).
 MATCHED_SETTINGS = ("arch", "image_size", "epochs")
@@ -174,6 +175,9 @@ def plan_sweep(config: str | Path | Sequence[str | Path], methods: Iterable[str]
     output_dir = str(Path(values.get("output_dir") or settings.get("output_dir") or f"outputs/sweep/{dataset}").absolute())
     uri = sweep_tracking_uri(tracking_uri, values, settings, output_dir)
     match = {key: values.get(key, settings.get(key)) for key in MATCHED_SETTINGS}
+    # arch=auto as the run will settle it (an adapter's base is not known here: sweeps train from a base)
+    match["arch"] = resolve_arch(str(match.get("arch") or AUTO_ARCH), run_id,
+                                 str(values.get("sam_checkpoint") or settings.get("sam_checkpoint") or ""))
     passed = _without(overrides, {"tracking_uri", "output_dir", "peft", "seed"})
     jobs = []
     for seed in seeds:

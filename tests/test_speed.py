@@ -219,9 +219,9 @@ def test_bundle_speed_settings_switch_the_model_and_keep_its_outputs():
     with pytest.raises(SettingsError, match="skip_window_padding must be true or false, got 'maybe'"):
         load_settings("adome", skip_window_padding="maybe")
     with pytest.raises(SettingsError, match=r"unknown setting\(s\) \['atention'\].*did you mean 'attention'"):
-        from cobot_med.bundle import check_overrides
+        from cobot_med.bundle import check_keys
 
-        check_overrides("adome", {"atention": "sdpa"})
+        check_keys({"atention": "sdpa"})
 
 
 def test_merged_equals_unmerged_on_the_fast_path():

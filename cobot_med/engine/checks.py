@@ -56,8 +56,8 @@ def check_model_files(settings: "RunSettings") -> None:
         owner, where = ("MedSAM's", MEDSAM_DOWNLOADS) if arch.recipe == "medsam" else ("Meta's", SAM_DOWNLOADS)
         raise SettingsError(
             f"sam_checkpoint is empty, but arch {settings.arch} needs {owner} weights: download "
-            f"{arch.official_checkpoint} ({where}) and pass --sam_checkpoint PATH (lite_medsam needs none: its "
-            "weights come with the package)")
+            f"{arch.official_checkpoint} ({where}) and pass --sam_checkpoint PATH, or pass --arch lite_medsam for "
+            "the LiteMedSAM base that ships with the install")
 
 
 def check_data(settings: "RunSettings") -> None:

@@ -1,0 +1,148 @@
+"""The command the project exists for, exactly as a user types it, in a subprocess:
+
+    python -m monai.bundle run training --config_file bundles/adome.json [--key value ...]
+
+for all three dataset layers, once with the relative path from the repository root and once with the
+absolute path from another folder; then ``evaluate`` and ``inference`` the same way on the adapter it made,
+and the layered form beside it. 1 epoch of the tiny SAM on small phantoms; the runs go two at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cobot_med.bundle import repository_root
+from cobot_med.data.phantoms import make_phantoms
+
+ROOT = repository_root()
+DATASETS = ("adome", "spleen", "segrap")
+TINY = ["--arch", "tiny", "--image_size", "64", "--eval_batch_size", "16", "--epochs", "1", "--peft", "lora",
+        "--val_fraction", "0.34", "--test_fraction", "0.34"]
+NOISE = ("Can't merge entry", "Traceback", "holds the")
+
+
+def monai_bundle(run_id: str, config_file: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COBOT_MED_DEBUG": ""}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-4000:]
+    assert not [n for n in NOISE if n in printed], [n for n in NOISE if n in printed]
+    return printed
+
+
+def finished_run(output_dir: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments() if e.name.startswith("cobot-med/")]
+    runs = client.search_runs(experiments)
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every subprocess of this file, two at a time: each dataset layer trained by the literal command, as
+    ``bundles/<name>.json`` from the root and by its absolute path from another folder; then, on the adapter
+    the first made, ``evaluate`` by the absolute path from elsewhere and ``inference`` by the relative one;
+    and a misspelled setting."""
+    base = tmp_path_factory.mktemp("literal")
+    data = {name: base / "data" / name for name in DATASETS}
+    for name, folder in data.items():
+        make_phantoms(name, folder, cases=3, seed=11, shape=(40, 40, 8))
+    elsewhere = base / "elsewhere"
+    elsewhere.mkdir()
+    out = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {}
+        for name in DATASETS:
+            for form, config_file, cwd in (("relative", f"bundles/{name}.json", ROOT),
+                                           ("absolute", str(ROOT / "bundles" / f"{name}.json"), elsewhere)):
+                out[name, form] = base / "out" / f"{name}-{form}"
+                started[name, form] = pool.submit(monai_bundle, "training", config_file, cwd, "--dataset_dir",
+                                                  str(data[name]), "--output_dir", str(out[name, form]), *TINY)
+        started["misspelled"] = pool.submit(monai_bundle, "training", "bundles/spleen.json", ROOT, "--dataset_dir",
+                                            str(data["spleen"]), "--output_dir", str(base / "misspelled"),
+                                            "--epoch", "2")
+        adome = out["adome", "relative"]
+        ok(started["adome", "relative"].result())
+        adapter = str(adome / "adapter_best")
+        images, labels = base / "images", base / "labels"
+        images.mkdir(), labels.mkdir()
+        for case in json.loads((adome / "datalist.json").read_text())["test"]:
+            (images / Path(case["image"]).name).symlink_to(case["image"])
+            (labels / Path(case["label"]).name).symlink_to(case["label"])
+        out["evaluate"], out["inference"] = base / "evaluate", base / "inference"
+        started["evaluate"] = pool.submit(
+            monai_bundle, "evaluate", str(ROOT / "bundles" / "adome.json"), elsewhere, "--dataset_dir",
+            str(data["adome"]), "--output_dir", str(out["evaluate"]), "--adapter", adapter,
+            "--val_fraction", "0.34", "--test_fraction", "0.34", "--eval_batch_size", "16")
+        started["inference"] = pool.submit(
+            monai_bundle, "inference", "bundles/adome.json", ROOT, "--input_dir", str(images), "--labels_dir",
+            str(labels), "--output_dir", str(out["inference"]), "--adapter", adapter, "--eval_batch_size", "16")
+        results = {key: future.result() for key, future in started.items()}
+    return out, results, base
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute"])
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_the_literal_training_command_trains(runs, dataset, form):
+    out, results, _ = runs
+    printed = ok(results[dataset, form])
+    folder = out[dataset, form]
+    assert (folder / "adapter_best" / "adapter_model.safetensors").is_file()
+    assert json.loads((folder / "adapter_best" / "adapter_config.json").read_text())["model"]["arch"] == "tiny"
+    run = finished_run(folder)
+    assert run.info.status == "FINISHED" and run.data.tags["cobot_med.status"] == "finished"
+    assert run.data.params["dataset"] == dataset and run.data.params["peft"] == "lora"
+    assert "test_dsc" in run.data.metrics and "val_dsc" in run.data.metrics
+    assert "Setting logging properties" not in printed.split("input summary")[-1]  # said once, not twice
+
+
+def test_the_same_run_from_either_path_gives_the_same_scores(runs):
+    out, _, _ = runs
+    for name in DATASETS:
+        relative, absolute = (finished_run(out[name, form]) for form in ("relative", "absolute"))
+        assert relative.data.metrics["test_dsc"] == absolute.data.metrics["test_dsc"], name
+
+
+def test_evaluate_and_inference_run_ids_score_the_adapter_as_training_did(runs):
+    """``evaluate`` from another folder by the absolute path, ``inference`` from the root by the relative
+    one: the adapter's test score, as the training run logged it."""
+    out, results, _ = runs
+    ok(results["evaluate"]), ok(results["inference"])
+    test_dsc = finished_run(out["adome", "relative"]).data.metrics["test_dsc"]
+    evaluation = json.loads((out["evaluate"] / "evaluation.json").read_text())
+    assert evaluation["test_dsc"] == pytest.approx(test_dsc, abs=1e-6)
+    metrics = json.loads((out["inference"] / "metrics.json").read_text())
+    assert metrics["mean"]["all"]["dsc"] == pytest.approx(test_dsc, abs=1e-6)
+
+
+def test_a_misspelled_setting_is_refused_by_name_in_either_form(runs, tmp_path):
+    """``--epoch 2`` for ``--epochs 2`` used to train 25 epochs: refused with the nearest name, nothing written;
+    the layered form (here in-process, as ``cobot-med`` runs it) refuses it alike."""
+    from cobot_med.bundle import run_bundle
+    from cobot_med.errors import SettingsError, project_error
+
+    _, results, base = runs
+    result = results["misspelled"]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[-1].startswith("cobot-med: unknown setting(s) ['epoch']") and "did you mean 'epochs'" in lines[-1]
+    assert not (base / "misspelled").exists()
+    with pytest.raises(Exception) as err:
+        run_bundle("spleen", "training", dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"), epoch=2)
+    ours = project_error(err.value)
+    assert isinstance(ours, SettingsError) and "unknown setting(s) ['epoch']" in str(ours)
+    assert "did you mean 'epochs'" in str(ours)
+    assert not (tmp_path / "out").exists()
