@@ -147,7 +147,7 @@ def check_base(config: Mapping[str, Any], source: Path | str, sam_checkpoint: st
         base_sha256 = file_sha256(sam_checkpoint)
     if base_sha256 is None:
         raise AdapterError(f"{source}: this adapter belongs to a {spec.arch} checkpoint (sha256 {expected[:12]}...); "
-                           "pass that checkpoint (sam_checkpoint / --sam-checkpoint)")
+                           "pass that checkpoint (--sam_checkpoint)")
     if base_sha256 != expected:
         given = str(sam_checkpoint) if sam_checkpoint else "the model's base"
         raise AdapterError(f"{source}: trained on the checkpoint with sha256 {expected[:12]}..., but {given} has "

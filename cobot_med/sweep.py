@@ -139,7 +139,7 @@ def bundle_settings(config_files: Sequence[str | Path]) -> dict[str, Any]:
 
 def sweep_tracking_uri(tracking_uri: str | None, overrides: dict[str, str], settings: dict[str, Any],
                        output_dir: str | None = None) -> str:
-    """``--tracking-uri``, else the ``--tracking_uri`` override, else the bundle's own, else the project's rule
+    """The sweep's ``--tracking_uri``, else one among the bundle overrides after ``--``, else the bundle's own, else the project's rule
     (:func:`cobot_med.engine.tracking.resolve_tracking_uri`) for the sweep's output folder: one store for the
     whole sweep (each run's default would be a store in its own folder, which would scatter it)."""
     uri = tracking_uri or overrides.get("tracking_uri") or settings.get("tracking_uri")

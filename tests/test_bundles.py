@@ -244,9 +244,10 @@ def test_demo_finishes_and_training_helps(tmp_path, capsys):
     assert "mlflow ui --backend-store-uri sqlite:///" in printed
 
 
-def test_lite_medsam_zero_shot_evaluate_equals_infer_without_adapter(tmp_path):
+def test_lite_medsam_zero_shot_evaluate_equals_infer_without_adapter(tmp_path, capsys):
     """The packaged LiteMedSAM, no adapter: ``evaluate --peft frozen`` and ``infer`` score the test case alike,
-    and the pretrained weights segment the phantoms' organs (a random-init model scores about 0)."""
+    and the pretrained weights segment the phantoms' organs (a random-init model scores about 0). ``infer``
+    is given no --arch and no checkpoint: the embedded base is its default, and it says so."""
     from cobot_med.cli import main
 
     data = make_phantoms("adome", tmp_path / "data", cases=5, seed=5, shape=(48, 48, 12))
@@ -263,7 +264,10 @@ def test_lite_medsam_zero_shot_evaluate_equals_infer_without_adapter(tmp_path):
     for case in datalist["test"]:
         (inputs / Path(case["image"]).name).symlink_to(case["image"])
         (refs / Path(case["label"]).name).symlink_to(case["label"])
-    assert main(["infer", "--config", "adome", "--arch", "lite_medsam", "--input", str(inputs),
-                 "--output", str(tmp_path / "infer"), "--labels", str(refs), "--batch-size", "16"]) == 0
+    capsys.readouterr()
+    assert main(["infer", "--config", "adome", "--input", str(inputs), "--output", str(tmp_path / "infer"),
+                 "--labels", str(refs), "--batch_size", "16"]) == 0
+    assert "inference runs the LiteMedSAM base that ships with the install (arch lite_medsam)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "infer" / "summary.json").read_text())["model"]["arch"] == "lite_medsam"
     inferred = json.loads((tmp_path / "infer" / "metrics.json").read_text())["mean"]
     assert inferred["all"]["dsc"] == pytest.approx(report["test_dsc"], abs=1e-6)

@@ -370,9 +370,13 @@ def test_a_bundle_run_ends_in_one_named_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1] == "cobot-med: lr must be > 0 and <= 1, got -1"
     assert "Traceback" not in result.stderr
-    alone = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(ROOT / "bundles" / "adome.json")]
-    result = subprocess.run(alone, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "holds the adome settings only; run it on the workflow" in result.stderr
+    alone = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(ROOT / "bundles" / "adome.json"),
+             "--dataset_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--arch", "tiny", "--lr", "-1"]
+    result = subprocess.run(alone, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COBOT_MED_DEBUG": ""})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and lines[-1] == "cobot-med: lr must be > 0 and <= 1, got -1"
+    assert "Traceback" not in result.stderr
 
 
 def test_a_crash_marks_the_open_mlflow_run_failed(tmp_path):

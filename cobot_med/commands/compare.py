@@ -11,7 +11,7 @@ HELP = "compare finished runs of an MLflow tracking store: test DSC per method a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tracking-uri",
+        "--tracking_uri",
         default=None,
         help="MLflow tracking store: sqlite:///path/mlflow.db, postgresql://..., http://server:5000 "
         "(default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="outputs/compare", help="folder for compare.md, *.csv and the pictures")
     parser.add_argument("--digits", type=int, default=1, help="decimals of the DSC figures (default: 1, as the paper)")
-    parser.add_argument("--no-paper", action="store_true", help="leave out the paper's figures")
+    parser.add_argument("--no_paper", action="store_true", help="leave out the paper's figures")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset layout (folder trees in docs/data.md)")
     parser.add_argument("--data", required=True, help="dataset folder")
     parser.add_argument("--out", required=True, help="datalist JSON file to write")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of cases for validation")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases for the test split")
+    parser.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases for validation")
+    parser.add_argument("--test_fraction", type=float, default=0.2, help="fraction of cases for the test split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the case shuffle (same seed, same split)")
 
 

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model: pretrained LiteMedSAM (default) or the random-init tiny SAM of the tests")
     parser.add_argument("--cases", type=int, default=6, help="phantom cases to make")
     parser.add_argument("--epochs", type=int, default=None, help="default: 2 (lite_medsam), 12 (tiny)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 256 (lite_medsam), 128 (tiny)")
+    parser.add_argument("--image_size", type=int, default=None, help="default: 256 (lite_medsam), 128 (tiny)")
     parser.add_argument("--peft", default="lora+cobot")
     parser.add_argument("--seed", type=int, default=0)
 

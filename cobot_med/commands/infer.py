@@ -11,8 +11,9 @@ HELP = "segment a folder of NIfTI volumes / DICOM series with box prompts (label
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "examples: cobot-med infer --config bundles/adome.json --input scans/ --output preds/ "
-        "--adapter outputs/adome/adapter_best --sam-checkpoint sam_vit_b_01ec64.pth --boxes boxes.json; "
-        "evaluation: ... --labels labels/ (docs/inference.md)"
+        "--adapter outputs/adome/adapter_best --sam_checkpoint sam_vit_b_01ec64.pth --boxes boxes.json; "
+        "evaluation: ... --labels labels/; with no --adapter and no --sam_checkpoint the LiteMedSAM base that ships "
+        "with the install runs zero-shot (docs/inference.md)"
     )
     parser.add_argument("--config", required=True,
                         help="the dataset bundle (label map, CT window), e.g. bundles/adome.json or adome")
@@ -20,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of .nii/.nii.gz volumes and DICOM folders (never written)")
     parser.add_argument("--output", required=True, help="folder for <case>_seg.nii.gz and the other outputs")
     parser.add_argument("--adapter", default=None,
-                        help="trained adapter folder (its arch, method and input size are used); none: zero-shot SAM")
-    parser.add_argument("--sam-checkpoint", default=None, help="Meta's SAM checkpoint the adapter was trained on")
+                        help="trained adapter folder (its arch, method and input size are used); none: the base zero-shot")
+    parser.add_argument("--sam_checkpoint", default=None,
+                        help="the base's checkpoint (Meta's SAM, MedSAM): the one the adapter was trained on, or the "
+                        "base to run zero-shot (none: LiteMedSAM, whose weights ship with the install)")
     source = parser.add_argument_group("prompts (at least one)")
     source.add_argument("--labels", default=None,
                         help="label volumes with the same names: boxes from each organ's mask per slice, and metrics")
@@ -31,18 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="organs to segment (names of the label map, comma- or space-separated; default: all)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose segmentation exists")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per model call (bundle: eval_batch_size)")
+    parser.add_argument("--batch_size", type=int, default=None, help="slices per model call (bundle: eval_batch_size)")
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probability maps")
-    parser.add_argument("--nsd-tolerance", type=float, default=None, help="NSD tolerance in mm (default 2)")
+    parser.add_argument("--nsd_tolerance", type=float, default=None, help="NSD tolerance in mm (default 2)")
     parser.add_argument("--amp", default=None, help="auto (default: what the device runs fast), true, false, bf16, "
                         "fp16, fp32")
-    parser.add_argument("--no-amp", action="store_true", help="full precision (the same as --amp false)")
+    parser.add_argument("--no_amp", action="store_true", help="full precision (the same as --amp false)")
     parser.add_argument("--attention", default=None, choices=["auto", "onehot", "sdpa", "eager"],
                         help="attention kind (default: auto, the fastest for the device and precision; the same "
                         "math, BENCHMARKS.md)")
-    parser.add_argument("--no-merge", action="store_true", help="keep LoRA branches unmerged (default: merged)")
-    parser.add_argument("--arch", default=None, help="zero-shot only: SAM architecture (default: the bundle's)")
-    parser.add_argument("--image-size", type=int, default=None, help="zero-shot only: model input size")
+    parser.add_argument("--no_merge", action="store_true", help="keep LoRA branches unmerged (default: merged)")
+    parser.add_argument("--arch", default=None, help="zero-shot only: the base (vit_b, vit_l, vit_h, medsam_vit_b, "
+                        "lite_medsam, tiny; default: lite_medsam, or vit_b with --sam_checkpoint)")
+    parser.add_argument("--image_size", type=int, default=None, help="zero-shot only: model input size (default: "
+                        "the base's)")
 
 
 def bundle_overrides(args: argparse.Namespace) -> dict:

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--arch", default="vit_b", choices=sorted(ARCHITECTURES))
     parser.add_argument("--peft", default="lora+cobot", choices=sorted(METHODS))
-    parser.add_argument("--image-size", type=int, default=None, help="model input size (default: the arch's)")
+    parser.add_argument("--image_size", type=int, default=None, help="model input size (default: the arch's)")
     parser.add_argument("--options", default="{}", help="method options as JSON, e.g. '{\"rank\": 8}'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -21,14 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peft", required=True, nargs="+", metavar="NAMES",
                         help="PEFT methods, comma- or space-separated, e.g. lora,lora+cobot")
     parser.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or seeds separated by commas")
-    parser.add_argument("--tracking-uri", default=None,
+    parser.add_argument("--tracking_uri", default=None,
                         help="MLflow tracking store for the runs and the skip check (default: the bundle's "
                         "tracking_uri, else $MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db)")
     for name in PASSED_THROUGH:
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*flags, dest=name, default=None, help=f"bundle override {name}")
-    parser.add_argument("--run-id", default="training", help="the bundle's workflow to run (default: training)")
-    parser.add_argument("--dry-run", action="store_true", help="say what would run and what is skipped; run nothing")
+        parser.add_argument(f"--{name}", default=None, help=f"the bundle setting {name}, for every run")
+    parser.add_argument("--run_id", default="training", help="the bundle's workflow to run (default: training)")
+    parser.add_argument("--dry_run", action="store_true", help="say what would run and what is skipped; run nothing")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="after --: more bundle overrides, as on the monai.bundle command line")
 
