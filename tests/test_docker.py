@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 import shlex
 import statistics
 import uuid
@@ -121,10 +122,16 @@ def test_dockerfile_base_user_volumes_and_commands():
     keywords = [k for k, _ in instructions]
     args = _arg_defaults(instructions)
 
-    # an official PyTorch CUDA runtime image, with the torch that pyproject.toml pins
+    # an official PyTorch CUDA runtime image, with the torch the tests run (requirements/constraints.txt), which
+    # is inside the range pyproject.toml declares, so that pip keeps it
     (base,) = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], a) for k, a in instructions if k == "FROM"]
-    torch_pin = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    torch_pin = re.search(r"^torch==([\d.]+)$", (ROOT / "requirements" / "constraints.txt").read_text(), re.M).group(1)
     assert re.fullmatch(rf"pytorch/pytorch:{re.escape(torch_pin)}-cuda[\d.]+-cudnn\d+-runtime", base), base
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_range,) = [Requirement(r).specifier for r in declared if Requirement(r).name == "torch"]
+    assert torch_pin in torch_range and str(torch_range) != f"=={torch_pin}"  # a range, not a pin
 
     # the project installed from the repository's source, not from a wheel
     runs = " ".join(a for k, a in instructions if k == "RUN")

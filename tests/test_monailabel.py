@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,19 +17,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requests  # monailabel's dependencies
 import torch
+from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-if importlib.util.find_spec("monailabel") is None and not os.environ.get("CI"):  # CI installs it with .[dev]
-    pytest.skip("needs the monailabel extra (pip install -e '.[dev]' includes it)", allow_module_level=True)
-
-import requests  # noqa: E402  (monailabel's dependencies)
-from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402
-
-from cobot_med.adapter import save_adapter  # noqa: E402
-from cobot_med.data.layouts import get_layout  # noqa: E402
-from cobot_med.inference import run_inference  # noqa: E402
-from cobot_med.model import ModelSpec, build_model  # noqa: E402
-from cobot_med.settings import load_settings  # noqa: E402
+from cobot_med.adapter import save_adapter
+from cobot_med.data.layouts import get_layout
+from cobot_med.inference import run_inference
+from cobot_med.model import ModelSpec, build_model
+from cobot_med.settings import load_settings
 
 pytestmark = pytest.mark.slow  # a server start and one training round: about a minute or two on 2 cores
 

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
 
-if importlib.util.find_spec("monailabel") is None and not os.environ.get("CI"):  # CI installs it with .[dev]
-    pytest.skip("needs the monailabel extra (pip install -e '.[dev]' includes it)", allow_module_level=True)
 
-from monai.data import MetaTensor  # noqa: E402
+from monai.data import MetaTensor
 
-from cobot_med.adapter import save_adapter  # noqa: E402
-from cobot_med.model import ModelSpec, build_model  # noqa: E402
-from cobot_med.monailabel import clicks, settings  # noqa: E402
-from cobot_med.monailabel.datastore import checked_label  # noqa: E402
-from cobot_med.monailabel.errors import RequestError  # noqa: E402
+from cobot_med.adapter import save_adapter
+from cobot_med.model import ModelSpec, build_model
+from cobot_med.monailabel import clicks, settings
+from cobot_med.monailabel.datastore import checked_label
+from cobot_med.monailabel.errors import RequestError
 
 ORGANS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4}
 

@@ -1,0 +1,36 @@
+"""The test suites, each in the environment its users install (``pip install nox && nox``).
+
+- ``tests``: the core, as ``pip install -e .`` resolves it for a user (numpy 2, no monailabel), plus the
+  ``test`` extra, at the exact versions of ``requirements/constraints.txt``.
+- ``monailabel``: the MONAI Label app's tests, with the ``monailabel`` extra (which brings numpy 1.26 and
+  pydicom 2), at the versions of ``requirements/constraints-monailabel.txt``.
+
+Arguments after ``--`` go to pytest: ``nox -s tests -- -m "not slow"`` is the fast tier. The environments
+are kept between runs (``.nox/``); ``nox -R`` also skips the install step.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "monailabel"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+MONAI_LABEL_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_parts.py"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The core suite on the user's own resolution."""
+    session.install("-e", ".[test]", "-c", "requirements/constraints.txt")
+    session.run("python", "-m", "pytest", "-q", *[f"--ignore={path}" for path in MONAI_LABEL_TESTS],
+                *session.posargs)
+
+
+@nox.session
+def monailabel(session: nox.Session) -> None:
+    """The MONAI Label app's suite, with the ``monailabel`` extra."""
+    session.install("-e", ".[test,monailabel]", "-c", "requirements/constraints-monailabel.txt")
+    session.run("python", "-m", "pytest", "-q", *MONAI_LABEL_TESTS, *session.posargs,
+                env={"COBOT_MED_REQUIRE_MONAILABEL": "1"})
