@@ -20,7 +20,8 @@ from cobot_med.data.phantoms import make_phantoms
 
 ROOT = repository_root()
 FAST = dict(arch="tiny", image_size=64, eval_batch_size=16)
-pytestmark = pytest.mark.slow
+# each test here takes 0.2-15 s alone on 2 cores; 300 s is 20x or more (the demo and the resume: below)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def layers(*names):
@@ -231,6 +232,7 @@ def test_two_process_ddp_on_cpu(phantom_dirs, tmp_path):
     assert (out / "adapter_best" / "adapter_config.json").is_file()
 
 
+@pytest.mark.timeout(600)  # 15 s alone; it hit 600 s on a 2-core machine shared with other jobs
 def test_demo_finishes_and_training_helps(tmp_path, capsys):
     from cobot_med.cli import main
 

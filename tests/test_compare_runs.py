@@ -17,7 +17,7 @@ from cobot_med.data.phantoms import make_phantoms
 from cobot_med.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # sweep-then-compare: 44 s alone; 600 s was hit when shared
 
 
 def killed_once_running(uri):

@@ -17,7 +17,7 @@ from cobot_med.inference import load_network
 from cobot_med.predict import SlicePredictor, from_labels, predict_volume
 from cobot_med.settings import load_settings
 
-pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow, pytest.mark.timeout(300)]  # 2 s alone each
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from toy import acting_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # 16-19 s alone each
 
 
 @pytest.fixture(scope="module")

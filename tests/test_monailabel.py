@@ -27,7 +27,7 @@ from cobot_med.inference import run_inference
 from cobot_med.model import ModelSpec, build_model
 from cobot_med.settings import load_settings
 
-pytestmark = pytest.mark.slow  # a server start and one training round: about a minute or two on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a server start and training rounds: 1-2 min alone on 2 cores
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny"

@@ -79,7 +79,8 @@ def test_lora_lands_on_tiny_vits_q_and_v_heads():
         torch.testing.assert_close(out[1], base[1])  # k untouched
 
 
-@pytest.mark.slow  # tens of seconds on 2 cores: the full suite, not the inner loop
+@pytest.mark.slow  # 2-11 s alone on 2 cores: the full suite, not the inner loop
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("method", ["lora", "lora+cobot", "adaptformer", "adaptformer+cobot", "conv_lora", "adapter", "bitfit"])
 def test_forward_and_backward_on_lite_medsam(method):
     model = lite(method).train()
@@ -111,7 +112,8 @@ def test_adaptformer_reads_tiny_vits_normalised_mlp_input():
     assert not torch.allclose(outputs["mlp_input"], outputs["residual_stream"], atol=1e-3)
 
 
-@pytest.mark.slow  # tens of seconds on 2 cores: the full suite, not the inner loop
+@pytest.mark.slow  # 2-11 s alone on 2 cores: the full suite, not the inner loop
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("method", ["lora", "lora+cobot"])
 def test_merge_equals_unmerged_on_lite_medsam(method):
     model = lite(method).eval()
@@ -134,7 +136,8 @@ def test_methods_that_do_not_apply_say_why(method):
         lite(method)
 
 
-@pytest.mark.slow  # tens of seconds on 2 cores: the full suite, not the inner loop
+@pytest.mark.slow  # 2-11 s alone on 2 cores: the full suite, not the inner loop
+@pytest.mark.timeout(300)
 def test_training_leaves_the_frozen_batch_norms_of_tinyvit_alone():
     """A training step with an adapter must not move the frozen encoder's running statistics."""
     model = build_model(ModelSpec(arch="lite_medsam", peft="lora+cobot")).train()
@@ -149,6 +152,7 @@ def test_training_leaves_the_frozen_batch_norms_of_tinyvit_alone():
 
 
 @pytest.mark.slow  # a few seconds: two LiteMedSAM forwards
+@pytest.mark.timeout(300)
 def test_full_fine_tuning_keeps_the_running_statistics_it_trained(tmp_path):
     """Under ``full`` TinyViT's batch norms train, so their running statistics belong to the adapter: saved,
     loaded, and marking the base as changed on unload."""

@@ -248,7 +248,8 @@ def lite_base():
         return inputs, base.sam.state_dict(), base(*inputs)
 
 
-@pytest.mark.slow  # tens of seconds on 2 cores: the full suite, not the inner loop
+@pytest.mark.slow  # 3 s alone on 2 cores: the full suite, not the inner loop
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("method", ["lora", "adaptformer"])
 def test_unload_and_disable_on_lite_medsam(method, lite_base):
     inputs, reference_state, reference = lite_base

@@ -221,6 +221,7 @@ def test_an_adapter_loads_only_onto_its_own_base(tmp_path, base):
     (lambda c: c["model"].update(colour="blue"), r"unknown model field\(s\) \['colour'\]"),
 ])
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_an_edited_adapter_config_exits_2_with_one_line(tmp_path, capsys, edit, message):
     folder = save_adapter(build_model(ModelSpec("tiny", 64, "lora")), tmp_path / "adapter")
     config = json.loads((folder / CONFIG_NAME).read_text())
@@ -360,6 +361,7 @@ def test_debug_keeps_the_traceback():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # 14 s alone: two bundle runs in subprocesses
 def test_a_bundle_run_ends_in_one_named_line(tmp_path):
     layers = repr([str(ROOT / "bundles" / "common.json"), str(ROOT / "bundles" / "adome.json")])
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", layers,
