@@ -20,6 +20,7 @@ Means: per organ over its counted cases, and ``all`` over every counted (case, o
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -99,9 +100,12 @@ def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float]
     y_pred, y = pred[None, None].float(), ref[None, None].float()
     spacing = [float(s) for s in spacing]
     dsc = dice(pred, ref)
-    nsd = SurfaceDiceMetric(class_thresholds=[float(tolerance_mm)], include_background=True,
-                            reduction="none")(y_pred, y, spacing=spacing)
-    hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(y_pred, y, spacing=spacing)
+    with warnings.catch_warnings():  # MONAI 1.6 passes its own deprecated always_return_as_numpy inside these
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy")
+        nsd = SurfaceDiceMetric(class_thresholds=[float(tolerance_mm)], include_background=True,
+                                reduction="none")(y_pred, y, spacing=spacing)
+        hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(y_pred, y,
+                                                                                                spacing=spacing)
     return {**row, "dsc": float(dsc), "nsd": float(nsd.item()), "hd95_mm": float(hd95.item()),
             "counted": True, "note": ""}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,9 @@ ROOT = repository_root()
 DATASETS = ("adome", "spleen", "segrap")
 TINY = ["--arch", "tiny", "--image_size", "64", "--eval_batch_size", "16", "--epochs", "1", "--peft", "lora",
         "--val_fraction", "0.34", "--test_fraction", "0.34"]
-NOISE = ("Can't merge entry", "Traceback", "holds the")
+# config noise and library chatter that tells a user nothing (cobot_med/logs.py), and what must never show
+NOISE = ("Can't merge entry", "Traceback", "holds the", "Engine run resuming from", "nvImageCodec", "NvImgCodec",
+         "MLflow database tables", "metric handler can only record", "always_return_as_numpy")
 
 
 def monai_bundle(run_id: str, config_file: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -107,6 +110,10 @@ def test_the_literal_training_command_trains(runs, dataset, form):
     assert run.data.params["dataset"] == dataset and run.data.params["peft"] == "lora"
     assert "test_dsc" in run.data.metrics and "val_dsc" in run.data.metrics
     assert "Setting logging properties" not in printed.split("input summary")[-1]  # said once, not twice
+    # the choices that change results, with their reasons, first; the loss named on the bar
+    assert re.search(r"cobot-med training runs on: device cpu \(\w+\); precision (bf16|fp32) \(.+\); attention "
+                     r"\w+ \(.+\); \d+ torch threads \(.+\)", printed)
+    assert re.search(r"epoch(?: \[1/1\])?: \[\d+/\d+\].*loss=\d", printed)
 
 
 def test_the_same_run_from_either_path_gives_the_same_scores(runs):

@@ -64,7 +64,9 @@ def test_adome_training_learns_tracks_and_stitches(phantom_dirs, tmp_path):
     assert len(loss) == 3 and loss[-1] < loss[0]
     assert len(dsc) == 4 and max(dsc[1:]) > dsc[0]  # epoch 0 is before training
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "loss_curve.png" in artifacts and "resolved_settings.json" in artifacts
+    assert {"loss_curve.png", "resolved_settings.json", "adapter_best", "overlays", "test_predictions"} <= artifacts
+    assert "adapter_model.safetensors" not in artifacts  # the adapter once, in its folder (it was also at the root)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "test_predictions")]
 
     # stitched validation volumes have their input's exact geometry
     datalist = json.loads((out / "datalist.json").read_text())

@@ -97,7 +97,7 @@ def test_an_adapters_recorded_attention_is_what_runs_and_what_is_recorded(phanto
     out = tmp_path / "out"
     assert main(["infer", "--config", "adome", "--input", str(images), "--output", str(out), "--adapter", str(eager),
                  "--labels", str(labels), "--organs", "liver", "--device", "cpu"]) == 0
-    assert "; attention eager;" in capsys.readouterr().out
+    assert "; attention eager (as the loaded model records it);" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["attention"] == "eager"
     assert (summary["settings"]["attention"], summary["settings"]["attention_kind"]) == ("eager", "eager")

@@ -477,6 +477,34 @@ class SpeedChoices:
             why = f"attention={setting} (as the loaded model records it)"
         return dataclasses.replace(self, attention=setting, attention_kind=kind, attention_reason=why)
 
+    def said(self, device: torch.device | str | None = None) -> str:
+        """The choices that change results and speed, with their reasons, in one line (printed at the start of
+        every run; the full reasons are in ``describe()``): device, precision, attention, threads (and compile,
+        when on)."""
+        def first(reason: str) -> str:  # a reason's first clause, without the choice it starts by repeating
+            head, _, rest = reason.partition(": ")
+            text = rest if rest and len(head) < 20 and "(" not in head else reason
+            depth = 0
+            for i, char in enumerate(text):
+                depth += {"(": 1, ")": -1}.get(char, 0)
+                if depth == 0 and text.startswith("; ", i):
+                    return text[:i]
+            return text
+
+        where = ""
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cpu":
+                where = f"device cpu ({torch.backends.cpu.get_cpu_capability()}); "
+            elif device.type == "cuda":
+                where = f"device {device} ({torch.cuda.get_device_name(device)}); "
+            else:
+                where = f"device {device}; "
+        compiled = f"compiled ({first(self.compile_reason)}); " if self.compile else ""
+        return (f"{where}precision {self.precision.name} ({first(self.precision.reason)}); attention "
+                f"{self.attention_kind} ({first(self.attention_reason)}); {compiled}"
+                f"{self.threads.torch_threads} torch threads ({first(self.threads.reason)})")
+
     def describe(self) -> dict[str, Any]:
         """Flat and JSON-friendly: MLflow params, ``resolved_settings.json``, inference ``summary.json``."""
         return {**self.precision.describe(), "attention": self.attention, "attention_kind": self.attention_kind,

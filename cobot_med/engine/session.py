@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "resume.pt"
 RESULTS = ("adapter_best", "adapter_latest", CHECKPOINT_NAME, "test_predictions", "evaluation.json")
-REGENERATED = ("overlays", "val_predictions", "loss_curve.png")
+REGENERATED = ("overlays", "val_predictions", "loss_curve.png", "loss_curve.json")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
                  "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri")

@@ -140,8 +140,9 @@ def find_run(uri: str, experiment: str, name: str):
 
 
 def mark_finished(uri: str, experiment: str, name: str, output_dir: str | Path | None = None,
-                  artifacts: tuple[str, ...] = ("adapter_best", "test_predictions")) -> None:
-    """Tag the training run finished (its test evaluation is done), log the final folders, close it."""
+                  artifacts: tuple[str, ...] = ("adapter_best", "test_predictions", "overlays")) -> None:
+    """Tag the training run finished (its test evaluation is done), log the final folders under their own
+    names (once each: MONAI's handler logs only the loss curve and resolved_settings.json), close it."""
     run = find_run(uri, experiment, name)
     if run is None:
         return

@@ -70,6 +70,15 @@ def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) ->
     return metrics
 
 
+def say_choices(run_id: str, device: Any, speed: Any) -> None:
+    """The run's first line: what it runs on and the choices that change its results and speed, with their
+    reasons (:meth:`~cobot_med.engine.precision.SpeedChoices.said`); the first process only."""
+    from ..distributed import rank
+
+    if rank() == 0:
+        print(f"cobot-med {run_id} runs on: {speed.said(device)}", flush=True)
+
+
 def scalar_metrics(engine: Any) -> dict[str, float]:
     return {k: float(v) for k, v in engine.state.metrics.items()
             if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}

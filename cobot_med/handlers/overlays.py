@@ -1,4 +1,5 @@
-"""Pictures of a few validation slices: image, reference contour and predicted contour per organ."""
+"""Pictures of a few validation slices: image, reference contour and predicted contour per organ, in the
+radiological convention (the patient's right on the image's left) with orientation letters."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from ._distributed import is_rank0
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
 
-def draw_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, organs: Mapping[str, int], path: Path,
-                 title: str = "") -> None:
-    """image (H,W); label (H,W) label map with the ``organs`` ids, or None; pred (K,H,W) binary, K = len(organs)."""
+# Radiological convention: the patient's right on the image's left, anterior up, as seen from the feet.
+ORIENTATION_LETTERS = {"R": (0.02, 0.5, "left", "center"), "L": (0.98, 0.5, "right", "center"),
+                       "A": (0.5, 0.98, "center", "top"), "P": (0.5, 0.02, "center", "bottom")}
+
+
+def overlay_figure(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, organs: Mapping[str, int],
+                   title: str = ""):
+    """The figure of one axial slice of the RAS-oriented grid (image (X, Y), X toward the patient's right, Y
+    toward anterior), in the radiological convention with orientation letters on its edges; label (X, Y)
+    label map with the ``organs`` ids, or None; pred (K, X, Y) binary, K = len(organs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +32,7 @@ def draw_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, 
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.imshow(image.T, cmap="gray", origin="lower")
+    ax.imshow(image.T, cmap="gray", origin="lower")  # rows: Y, anterior up
     handles = []
     for k, (organ, label_id) in enumerate(organs.items()):
         colour = COLOURS[k % len(COLOURS)]
@@ -33,11 +41,24 @@ def draw_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, 
         if pred[k].any():
             ax.contour(pred[k].T.astype(float), levels=[0.5], colors=[colour], linewidths=1.5)
         handles.append(Line2D([], [], color=colour, label=organ))
-    ax.legend(handles=handles, loc="upper right", fontsize=7, title="solid: prediction\ndashed: reference",
-              title_fontsize=6)
-    ax.set_title(title, fontsize=8)
+    ax.invert_xaxis()  # X grows toward the patient's right: right on the left of the picture
+    for letter, (x, y, ha, va) in ORIENTATION_LETTERS.items():
+        ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="#ffd700", fontsize=10, fontweight="bold")
+    ax.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, 0.93), fontsize=7,
+              title="solid: prediction\ndashed: reference", title_fontsize=6)
+    ax.set_title(f"{title}\nradiological view (patient's right on the left)" if title else
+                 "radiological view (patient's right on the left)", fontsize=8)
     ax.axis("off")
     fig.tight_layout()
+    return fig
+
+
+def draw_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, organs: Mapping[str, int], path: Path,
+                 title: str = "") -> None:
+    """:func:`overlay_figure` saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(image, label, pred, organs, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

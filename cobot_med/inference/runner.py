@@ -244,8 +244,8 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
         speed = speed.for_model(network)  # the attention the model runs: an adapter's own, unless given
         log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
             f"{' (zero-shot)' if model_info['zero_shot'] else ', adapter ' + str(settings.adapter)}"
-            f", {model_info['merged_layers']} LoRA layers merged; {speed.precision.reason}; attention "
-            f"{speed.attention_kind}; {speed.threads.reason}")
+            f", {model_info['merged_layers']} LoRA layers merged")
+        log(f"runs on: {speed.said(device)}")
     else:
         model_info = {"adapter": None, "zero_shot": False, "arch": "custom", "peft": type(network).__name__,
                       "image_size": int(network.image_size), "merged_layers": 0}
