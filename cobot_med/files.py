@@ -20,6 +20,12 @@ import numpy as np
 TEMP_PREFIX = ".tmp-"
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` from the root, normalised (``repo/../seg`` is ``seg``), symbolic links kept: how the project
+    prints and records every path it is given."""
+    return Path(os.path.abspath(path))
+
+
 def temporary_path(path: Path) -> Path:
     """A hidden, unique name in the same folder with the same extension (writers choose the format by it)."""
     return path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}"

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from .files import absolute
 from .errors import SettingsError
 from .flags import as_flag
 
@@ -309,7 +310,7 @@ class RunSettings:
 
     @property
     def output_path(self) -> Path:
-        return Path(self.output_dir).absolute()
+        return absolute(self.output_dir)
 
     def speed(self) -> dict[str, Any]:
         """The model's speed switches as given (None: the model's own choice)."""

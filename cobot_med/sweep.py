@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .engine import tracking
 from .errors import SettingsError
+from .files import absolute
 from .settings import AUTO_ARCH, resolve_arch
 
 # Bundle settings that a finished run must share with the pair to count for it (params of the contract).
@@ -172,7 +173,7 @@ def plan_sweep(config: str | Path | Sequence[str | Path], methods: Iterable[str]
     settings = bundle_settings(files)
     values = parse_overrides(overrides)
     dataset = values.get("dataset") or settings.get("dataset") or files[-1].stem
-    output_dir = str(Path(values.get("output_dir") or settings.get("output_dir") or f"outputs/sweep/{dataset}").absolute())
+    output_dir = str(absolute(values.get("output_dir") or settings.get("output_dir") or f"outputs/sweep/{dataset}"))
     uri = sweep_tracking_uri(tracking_uri, values, settings, output_dir)
     match = {key: values.get(key, settings.get(key)) for key in MATCHED_SETTINGS}
     # arch=auto as the run will settle it (an adapter's base is not known here: sweeps train from a base)

@@ -156,6 +156,9 @@ def test_perfect_predictor_gives_back_the_labels_in_the_inputs_exact_geometry(ph
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     per_case = [r for r in rows if r["case"] != "mean"]
     assert len(per_case) == 16 and {r["organ"] for r in per_case} == set(ADOME)
+    notes = {r["organ"]: r["note"] for r in rows if r["case"] == "mean"}  # what is counted, in words
+    assert notes["liver"].startswith("4 cases counted") and notes["all"].startswith(
+        "16 (case, organ) pairs counted over 4 cases")
     assert all(float(r["dsc"]) == 1.0 and float(r["nsd"]) == 1.0 and float(r["hd95_mm"]) == 0.0 for r in per_case)
     means = json.loads((out / "metrics.json").read_text())
     assert means["mean"]["all"]["dsc"] == 1.0 and means["mean"]["all"]["cases"] == 16

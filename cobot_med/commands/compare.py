@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from ..files import absolute
 
 HELP = "compare finished runs of an MLflow tracking store: test DSC per method and dataset, per organ, paper beside"
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..compare import format_markdown, load_runs, summarize, write_report
     from ..engine.checks import check_output_dir
 
-    check_output_dir(Path(args.out).absolute())
+    check_output_dir(absolute(args.out))
     runs = load_runs(args.tracking_uri, args.experiment)
     summary = summarize(runs, paper={} if args.no_paper else None)
     print(format_markdown(summary, args.digits), end="")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from ..files import absolute
 
 HELP = ("make AbdomenCT-1K-layout phantoms, score pretrained LiteMedSAM on them zero-shot, fine-tune lora+cobot "
         "through the adome bundle and score it again")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     preset = PRESETS[args.arch]
     epochs = args.epochs or preset["epochs"]
-    out = Path(args.out).absolute()
+    out = absolute(args.out)
     data_dir, output_dir = out / "phantoms" / "adome", out / "outputs" / f"adome-{args.arch}"
     if not data_dir.is_dir():
         print(f"making {args.cases} AbdomenCT-1K-layout phantoms in {data_dir}")

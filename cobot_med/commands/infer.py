@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "segment a folder of NIfTI volumes / DICOM series with box prompts (labels, 3D boxes or key slices)"
 
@@ -53,13 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def bundle_overrides(args: argparse.Namespace) -> dict:
     """The bundle settings for these arguments (paths absolute, so the run does not depend on the folder)."""
 
-    def absolute(path: str | None) -> str:
-        return str(Path(path).absolute()) if path else ""
+    from ..files import absolute
+
+    def full(path: str | None) -> str:
+        return str(absolute(path)) if path else ""
 
     overrides: dict = {
-        "input_dir": absolute(args.input), "output_dir": absolute(args.output), "labels_dir": absolute(args.labels),
-        "boxes_file": absolute(args.boxes), "adapter": absolute(args.adapter),
-        "sam_checkpoint": absolute(args.sam_checkpoint), "infer_organs": ",".join(args.organs or []),
+        "input_dir": full(args.input), "output_dir": full(args.output), "labels_dir": full(args.labels),
+        "boxes_file": full(args.boxes), "adapter": full(args.adapter),
+        "sam_checkpoint": full(args.sam_checkpoint), "infer_organs": ",".join(args.organs or []),
         "overwrite": bool(args.overwrite), "probability_maps": bool(args.probabilities),
     }
     optional = {"device": args.device, "eval_batch_size": args.batch_size, "nsd_tolerance_mm": args.nsd_tolerance,

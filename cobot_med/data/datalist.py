@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist, partition_dataset
 
-from ..files import write_json
+from ..files import absolute, write_json
 from .layouts import get_layout
 from .validation import DataError
 
@@ -29,7 +29,7 @@ def scan_cases(layout: str, data_dir: str | Path) -> tuple[list[dict], list[str]
     A case whose image or label file is missing is left out with a message naming the file;
     a duplicate case id is an error.
     """
-    data_dir = Path(data_dir).absolute()
+    data_dir = absolute(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: dataset folder not found")
     cases, problems = [], []
@@ -139,7 +139,7 @@ def load_datalist(path: str | Path) -> dict[str, list[dict]]:
         ids = [item.get("case_id") if isinstance(item, dict) else None for item in items]
         try:
             items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split,
-                                            base_dir=path.absolute().parent)
+                                            base_dir=absolute(path).parent)
         except (TypeError, KeyError) as err:
             raise DataError(f"{path}: '{split}' must be a list of {{'image', 'label'}} items ({err})") from err
         for item, case_id in zip(items, ids):

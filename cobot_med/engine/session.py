@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import SettingsError, on_failure
+from ..files import absolute
 from . import tracking
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: An
         precision = resolve_precision(settings.amp, resolve_device(settings.device), training=True)
     return {
         "dataset": settings.dataset, "layout": settings.layout,
-        "dataset_dir": str(Path(settings.dataset_dir).absolute()) if settings.dataset_dir and not settings.datalist else "",
-        "datalist": str(Path(settings.datalist).absolute()) if settings.datalist else "",
+        "dataset_dir": str(absolute(settings.dataset_dir)) if settings.dataset_dir and not settings.datalist else "",
+        "datalist": str(absolute(settings.datalist)) if settings.datalist else "",
         "val_fraction": settings.val_fraction, "test_fraction": settings.test_fraction, "seed": settings.seed,
         "arch": settings.arch, "image_size": int(image_size), "peft": settings.peft,
         "peft_options": settings.peft_options, "sam_checkpoint_sha256": base_sha256, "lr": settings.lr,

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..files import absolute
 from ..errors import SettingsError
 
 EXPERIMENT_PREFIX = "cobot-med/"
@@ -41,7 +42,7 @@ def resolve_tracking_uri(uri: str | None = None, output_dir: str | Path | None =
         return str(uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    folder = Path(output_dir).absolute() if output_dir else Path.cwd()
+    folder = absolute(output_dir) if output_dir else Path.cwd()
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
@@ -116,7 +117,7 @@ def run_name(dataset: str, peft: str, arch: str, image_size: int, seed: int, key
 
 def artifact_location(uri: str, output_dir: str | Path) -> str | None:
     """Artifacts beside a local SQLite store; a tracking server keeps its own artifact root."""
-    return str(Path(output_dir).absolute() / "mlartifacts") if uri.startswith("sqlite:") else None
+    return str(absolute(output_dir) / "mlartifacts") if uri.startswith("sqlite:") else None
 
 
 def client(uri: str):

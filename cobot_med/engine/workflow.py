@@ -4,14 +4,13 @@ evaluate a saved adapter, record the resolved settings."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapter import AdapterError, load_adapter_weights, read_adapter_config, unwrap
 from ..distributed import barrier
-from ..files import write_json
+from ..files import absolute, write_json
 from .network import for_inference
 
 
@@ -44,7 +43,7 @@ def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) ->
     weights, base, arch, input size or recipe) is not overwritten without ``overwrite``."""
     config = read_adapter_config(settings.adapter) if settings.adapter else {}
     model = unwrap(network)
-    scored = {"path": str(Path(settings.adapter).absolute()) if settings.adapter else None,
+    scored = {"path": str(absolute(settings.adapter)) if settings.adapter else None,
               "weights_sha256": config.get("weights_sha256"),
               "base_checkpoint_sha256": config.get("base_checkpoint_sha256", getattr(model, "base_sha256", None)),
               "arch": model.spec.arch, "peft": model.spec.peft, "image_size": int(model.spec.image_size),

@@ -153,10 +153,15 @@ def write_metrics(output_dir: str | Path, cases: Mapping[str, Mapping[str, dict]
     for case in sorted(cases):
         for organ, row in cases[case].items():
             writer.writerow({"case": case, "organ": organ, **{k: fmt(row.get(k)) for k in METRIC_FIELDS[2:]}})
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
     for name, row in means.items():
+        counted = (f"{plural(row['cases'], '(case, organ) pair')} counted over {plural(len(cases), 'case')}"
+                   if name == "all" else f"{plural(row['cases'], 'case')} counted")
         writer.writerow({"case": "mean", "organ": name, "label_id": organs.get(name, ""),
                          "dsc": fmt(row["dsc"]), "nsd": fmt(row["nsd"]), "hd95_mm": fmt(row["hd95_mm"]),
-                         "note": f"{row['cases']} cases counted, HD95 undefined in {row['hd95_undefined']}"})
+                         "note": f"{counted}, HD95 undefined in {row['hd95_undefined']}"})
     csv_path = write_text(out / "metrics.csv", buffer.getvalue())
     json_path = write_json(out / "metrics.json", {
         "nsd_tolerance_mm": float(tolerance_mm),

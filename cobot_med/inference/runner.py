@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..files import remove_stale_temporaries, write_json
+from ..files import absolute, remove_stale_temporaries, write_json
 from ..predict import BoxFile, CasePrompts, PromptError, SlicePredictor, from_labels, predict_volume, to_label_map
 from ..predict.slices import recipe_of
 from ..predict.writing import segmentation_path, to_input_geometry, write_label_map, write_volume
@@ -68,7 +68,7 @@ def load_network(settings: Any, device: torch.device | str, compile: bool = Fals
     spec = network.spec
     config = None if zero_shot else read_adapter_config(settings.adapter)
     info = {
-        "adapter": None if zero_shot else str(Path(settings.adapter).absolute()),
+        "adapter": None if zero_shot else str(absolute(settings.adapter)),
         "adapter_weights_sha256": None if zero_shot else config.get("weights_sha256"),
         "zero_shot": zero_shot, "arch": spec.arch, "peft": spec.peft, "image_size": int(spec.image_size),
         "base_checkpoint_sha256": network.base_sha256, "merged_layers": int(merged), "attention": spec.attention,
@@ -95,7 +95,7 @@ class CaseJob:
         self.out = settings.output_path
         self.boxes, self.identity, self.progress = boxes, identity, progress
         self.source = {"kind": "boxes" if boxes is not None else "labels",
-                       "file": str(Path(settings.boxes_file).absolute()) if boxes is not None else None,
+                       "file": str(absolute(settings.boxes_file)) if boxes is not None else None,
                        "organs": dict(organs)}
         self.scores: dict[str, dict] = {}
 
