@@ -27,6 +27,7 @@ def test_every_long_flag_takes_both_spellings_and_help_shows_one(command):
         words = flag[2:]
         for spelling in ("--" + words.replace("-", "_"), "--" + words.replace("_", "-")):
             assert parser._option_string_actions[spelling] is parser._option_string_actions[flag], spelling
+    assert [a.option_strings for a in parser._actions if not a.help] == []  # every option says what it does
     shown = parser.format_help()
     assert not re.findall(r"--[a-z]+-[a-z]", shown), re.findall(r"--[a-z]+-[a-z][a-z-]*", shown)
 

@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=6, help="phantom cases to make")
     parser.add_argument("--epochs", type=int, default=None, help="default: 2 (lite_medsam), 12 (tiny)")
     parser.add_argument("--image_size", type=int, default=None, help="default: 256 (lite_medsam), 128 (tiny)")
-    parser.add_argument("--peft", default="lora+cobot")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peft", default="lora+cobot", help="the PEFT method to fine-tune (default: lora+cobot)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms, the split and the training")
 
 
 def run(args: argparse.Namespace) -> int:

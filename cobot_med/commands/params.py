@@ -12,8 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..peft import METHODS
     from ..sam import ARCHITECTURES
 
-    parser.add_argument("--arch", default="vit_b", choices=sorted(ARCHITECTURES))
-    parser.add_argument("--peft", default="lora+cobot", choices=sorted(METHODS))
+    parser.add_argument("--arch", default="vit_b", choices=sorted(ARCHITECTURES),
+                        help="the base model (default: vit_b, the papers' base; its weights are not needed to count)")
+    parser.add_argument("--peft", default="lora+cobot", choices=sorted(METHODS),
+                        help="the PEFT method whose trainable parameters to count (default: lora+cobot)")
     parser.add_argument("--image_size", type=int, default=None, help="model input size (default: the arch's)")
     parser.add_argument("--options", default="{}", help="method options as JSON, e.g. '{\"rank\": 8}'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
