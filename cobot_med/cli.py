@@ -26,6 +26,7 @@ COMMANDS = {
     "infer": "cobot_med.commands.infer",
     "sweep": "cobot_med.commands.sweep",
     "compare": "cobot_med.commands.compare",
+    "data": "cobot_med.commands.data",
 }
 
 
