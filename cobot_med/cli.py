@@ -27,6 +27,7 @@ COMMANDS = {
     "sweep": "cobot_med.commands.sweep",
     "compare": "cobot_med.commands.compare",
     "data": "cobot_med.commands.data",
+    "reproduce": "cobot_med.commands.reproduce",
 }
 
 
