@@ -218,3 +218,15 @@ def test_data_check_names_the_bad_case_and_writes_the_split_of_a_good_folder(pha
     assert err.strip().splitlines()[-1].startswith("cobot-med: 1 of 4 cases") and not datalist.exists()
     assert main(["data", "check", "adome", str(folder)]) == 2  # not the layout: one named line
     assert "no Image/Case_XXXXX_0000.nii.gz files" in capsys.readouterr().err
+
+
+def test_a_folder_not_made_by_fetch_is_never_written_into(spleen_tar, tmp_path):
+    from cobot_med.data.fetch import FetchError
+
+    _, data = spleen_tar
+    own = tmp_path / "data" / "Task09_Spleen" / "imagesTr" / "spleen_1.nii.gz"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"the user's own file")
+    with pytest.raises(FetchError, match="was not made by cobot-med data fetch; nothing in it is overwritten"):
+        fetch(spleen_source(f"http://127.0.0.1:{closed_port()}/Task09_Spleen.tar", data), tmp_path / "data")
+    assert own.read_bytes() == b"the user's own file"

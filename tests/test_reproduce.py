@@ -176,3 +176,13 @@ def test_the_papers_scale_is_refused_on_a_cpu_with_an_estimate(phantom_factory, 
     assert "adaptformer (as lora)" in captured.out  # one method measured, said so
     assert not (out / "mlflow.db").exists() and not (out / "spleen").exists()  # nothing ran
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_the_nested_commands_take_both_spellings():
+    from cobot_med.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce", "table4", "--dry-run", "--allow-cpu", "--output-dir", "x"])
+    assert (args.dry_run, args.allow_cpu, args.output_dir) == (True, True, "x")
+    args = build_parser().parse_args(["data", "fetch", "adome", "--keep-archives", "--accept-unverified"])
+    assert (args.keep_archives, args.accept_unverified) == (True, True)
+    assert "--keep_archives" in args._parser.format_help() and "--keep-archives" not in args._parser.format_help()

@@ -125,6 +125,7 @@ def extract(archive: str | Path, fmt: str, dest: str | Path, *, strip: int = 0, 
             shutil.rmtree(scratch, ignore_errors=True)
         return written
     scratch = dest / f"{TEMP_PREFIX}check"
+    seen: set[Path] = set()
     try:
         bar = tqdm(desc=f"unpacking {archive.name}", unit=" files", file=sys.stderr, disable=not progress,
                    leave=progress, dynamic_ncols=True)
@@ -132,6 +133,10 @@ def extract(archive: str | Path, fmt: str, dest: str | Path, *, strip: int = 0, 
             target = target_of(member, dest, strip, to, files)
             if target is None:
                 continue
+            if target in seen:
+                raise ArchiveError(f"{archive}: two members unpack to {target} (the second is {member}); not a "
+                                   "release of this layout")
+            seen.add(target)
             if target.is_file() and target.stat().st_size == size:
                 kept += 1
                 continue

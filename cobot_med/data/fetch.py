@@ -83,7 +83,13 @@ def fetch_dataset(name: str, dest: str | Path = "data", *, mirror: str | None = 
     if folder.exists() and not folder.is_dir():
         raise FetchError(f"{folder} is a file, not a folder; choose another --dest")
     state_path = folder / STATE_FILE
+    if folder.is_dir() and not state_path.is_file() and any(folder.iterdir()):
+        raise FetchError(f"{folder} exists and was not made by cobot-med data fetch; nothing in it is overwritten: "
+                         f"choose another --dest, or check it as it is with cobot-med data check {name} {folder}")
     state = _read_state(state_path)
+    if not state_path.is_file():  # from now on the folder is fetch's own, also after a failed download
+        state["dataset"] = source.name
+        write_json(state_path, state)
     log(f"fetching {source.title} into {folder}" + (f" from the mirror {mirror}" if mirror else "")
         + (f" ({source.provenance})" if source.provenance else ""))
     for number, item in enumerate(source.files, 1):

@@ -382,15 +382,16 @@ def reproduce(options: Options, log: Callable[[str], None] = print,
         for line in describe(plan):
             log(line)
         raise SettingsError("reproduce cannot start: " + "; ".join(plan.problems))
-    cpu_refusal = refuses_on_cpu(plan.device, plan.arch, plan.image_size) and not options.allow_cpu
+    cpu_refusal = bool(plan.left) and refuses_on_cpu(plan.device, plan.arch, plan.image_size) and not options.allow_cpu
     if plan.left and any(d.split is not None for d in plan.datasets):
         estimate(plan, each=options.dry_run or not cpu_refusal, log=log)
     for line in describe(plan):
         log(line)
     if cpu_refusal:
         total = plan.seconds_left()
-        said = (f"an estimated {est.hours(total)} on this CPU (measured {plan.left[0].stand_in or plan.left[0].peft} "
-                "steps, above)") if total is not None else "days on this CPU"
+        measured = sorted({method for (_, method), t in plan.throughputs.items() if t.train_s_per_step is not None})
+        said = (f"an estimated {est.hours(total)} on this CPU (from measured {', '.join(measured)} steps, above)"
+                if total is not None else "days on this CPU")
         message = (f"the paper's setting ({plan.arch} at {plan.image_size} px, {options.epochs} epochs, "
                    f"{len(plan.left)} runs) would take {said}: run it on a GPU, try the recipe on this CPU with "
                    "--arch lite_medsam (the LiteMedSAM base ships with the install), or pass --allow_cpu to run it here")
