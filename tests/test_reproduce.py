@@ -138,6 +138,8 @@ def test_from_a_fetched_release_to_the_table_and_resumed(phantom_factory, tmp_pa
     assert frozen["epochs"] == 0 and frozen["image_encoder_trainable"] == 0
     evaluation = json.loads((out / "spleen" / "frozen" / "evaluation.json").read_text())
     assert math.isclose(frozen["test_dsc"], evaluation["metrics"]["test_dsc"], abs_tol=1e-9)
+    logged = mlflow.MlflowClient(tracking_uri=uri).get_run(frozen["run_id"]).data.metrics
+    assert logged == {k: v for k, v in evaluation["metrics"].items() if k.startswith("test_")}  # every test metric
     used, fixed = load_datalist(out / "spleen" / "datalist.json"), load_datalist(fetched.datalist)
     assert {s: [c["case_id"] for c in used[s]] for s in used} == {s: [c["case_id"] for c in fixed[s]] for s in fixed}
     for peft in ("lora", "lora+cobot"):  # every run trained and tested on the fixed split
