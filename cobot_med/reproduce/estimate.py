@@ -250,6 +250,12 @@ def measure_throughput(dataset: str, arch: str, image_size: int | None, peft: st
     if trains:
         step_s, timed = _time_training(network, settings, speed, run_device, size, len(organs), budget_s, max_steps)
     eval_s = _time_prediction(network, settings, speed, run_device, organs, eval_batch, slice_shape)
+    del network  # the runs that follow are other processes on the same device: give its memory back
+    if run_device.type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     result = Throughput(arch=arch, image_size=size, peft=peft, organs=len(organs), device=str(run_device),
                         precision=speed.precision.name, train_s_per_step=step_s, train_steps_timed=timed,
                         eval_s_per_slice=eval_s, eval_batch=eval_batch, eval_slice_shape=tuple(slice_shape),
