@@ -159,9 +159,7 @@ def make_plan(options: Options, log: Callable[[str], None] = print) -> Plan:
         raise SettingsError(str(err)) from None
     out = absolute(options.output_dir)
     check_output_dir(out)
-    uri = tracking.resolve_tracking_uri(options.tracking_uri, out)
-    if options.tracking_uri:
-        uri = tracking.check_tracking_uri(uri)
+    uri = tracking.check_tracking_uri(tracking.resolve_tracking_uri(options.tracking_uri, out))  # reads, never writes
     device = resolve_device(options.device)
     problems: list[str] = []
     if options.sam_checkpoint and not Path(options.sam_checkpoint).is_file():
@@ -277,13 +275,19 @@ def estimate(plan: Plan, *, each: bool = True, log: Callable[[str], None] = prin
         for method in measured:
             key = (dataset.dataset, method)
             if key not in plan.throughputs:
-                plan.throughputs[key] = est.measure_throughput(
-                    dataset.dataset, plan.arch, plan.image_size, method, options.device, overrides=overrides,
-                    slice_shape=dataset.counts.slice_shape, use_cache=not options.remeasure, log=log)
+                try:
+                    plan.throughputs[key] = est.measure_throughput(
+                        dataset.dataset, plan.arch, plan.image_size, method, options.device, overrides=overrides,
+                        slice_shape=dataset.counts.slice_shape, use_cache=not options.remeasure, log=log)
+                except Exception as err:  # noqa: BLE001 - no estimate is better than no plan; the runs will say more
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    log(f"could not measure {method} on {plan.arch} ({type(err).__name__}: {first}); no time estimate "
+                        "for its runs")
         for item in dataset.items:
-            source = item.peft if (dataset.dataset, item.peft) in plan.throughputs else trained[0]
+            source = item.peft if (dataset.dataset, item.peft) in plan.throughputs else (trained or [item.peft])[0]
             item.stand_in = "" if source == item.peft else source
-            item.seconds = est.run_seconds(plan.throughputs[(dataset.dataset, source)], dataset.counts, options.epochs)
+            throughput = plan.throughputs.get((dataset.dataset, source))
+            item.seconds = est.run_seconds(throughput, dataset.counts, options.epochs) if throughput else None
 
 
 # --- saying the plan --------------------------------------------------------------------------------------
@@ -347,7 +351,9 @@ def _time_lines(plan: Plan) -> list[str]:
         return ["time: nothing left to run"]
     total = plan.seconds_left()
     if total is None:
-        return ["time: no estimate until the data is there (it counts the slices of the split)"]
+        if any(d.split is None for d in plan.datasets):
+            return ["time: no estimate until the data is there (it counts the slices of the split)"]
+        return ["time: no estimate: a measurement failed (above)"]
     lines = [f"time: estimated {est.hours(total)} of model time for the {len(left)} run(s) left, on this machine "
              f"({plan.device}), from measured throughput:"]
     for (dataset, _), throughput in plan.throughputs.items():
