@@ -72,6 +72,8 @@ def _fetch(args: argparse.Namespace) -> int:
     result = fetch_dataset(args.dataset, args.dest, mirror=args.mirror, keep_archives=args.keep_archives,
                            accept_unverified=args.accept_unverified, retries=args.retries,
                            log=lambda line: print(line, flush=True))
+    if source.license_note:
+        print(f"terms: {source.license_note}")
     print(f"done: {result.folder} (datalist {result.datalist}); train on it with "
           f"python -m monai.bundle run training --config_file bundles/{args.dataset}.json --datalist {result.datalist}, "
           f"or reproduce the paper's table with cobot-med reproduce table4 --dataset {args.dataset}")
