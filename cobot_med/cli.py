@@ -26,6 +26,8 @@ COMMANDS = {
     "infer": "cobot_med.commands.infer",
     "sweep": "cobot_med.commands.sweep",
     "compare": "cobot_med.commands.compare",
+    "data": "cobot_med.commands.data",
+    "reproduce": "cobot_med.commands.reproduce",
 }
 
 

@@ -21,6 +21,9 @@ from .validation import DataError
 logger = logging.getLogger(__name__)
 
 SPLITS = ("training", "validation", "test")
+# The fixed split of `cobot-med data fetch`, `data check --datalist` and `cobot-med reproduce` (docs/data.md): the
+# defaults of `cobot-med datalist`, so the same folder gives the same cases in every split, for every training seed.
+FIXED_SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0}
 
 
 def scan_cases(layout: str, data_dir: str | Path) -> tuple[list[dict], list[str]]:
