@@ -389,6 +389,10 @@ class RunSettings:
         self.resolve_arch(run_id)
         checks.check_model_files(self)
         if run_id == "training":
+            if self.peft == "frozen":
+                raise SettingsError(f"peft frozen trains nothing (the base model as it is): score it with the evaluate "
+                                    f"run id instead, python -m monai.bundle run evaluate --config_file "
+                                    f"bundles/{self.layout}.json --peft frozen ...")
             checks.check_data(self)
             checks.check_output_dir(self.output_path)
         elif run_id == "evaluate":

@@ -101,3 +101,11 @@ def test_flags_that_contradict_the_adapter_are_refused_not_ignored(tmp_path):
         load_settings("adome", image_size=128, **common).check("inference")
     settings = load_settings("adome", **common).check("inference")
     assert (settings.arch, settings.image_size) == ("tiny", 64)  # what runs is what is recorded
+
+
+def test_training_the_frozen_base_is_refused_with_what_to_run_instead(tmp_path):
+    """``peft frozen`` has nothing to train (the optimiser crashed on the first step): one named line."""
+    settings = load_settings("adome", dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"), arch="tiny",
+                             peft="frozen")
+    with pytest.raises(SettingsError, match="peft frozen trains nothing .* run evaluate --config_file bundles/adome.json"):
+        settings.check("training")
