@@ -19,9 +19,23 @@ def sub_parsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
+def with_nested(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and its own sub-commands' parsers (``data fetch``, ``reproduce table4``), all the way down."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += with_nested(child)
+    return found
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_long_flag_takes_both_spellings_and_help_shows_one(command):
-    parser = sub_parsers()[command]
+    for parser in with_nested(sub_parsers()[command]):
+        check_flags_and_help(parser)
+
+
+def check_flags_and_help(parser: argparse.ArgumentParser):
     flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     for flag in flags:
         words = flag[2:]

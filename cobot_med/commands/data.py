@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = ("examples: cobot-med data fetch spleen --dest data; cobot-med data check segrap "
                      "data/SegRap2023 --datalist data/SegRap2023/datalist.json")
-    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION",
+                                help="fetch: download and check a dataset; check: check a folder already there")
     fetch = sub.add_parser("fetch", formatter_class=OneSpelling,
                            help="download, check and unpack a dataset, then write its fixed split",
                            description="Download a public dataset from its official release files (MSD Task09 Spleen: "

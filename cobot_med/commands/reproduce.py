@@ -13,7 +13,8 @@ DATASETS = ("adome", "spleen", "segrap")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import OneSpelling, both_spellings
 
-    sub = parser.add_subparsers(dest="table", required=True, metavar="TABLE")
+    sub = parser.add_subparsers(dest="table", required=True, metavar="TABLE",
+                                help="the paper's table to reproduce (table4)")
     table4 = sub.add_parser("table4", formatter_class=OneSpelling, help="Table 4: the PEFT methods' test DSC per dataset",
                             description=HELP)
     table4.epilog = ("example: cobot-med data fetch adome && cobot-med reproduce table4 --dataset adome --seeds 3 "

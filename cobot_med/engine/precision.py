@@ -501,8 +501,12 @@ class SpeedChoices:
             else:
                 where = f"device {device}; "
         compiled = f"compiled ({first(self.compile_reason)}); " if self.compile else ""
+        attention = first(self.attention_reason)
+        recorded = f"attention={self.attention} ("  # "attention=eager (as the loaded model records it)"
+        if attention.startswith(recorded) and attention.endswith(")"):
+            attention = attention[len(recorded):-1]
         return (f"{where}precision {self.precision.name} ({first(self.precision.reason)}); attention "
-                f"{self.attention_kind} ({first(self.attention_reason)}); {compiled}"
+                f"{self.attention_kind} ({attention}); {compiled}"
                 f"{self.threads.torch_threads} torch threads ({first(self.threads.reason)})")
 
     def describe(self) -> dict[str, Any]:
