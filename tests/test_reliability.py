@@ -69,7 +69,8 @@ def test_amp_false_is_fp32_and_not_a_crash(tmp_path):
 
 def write_checkpoint(settings, network, out, **extra):
     out.mkdir(parents=True, exist_ok=True)
-    state = {"identity": identity(settings, network.spec.image_size, network.base_sha256, network.recipe), "run_key": "old00000",
+    state = {"identity": identity(settings, network.spec.image_size, network.base_sha256, network.recipe,
+                                  spec=network.spec), "run_key": "old00000",
              "run_name": "spleen-lora-tiny-64-seed0-old00000", "trainer": {"epoch": 1, "max_epochs": 25},
              "optimizer": {}, "adapter": {}, "finished": False, **extra}
     torch.save(state, out / CHECKPOINT_NAME)
@@ -99,7 +100,7 @@ def test_a_resume_whose_amp_resolves_to_another_dtype_is_refused(tmp_path):
     settings = settings_for(tmp_path)
     network = network_of(settings)
     bf16, fp32 = Precision("auto", torch.bfloat16, "test: fast bf16"), Precision("auto", torch.float32, "test: none")
-    ident = identity(settings, network.spec.image_size, network.base_sha256, network.recipe, bf16)
+    ident = identity(settings, network.spec.image_size, network.base_sha256, network.recipe, bf16, spec=network.spec)
     assert ident["amp"] == "bf16"
     write_checkpoint(settings, network, settings.output_path, identity=ident)
     with pytest.raises(SettingsError, match="amp: 'bf16' there, 'fp32' now"):

@@ -47,6 +47,7 @@ class ResumeCheckpoint:
             "run_key": self.session.run_key,
             "run_name": self.session.run_name,
             "trainer": engine.state_dict(),
+            "epochs_done": int(engine.state.epoch),  # ignite's state_dict holds no epoch
             "optimizer": self.optimizer.state_dict(),
             "adapter": adapter_state_dict(self.network),
             "finished": False,
