@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 TEMP_PREFIX = ".tmp-"
+DIGESTS_NAME = ".cobot-med-digests.json"  # an output folder's remembered input digests (Digests)
 
 
 def temporary_path(path: Path) -> Path:

@@ -155,6 +155,7 @@ class RunSettings:
     infer_organs: str
     probability_maps: bool
     nsd_tolerance_mm: float
+    drop_unusable_organs: bool
 
     def __post_init__(self) -> None:
         from .data.layouts import LAYOUTS
@@ -225,7 +226,8 @@ class RunSettings:
         self.weight_decay = as_number("weight_decay", self.weight_decay, float, 0, 1)
         self.batch_size = as_number("batch_size", self.batch_size, int, 1, 4096)
         self.val_interval = as_number("val_interval", self.val_interval, int, 1)
-        for name in ("val_at_start", "resume", "overwrite", "merge_adapters", "probability_maps"):
+        for name in ("val_at_start", "resume", "overwrite", "merge_adapters", "probability_maps",
+                     "drop_unusable_organs"):
             setattr(self, name, as_flag(getattr(self, name), name, error=SettingsError))
 
         self.amp = as_amp(self.amp)

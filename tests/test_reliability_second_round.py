@@ -232,3 +232,264 @@ def test_an_engine_error_is_not_logged_again_by_the_engines(caplog):
     assert fail_with(KeyboardInterrupt()) == []
     bug = fail_with(ZeroDivisionError("a bug"))  # a bug: ignite's lines stay, its traceback comes once, at the edge
     assert bug and all("terminating due to exception: a bug" in r.getMessage() and not r.exc_info for r in bug)
+
+
+# --- 1: a rerun of infer redoes exactly the cases whose record differs, and says why --------------------
+
+
+@pytest.fixture
+def scans(tmp_path, phantom_factory):
+    """Two small adome phantoms (RAS and LPS storage), writable: (images, labels)."""
+    root = shutil.copytree(phantom_factory("adome", cases=2, seed=6, shape=(24, 24, 8)), tmp_path / "scans")
+    return root / "Image", root / "Mask"
+
+
+def rerun(images, out, network=None, **values):
+    """``cobot-med infer`` in-process (test_inference.infer) with a box-filling model; (report, {case: why redone})."""
+    from test_inference import BoxFiller, infer
+
+    messages = []
+    report = infer(images, out, network=network or BoxFiller([5.0] * 4), log=messages.append, **values)
+    redone = {m.split(": redone, ")[0]: m.split(": redone, ")[1] for m in messages if ": redone, " in m}
+    return report, redone
+
+
+def rewrite(path, change):
+    """Rewrite a NIfTI file with ``change(data)``, keeping its header."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj).copy()
+    change(data)
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), str(path))
+
+
+def test_a_rerun_redoes_exactly_the_cases_whose_record_differs(scans, tmp_path):
+    images, labels = scans
+    out = tmp_path / "out"
+    first, _ = rerun(images, out, labels_dir=labels)
+    assert len(first.done) == 2
+    same, redone = rerun(images, out, labels_dir=labels)
+    assert len(same.skipped) == 2 and redone == {}
+    before = json.loads((out / "Case_00002_0000_metrics.json").read_text())["organs"]["liver"]
+
+    rewrite(labels / "Case_00002.nii.gz", lambda d: d.__setitem__(d == 1, 0))  # the liver taken out of a label
+    report, redone = rerun(images, out, labels_dir=labels)
+    assert redone == {"Case_00002_0000": "its reference label changed"} and len(report.skipped) == 1
+    after = json.loads((out / "Case_00002_0000_metrics.json").read_text())["organs"]["liver"]
+    assert before["reference_voxels"] > 0 and after["reference_voxels"] == 0  # the new label's scores
+    assert json.loads((out / "metrics.json").read_text())["cases"]["Case_00002_0000"]["liver"] == after
+
+    rewrite(images / "Case_00001_0000.nii.gz", lambda d: d.__iadd__(1))  # another scan under the same name
+    report, redone = rerun(images, out, labels_dir=labels)
+    assert redone == {"Case_00001_0000": "its input file changed"} and len(report.done) == 1
+
+
+@pytest.mark.parametrize("first, second, why", [
+    (dict(nsd_tolerance_mm=2.0), dict(nsd_tolerance_mm=10.0), "nsd_tolerance_mm 2.0 -> 10.0"),
+    (dict(), dict(probability_maps=True), "other outputs were asked for (+prob_kidney, +prob_liver)"),
+    pytest.param(dict(probability_maps=True), dict(), "other outputs were asked for (-prob_kidney, -prob_liver)",
+                 marks=[pytest.mark.slow, pytest.mark.timeout(120)]),
+    pytest.param(dict(infer_organs="liver"), dict(), "other organs were asked for",
+                 marks=[pytest.mark.slow, pytest.mark.timeout(120)]),
+])
+def test_a_setting_that_changes_an_output_redoes_every_case(scans, tmp_path, first, second, why):
+    images, labels = scans
+    out = tmp_path / "out"
+    scored = "nsd_tolerance_mm" in first  # the metrics need labels; the other settings run from boxes (faster)
+    source = dict(labels_dir=labels) if scored else dict(boxes_file=_whole_boxes(tmp_path, ["Case_00001_0000",
+                                                                                          "Case_00002_0000"]))
+    organs = {"infer_organs": "liver,kidney"}
+    rerun(images, out, **{**source, **organs, **first})
+    report, redone = rerun(images, out, **{**source, **organs, **second})
+    assert len(report.done) == 2 and set(redone.values()) == {why}
+    if scored:
+        assert json.loads((out / "metrics.json").read_text())["nsd_tolerance_mm"] == 10.0
+        assert all(json.loads(p.read_text())["nsd_tolerance_mm"] == 10.0 for p in out.glob("*_metrics.json"))
+    maps = sorted(p.name for p in out.glob("Case_00001_0000_prob_*.nii.gz"))
+    assert maps == (["Case_00001_0000_prob_kidney.nii.gz", "Case_00001_0000_prob_liver.nii.gz"]
+                    if second.get("probability_maps") else [])  # another run's maps are not left behind
+    if "infer_organs" in first:
+        record = json.loads((out / "Case_00001_0000_prompts.json").read_text())
+        assert set(record["organs"]) == {"liver", "kidney"}
+    assert rerun(images, out, **{**source, **organs, **second})[1] == {}  # and then it is done
+
+
+def test_a_boxes_entry_that_changed_redoes_only_its_case(scans, tmp_path):
+    images, _ = scans
+    boxes = tmp_path / "boxes.json"
+    cases = {f"Case_0000{n}_0000": {"liver": {"box3d": [2, 2, 1, 12, 12, 5]}} for n in (1, 2)}
+    boxes.write_text(json.dumps({"space": "voxel", "cases": cases}))
+    out = tmp_path / "out"
+    assert len(rerun(images, out, boxes_file=boxes, infer_organs="liver")[0].done) == 2
+    cases["Case_00001_0000"]["liver"]["box3d"] = [3, 2, 1, 12, 12, 5]
+    cases["Case_00002_0000"]["spleen"] = {"box3d": [2, 2, 1, 12, 12, 5]}  # an organ this run does not segment
+    boxes.write_text(json.dumps({"space": "voxel", "cases": cases}))
+    report, redone = rerun(images, out, boxes_file=boxes, infer_organs="liver")
+    assert redone == {"Case_00001_0000": "its prompts changed"} and len(report.skipped) == 1
+
+
+# --- 3: prompts are never dropped silently -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"space": "voxel", "cases": {"a": {"liver": {"box3d": [10, 10, 5, 2, 20, 6]}}}}',
+     "case a, organ liver: box3d [10, 10, 5, 2, 20, 6]: a negative size along axis 0 (10 > 2)"),
+    ('{"space": "voxel", "cases": {"a": {"liver": {"box3d": [-4, 0, 0, 5, 5, 5]}}}}',
+     "case a, organ liver: box3d [-4, 0, 0, 5, 5, 5]: voxel indices start at 0"),
+    ('{"space": "ras", "cases": {"a": {"liver": {"key_slice": [0, 0, 0, 1e9, 5, 5]}}}}',
+     "case a, organ liver: key_slice [0, 0, 0, 1000000000.0, 5, 5]: 1000000000.0 is no place in a scan"),
+    ('{"space": "voxel", "cases": {"a": {"liver": {"box3d": [0, 0, 0, 5, 5, 5]}, "liver": {"box3d": [1, 1, 1, 5, 5, 5]}}}}',
+     "the key 'liver' is given twice"),
+    ('{"space": "voxel", "cases": {"a": {"liver": {"box3d": [0, 0, 0, 5, 5, 5], "spaec": "ras"}}}}',
+     "case a, organ liver: unknown key(s) ['spaec']"),
+    ('{"spaces": "voxel", "cases": {}}', "unknown key(s) ['spaces'] at the top"),
+    ('{"space": "voxel", "cases": {"a": {}, "a.nii.gz": {}}}', "case a.nii.gz: also given as 'a'"),
+])
+def test_anything_ambiguous_in_a_boxes_file_is_refused_before_any_work(scans, tmp_path, text, message):
+    from cobot_med.predict import PromptError
+
+    images, _ = scans
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(text)
+    with pytest.raises(PromptError) as err:
+        rerun(images, tmp_path / "out", boxes_file=boxes)
+    assert str(err.value).startswith(f"{boxes}: ") and message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # before any work
+
+
+def test_a_case_with_unusable_organs_fails_unless_told_to_drop_them(scans, tmp_path):
+    images, _ = scans
+    shutil.copy(images / "Case_00001_0000.nii.gz", images / "Case_00003_0000.nii.gz")  # a third, good case
+    inside = {"box3d": [2, 2, 1, 12, 12, 5]}
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"space": "voxel", "cases": {
+        "Case_00001_0000": {"liver": inside, "spleen": {"box3d": [100, 100, 50, 110, 110, 60]}},  # past the grid
+        "Case_00002_0000": {"liver": inside, "kidney": {"box3d": [5000, 5000, 5000, 5100, 5100, 5100],
+                                                        "space": "ras"}},  # a world box far away
+        "Case_00003_0000": {"liver": inside}}}))
+    out = tmp_path / "out"
+    report, _ = rerun(images, out, boxes_file=boxes)
+    status = {c.case_id: (c.status, c.reason) for c in report.cases}
+    assert report.exit_code == 1 and status["Case_00003_0000"][0] == "done"
+    assert status["Case_00001_0000"][0] == "failed" and "unusable prompt for spleen" in status["Case_00001_0000"][1]
+    assert "lies outside the volume (the file's voxel grid is [24, 24, 8])" in status["Case_00001_0000"][1]
+    assert status["Case_00002_0000"][0] == "failed" and "unusable prompt for kidney" in status["Case_00002_0000"][1]
+    assert not (out / "Case_00001_0000_seg.nii.gz").exists()
+
+    messages = []
+    from test_inference import BoxFiller, infer
+
+    dropped = infer(images, out, network=BoxFiller([5.0] * 4), boxes_file=boxes, drop_unusable_organs=True,
+                    log=messages.append)
+    assert dropped.exit_code == 0 and len(dropped.done) == 2 and len(dropped.skipped) == 1
+    assert set(dropped.dropped) == {"Case_00001_0000", "Case_00002_0000"}
+    assert list(dropped.dropped["Case_00001_0000"]) == ["spleen"]
+    assert "dropped (--drop_unusable_organs): 2 organ(s) in 2 case(s), not segmented:" in messages[-1]
+    assert "Case_00002_0000: kidney: the ras box" in messages[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dropped_organs"]) == {"Case_00001_0000", "Case_00002_0000"}
+    again = infer(images, out, network=BoxFiller([5.0] * 4), boxes_file=boxes, drop_unusable_organs=True)
+    assert len(again.skipped) == 3 and set(again.dropped) == {"Case_00001_0000", "Case_00002_0000"}  # still named
+
+
+# --- 4: the geometry written is the geometry read, or the case is refused -----------------------------------
+
+
+def test_a_nifti_with_a_non_invertible_affine_is_refused_in_inference_and_training(tmp_path, scans):
+    import nibabel as nib
+    import numpy as np
+
+    from cobot_med.data.dataset import VolumeDataset
+    from cobot_med.data.chains import run_volume_chain
+
+    images, labels = scans
+    inputs = tmp_path / "inputs"
+    shutil.copytree(images, inputs)
+    source = nib.load(str(images / "Case_00001_0000.nii.gz"))
+    flat = source.affine.copy()
+    flat[:3, 2] = 0.0  # the third voxel axis has no extent
+    twin = source.affine.copy()
+    twin[:3, 1] = twin[:3, 0]  # two voxel axes point the same way
+    for name, affine in (("flat", flat), ("twin", twin)):
+        header = source.header.copy()
+        header.set_sform(affine, code=1)
+        header["qform_code"] = 0
+        nib.save(nib.Nifti1Image(np.asarray(source.dataobj), None, header=header), str(inputs / f"{name}.nii.gz"))
+    report, _ = rerun(inputs, tmp_path / "out", boxes_file=_whole_boxes(tmp_path, ["flat", "twin"]))
+    status = {c.case_id: c for c in report.cases}
+    assert status["flat"].status == "failed" and "voxel axis 2 has no extent" in status["flat"].reason
+    assert status["twin"].status == "failed" and "not independent" in status["twin"].reason
+    assert not (tmp_path / "out" / "flat_seg.nii.gz").exists()
+
+    settings = settings_for(tmp_path)  # training reads the same chain: the case is left out, named
+    chain = run_volume_chain(settings, build_model(settings.model_spec()).recipe)
+    volumes = VolumeDataset([{"image": str(inputs / "flat.nii.gz"), "label": str(labels / "Case_00001.nii.gz"),
+                              "case_id": "flat"}], chain)
+    assert len(volumes) == 0 and "not invertible" in volumes.failures[0]["error"]
+
+
+def _whole_boxes(tmp_path, case_ids):
+    boxes = tmp_path / "whole.json"
+    boxes.write_text(json.dumps({"space": "voxel", "cases": {c: {"liver": {"box3d": [0, 0, 0, 23, 23, 7]}}
+                                                             for c in case_ids}}))
+    return boxes
+
+
+@pytest.mark.parametrize("drop", [[4], [0, 9]])
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, drop):
+    """ITK would only warn and resample the series onto an even grid: the positions are checked first."""
+    import numpy as np
+
+    from test_inference import write_dicom_series
+
+    folder = tmp_path / "inputs" / "patient"
+    write_dicom_series(np.random.default_rng(0).normal(40, 10, (10, 16, 16)), folder, (0.8, 0.75, 2.5),
+                       (-12.5, 30.0, 100.0), (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0))
+    for index in drop:
+        (folder / f"slice{index:03d}.dcm").unlink()
+    report, _ = rerun(tmp_path / "inputs", tmp_path / "out", boxes_file=_whole_boxes(tmp_path, ["patient"]))
+    [case] = report.cases
+    ends = not (1 <= min(drop) and max(drop) <= 8)
+    if ends:  # the first and last slices gone: what is left is an even series, exactly read
+        assert case.status == "done", case.reason
+    else:
+        assert case.status == "failed" and "the slices are not evenly spaced: 2.5 mm apart, but 5 mm" in case.reason
+        assert "1 slice(s) missing?" in case.reason and str(folder) in case.reason
+
+
+def test_the_segmentation_carries_the_inputs_geometry_fields_as_stored(tmp_path, scans):
+    """qform and sform that differ (a sheared sform a quaternion cannot hold), their codes (aligned, MNI),
+    units and slice timing: the segmentation's header holds each field as the input's does."""
+    import nibabel as nib
+    import numpy as np
+
+    from cobot_med.data.geometry import GEOMETRY_FIELDS
+
+    images, _ = scans
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    source = nib.load(str(images / "Case_00002_0000.nii.gz"))
+    for name, codes in (("aligned", (2, 4)), ("scanner", (1, 3))):
+        header = source.header.copy()
+        sheared = source.affine.copy()
+        sheared[0, 1] += 0.05
+        sheared[:3, 3] += 1.5
+        header.set_qform(source.affine, code=codes[0])
+        header.set_sform(sheared, code=codes[1])
+        header.set_xyzt_units("mm", "msec")
+        header["pixdim"][4] = 3.0
+        header.set_dim_info(0, 1, 2)
+        header["slice_duration"] = 0.25
+        nib.save(nib.Nifti1Image(np.asarray(source.dataobj), None, header=header), str(inputs / f"{name}.nii.gz"))
+    report, _ = rerun(inputs, tmp_path / "out", boxes_file=_whole_boxes(tmp_path, ["aligned", "scanner"]),
+                      probability_maps=True, infer_organs="liver")
+    assert report.exit_code == 0
+    for name in ("aligned", "scanner"):
+        given = nib.load(str(inputs / f"{name}.nii.gz")).header
+        for written in (tmp_path / "out" / f"{name}_seg.nii.gz", tmp_path / "out" / f"{name}_prob_liver.nii.gz"):
+            header = nib.load(str(written)).header
+            for field in GEOMETRY_FIELDS:
+                assert np.array_equal(header[field], given[field]), (written.name, field)
+            assert np.array_equal(nib.load(str(written)).affine, nib.load(str(inputs / f"{name}.nii.gz")).affine)

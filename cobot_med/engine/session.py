@@ -41,7 +41,6 @@ REGENERATED = ("overlays", "val_predictions", "loss_curve.png")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
                  "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri", "split")
-DIGESTS_NAME = ".cobot-med-digests.json"  # the input files' SHA-256, remembered between runs (files.Digests)
 LEGACY_AMP = ("auto", "true")  # identities of older checkpoints recorded the amp setting, not the dtype it ran
 
 
@@ -142,7 +141,7 @@ class TrainingSession:
         Under torchrun the first process decides (and deletes) and the others follow its decision."""
         from ..adapter import unwrap
         from ..distributed import rank as process_rank, world_size
-        from ..files import Digests
+        from ..files import DIGESTS_NAME, Digests
 
         model = unwrap(network)
         out = settings.output_path
@@ -220,6 +219,12 @@ def _decide(settings: Any, out: Path, ident: dict[str, Any]) -> tuple[str, bool]
             raise SettingsError(f"{path} has trained {done} epochs already, more than epochs={settings.epochs}; "
                                 f"pass --epochs {done} or more to resume it")
         return str(state["run_key"]), True
+    from .checks import foreign_results
+
+    others = foreign_results(out, "training")
+    if others and not settings.overwrite:
+        raise SettingsError(f"output_dir {out} holds {others}; choose another output_dir, or pass --overwrite true to "
+                            "train beside them")
     present = [name for name in RESULTS if (out / name).exists()]
     if present and not settings.overwrite:
         why = "resume is off" if path.is_file() else "they are not this run's"
