@@ -405,6 +405,9 @@ class RunSettings:
             from .engine.tracking import check_tracking_uri, resolve_tracking_uri
 
             check_tracking_uri(resolve_tracking_uri(self.tracking_uri, self.output_path))
+        from .lock import acquire
+
+        acquire(self.output_path, run_id)  # one writer for the run's life, before anything is written there
         return self
 
 

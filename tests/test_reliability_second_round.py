@@ -356,7 +356,7 @@ def test_anything_ambiguous_in_a_boxes_file_is_refused_before_any_work(scans, tm
     with pytest.raises(PromptError) as err:
         rerun(images, tmp_path / "out", boxes_file=boxes)
     assert str(err.value).startswith(f"{boxes}: ") and message in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "out").exists()  # before any work
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".cobot-med.lock"]  # nothing but the lock
 
 
 def test_a_case_with_unusable_organs_fails_unless_told_to_drop_them(scans, tmp_path):
@@ -493,3 +493,195 @@ def test_the_segmentation_carries_the_inputs_geometry_fields_as_stored(tmp_path,
             for field in GEOMETRY_FIELDS:
                 assert np.array_equal(header[field], given[field]), (written.name, field)
             assert np.array_equal(nib.load(str(written)).affine, nib.load(str(inputs / f"{name}.nii.gz")).affine)
+
+
+# --- 7: one folder, one writer; one run's results never silently replaced ------------------------------------
+
+HOLDER = """
+import sys
+from cobot_med.lock import acquire
+acquire(sys.argv[1], sys.argv[2])
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it (or kills this process)
+"""
+
+
+def hold(folder, run):
+    """Another process holding ``folder``'s lock as ``run``: the Popen, once it holds it."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), run], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+@pytest.mark.parametrize("run_id", ["training", "inference"])
+def test_a_second_run_into_a_held_folder_gets_one_line_naming_the_holder(tmp_path, scans, run_id):
+    import socket
+
+    from cobot_med.lock import FolderInUse
+
+    images, labels = scans
+    out = tmp_path / "out"
+    holder = hold(out, "training")
+    try:
+        settings = settings_for(tmp_path, dataset_dir=str(images.parent), input_dir=str(images),
+                                labels_dir=str(labels), output_dir=str(out))
+        with pytest.raises(FolderInUse) as err:
+            settings.check(run_id)
+        line = explain(err.value)[0]
+        assert line.startswith(f"output folder {out} is in use by another run (training by pid {holder.pid} on host "
+                               f"{socket.gethostname()}, started ")
+        assert "wait for it to finish, or choose another output folder" in line and "\n" not in line
+        assert sorted(p.name for p in out.iterdir()) == [".cobot-med.lock"]  # nothing else written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    settings.check(run_id)  # the holder ended: the folder is free
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_named(tmp_path, caplog):
+    import signal
+
+    from cobot_med import lock
+
+    out = tmp_path / "out"
+    holder = hold(out, "inference")
+    holder.send_signal(signal.SIGKILL)  # kill -9: no chance to release anything
+    holder.wait(timeout=60)
+    assert json.loads((out / lock.LOCK_NAME).read_text())["pid"] == holder.pid  # the dead run's record is there
+    note = lock.acquire(out, "training")
+    assert f"left by a run that is no longer running (inference by pid {holder.pid}" in note
+    assert json.loads((out / lock.LOCK_NAME).read_text())["pid"] != holder.pid
+    lock.release(out)
+    (out / lock.LOCK_NAME).write_text("garbage, not a record")  # a damaged lock file is no obstacle either
+    assert lock.acquire(out, "training") == "" and lock.holds(out)
+    lock.release(out)
+    assert lock.acquire(out, "training") == ""  # a released lock is not 'taken over'
+    lock.release(out)
+
+
+def test_infer_refuses_a_training_runs_folder_and_training_refuses_infers(tmp_path, scans):
+    from test_inference import BoxFiller
+
+    images, labels = scans
+    trained = tmp_path / "trained"
+    save_adapter(build_model(ModelSpec("tiny", 64, "lora")), trained / "adapter_best")
+    (trained / CHECKPOINT_NAME).write_bytes(b"x")
+    with pytest.raises(SettingsError, match=rf"output folder {trained} holds a training run's results "
+                                            r"\(adapter_best, resume.pt\)"):
+        rerun(images, trained, labels_dir=labels)
+    assert sorted(p.name for p in trained.iterdir()) == ["adapter_best", "resume.pt"]  # nothing written
+    assert len(rerun(images, trained, labels_dir=labels, overwrite=True)[0].done) == 2  # told to: beside them
+
+    segmented = tmp_path / "segmented"
+    rerun(images, segmented, network=BoxFiller([5.0] * 4), labels_dir=labels)
+    settings = settings_for(tmp_path, output_dir=str(segmented))
+    with pytest.raises(SettingsError, match=r"holds cobot-med infer's segmentations \(2: Case_00001_0000_seg.nii.gz"):
+        TrainingSession.start(settings, network_of(settings))
+
+
+# --- the command line a user runs (slow: real trainings in subprocesses) ------------------------------------
+
+
+def training_command(data, out, *extra):
+    import sys
+
+    from cobot_med.bundle import repository_root
+
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+            str(repository_root() / "bundles" / "adome.json"), "--dataset_dir", str(data), "--output_dir", str(out),
+            "--arch", "tiny", "--image_size", "64", "--amp", "false", "--num_workers", "0", *extra]
+
+
+def start(command, cwd):
+    import os
+    import subprocess
+
+    env = {**os.environ, "COBOT_MED_DEBUG": "", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def read_until(process, marker):
+    """The lines a process printed up to (and with) the first holding ``marker``."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError("".join(lines[-40:]) + f"\n(ended before {marker!r})")
+
+
+def said(lines):
+    """What a user reads besides progress bars and INFO logs."""
+    return [line.rstrip() for line in lines if line.strip() and " - INFO - " not in line and "%|" not in line
+            and "it/s]" not in line]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_trainings_into_one_folder_one_trains_and_the_other_says_who(tmp_path, phantom_factory):
+    import signal
+
+    data = phantom_factory("adome", cases=5, seed=0, shape=(32, 32, 12))
+    out = tmp_path / "out"
+    first = start(training_command(data, out, "--epochs", "40"), tmp_path)
+    try:
+        read_until(first, "Epoch[1] Complete")
+        second = start(training_command(data, out, "--epochs", "40"), tmp_path)
+        lines = second.stdout.readlines()
+        assert second.wait(timeout=300) != 0
+        line = said(lines)[-1]
+        assert line.startswith(f"cobot-med: output folder {out} is in use by another run (training by pid {first.pid} "
+                               f"on host ")
+        assert "python -m monai.bundle run training --config_file" in line and line.endswith("choose another output folder")
+        assert "Traceback" not in "".join(lines)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=300)
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_experiments()])
+    assert len(runs) == 1  # one MLflow run: the second training never started one
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_and_a_full_disk_during_training_are_one_line_each(tmp_path, phantom_factory):
+    import signal
+    import sys
+
+    data = phantom_factory("adome", cases=5, seed=0, shape=(32, 32, 12))
+    out = tmp_path / "out"
+    training = start(training_command(data, out, "--epochs", "3"), tmp_path)
+    read_until(training, "Epoch[1] Complete")
+    training.send_signal(signal.SIGINT)
+    rest = training.stdout.readlines()
+    assert training.wait(timeout=300) != 0
+    assert said(rest)[-1] == ("cobot-med: interrupted; start the same command again to resume the run from its last "
+                              f"finished epoch ({out / CHECKPOINT_NAME})")
+    assert "Traceback" not in "".join(rest) and "KeyboardInterrupt" not in "".join(rest)
+    resumed = start(training_command(data, out, "--epochs", "3"), tmp_path)
+    lines = resumed.stdout.readlines()
+    assert resumed.wait(timeout=600) == 0, "".join(lines[-30:])
+    assert any("resumed" in line and "at epoch" in line for line in lines)
+
+    # a full disk: every write of the run fails with ENOSPC (here: torch.save, the checkpoint of epoch 1)
+    full = ("import errno, runpy, sys, torch\n"
+            "def save(obj, f, *a, **k):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
+            "torch.save = save\n"
+            "sys.argv = ['monai.bundle'] + sys.argv[1:]\n"
+            "runpy.run_module('monai.bundle', run_name='__main__')\n")
+    command = training_command(data, tmp_path / "full", "--epochs", "2")
+    disk = start([sys.executable, "-c", full, *command[3:]], tmp_path)
+    lines = disk.stdout.readlines()
+    assert disk.wait(timeout=600) != 0
+    assert "Traceback" not in "".join(lines), "".join(lines[-40:])
+    assert said(lines)[-1].startswith(f"cobot-med: no space left on the device writing {tmp_path / 'full'}/.tmp-")
+    assert said(lines)[-1].endswith("free some space or choose another output folder, then run the same command "
+                                    "again; start the same command again to resume the run from its last finished "
+                                    f"epoch ({tmp_path / 'full' / CHECKPOINT_NAME})")

@@ -398,7 +398,9 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
                          f"{names}; made by {makers}), and this run is {describe_model(identity)}: choose another "
                          "output folder, or pass --overwrite to replace them")
     if first:
-        out.mkdir(parents=True, exist_ok=True)
+        from ..lock import acquire
+
+        acquire(out, "inference")  # held since settings.check; a caller that skipped it takes it here
         remove_stale_temporaries(out)
         write_label_files(out, organs, settings.dataset)
         digests.save()
