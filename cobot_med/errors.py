@@ -164,6 +164,9 @@ def install_excepthook() -> None:
     knows prints one line instead of MONAI's traceback (Python still exits non-zero: 1, or the interrupt's
     status). Idempotent."""
     global _previous_hook
+    from .redact import mask_logs
+
+    mask_logs()  # the logs of the run mask credentials too
     if sys.excepthook is not _excepthook:
         _previous_hook = sys.excepthook
         sys.excepthook = _excepthook

@@ -54,7 +54,11 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, content: Any) -> Path:
-    return write_text(path, json.dumps(content, indent=2, default=json_default) + "\n")
+    """``content`` as JSON, atomically; credentials in any URI it holds are masked (:mod:`cobot_med.redact`):
+    every record the project writes names a tracking store without its password."""
+    from .redact import redact
+
+    return write_text(path, json.dumps(redact(json.loads(json.dumps(content, default=json_default))), indent=2) + "\n")
 
 
 def json_default(value: Any) -> Any:

@@ -10,6 +10,7 @@ store without holding its key.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -35,3 +36,31 @@ def redact(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(redact(v) for v in value)
     return value
+
+
+class RedactingFormatter(logging.Formatter):
+    """The bundles' log format (``bundles/logging.conf``) with credentials masked in every line, MONAI's own
+    summary of the command line's overrides included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials in a record before any handler formats it (for handlers the project did not configure,
+    e.g. MLflow's own, which prints the tracking URI of a run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def mask_logs(names: tuple[str, ...] = ("", "mlflow", "monai", "ignite")) -> None:
+    """Put :class:`RedactingFilter` on every handler of these loggers (``""``: the root). Idempotent."""
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())

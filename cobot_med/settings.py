@@ -278,6 +278,7 @@ class RunSettings:
                 raise SettingsError(f"image_size {self.image_size} does not apply: the adapter {self.adapter} was "
                                     f"trained at {spec.image_size} px; leave --image_size out")
             self.image_size = int(spec.image_size)
+            self._take_adapter_method(spec)
         if self.arch != AUTO_ARCH:
             return self.arch
         self.arch = resolve_arch(self.arch, run_id, self.sam_checkpoint, adapter_arch)
@@ -289,6 +290,28 @@ class RunSettings:
                   file=sys.stderr, flush=True)
         self._check_image_size()
         return self.arch
+
+    def _take_adapter_method(self, spec: Any) -> None:
+        """An adapter runs (and trains further) as the method it was trained with: ``peft`` and ``peft_options``
+        become its own, so what a run records (``resolved_settings.json``, the resume identity) is what ran. A
+        ``peft`` other than the bundles' default, or ``peft_options``, that say otherwise are refused by name."""
+        from .bundle import workflow_default
+
+        if self.peft != spec.peft:
+            if self.peft != workflow_default("peft"):
+                raise SettingsError(f"peft {self.peft} does not apply: the adapter {self.adapter} was trained with "
+                                    f"{spec.peft} and runs as it; leave --peft out")
+        if self.peft_options:  # compared as the method reads them (defaults filled in)
+            from .peft import METHODS
+
+            try:
+                given = METHODS[spec.peft].make_config(self.peft_options).to_dict()
+            except (TypeError, ValueError):
+                given = None
+            if given != METHODS[spec.peft].make_config(spec.peft_options).to_dict():
+                raise SettingsError(f"peft_options {self.peft_options} do not apply: the adapter {self.adapter} was "
+                                    f"trained with {spec.peft_options}; leave --peft_options out")
+        self.peft, self.peft_options = spec.peft, dict(spec.peft_options)
 
     # --- what the parts of the workflow read ---------------------------------------------------
 

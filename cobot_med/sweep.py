@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .engine import tracking
 from .errors import SettingsError
+from .redact import redact
 from .settings import AUTO_ARCH, resolve_arch
 
 # Bundle settings that a finished run must share with the pair to count for it (params of the contract).
@@ -227,7 +228,7 @@ def run_sweep(config: str | Path | Sequence[str | Path], methods: Iterable[str],
     known = ", ".join(f"{k}={v}" for k, v in match.items() if v is not None) or "no other settings"
     if not dry_run:
         tracking.check_tracking_uri(uri)
-    log(f"sweep: {len(jobs)} runs into {tracking.experiment_name(jobs[0].dataset) if jobs else '?'} at {uri} "
+    log(f"sweep: {len(jobs)} runs into {tracking.experiment_name(jobs[0].dataset) if jobs else '?'} at {redact(uri)} "
         f"(a finished run counts when it matches dataset, method, seed and {known})")
     if jobs and not dry_run and uri.startswith(("http://", "https://")):
         # Created here, the experiment keeps the server's artifact root; created by a training run,

@@ -685,3 +685,111 @@ def test_ctrl_c_and_a_full_disk_during_training_are_one_line_each(tmp_path, phan
     assert said(lines)[-1].endswith("free some space or choose another output folder, then run the same command "
                                     "again; start the same command again to resume the run from its last finished "
                                     f"epoch ({tmp_path / 'full' / CHECKPOINT_NAME})")
+
+
+# --- 5: flags that cannot apply are refused, and what is recorded is what ran ------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_adapter(build_model(ModelSpec("tiny", 64, "lora")), tmp_path_factory.mktemp("adapter") / "adapter_best")
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(peft="adaptformer"), "peft adaptformer does not apply: the adapter .* was trained with lora"),
+    (dict(peft_options='{"rank": 8}'), r"peft_options \{'rank': 8\} do not apply"),
+    (dict(arch="vit_b"), "arch vit_b does not apply"),
+    (dict(image_size=128), "image_size 128 does not apply"),
+])
+def test_a_flag_an_adapter_contradicts_is_refused_by_name(tmp_path, lora_adapter, values, message):
+    settings = settings_for(tmp_path, adapter=str(lora_adapter), **{"arch": "auto", "image_size": None, **values})
+    with pytest.raises(SettingsError, match=message):
+        settings.check("training")
+
+
+def test_training_from_an_adapter_records_the_adapters_own_model(tmp_path, lora_adapter, dataset):
+    """The bundles' default peft (lora+cobot) next to a lora adapter: lora trains, and every record says lora."""
+    from cobot_med.engine.network import build_network
+    from cobot_med.engine.workflow import write_resolved_settings
+
+    settings = settings_for(tmp_path, dataset_dir=str(dataset), adapter=str(lora_adapter), arch="auto",
+                            image_size=None, peft_options='{"rank": 4}').check("training")
+    assert (settings.peft, settings.arch, settings.image_size) == ("lora", "tiny", 64)
+    network = build_network(settings)
+    session = TrainingSession.start(settings, network, split=_split(settings))
+    record = json.loads(open(write_resolved_settings(settings, session)).read())
+    for recorded in (record["settings"], record["identity"]):
+        assert (recorded["peft"], recorded["arch"], recorded["image_size"]) == ("lora", "tiny", 64)
+        assert recorded["peft_options"]["rank"] == 4 and recorded["peft_options"]["init"] == "xavier_normal"
+
+
+# --- 6: secrets and places ------------------------------------------------------------------------------------
+
+SECRET = "postgresql://bob:s3cr3t@db.example:5432/mlflow"
+
+
+@pytest.mark.parametrize("uri, shown", [
+    (SECRET, "postgresql://bob:***@db.example:5432/mlflow"),
+    ("mysql+pymysql://root:p@ss:w0rd@10.0.0.1/runs", "mysql+pymysql://root:***@10.0.0.1/runs"),
+    ("https://mlflow.example/api?token=abc123&x=1", "https://mlflow.example/api?token=***&x=1"),
+    ("sqlite:////data/a@b/mlflow.db", "sqlite:////data/a@b/mlflow.db"),
+])
+def test_one_redaction_masks_credentials_in_any_uri(uri, shown):
+    from cobot_med.redact import redact
+
+    assert redact(uri) == shown
+    assert redact({"a": [f"tracking_uri {uri}: cannot connect"]}) == {"a": [f"tracking_uri {shown}: cannot connect"]}
+
+
+def test_no_record_or_log_holds_a_tracking_stores_password(tmp_path, dataset, capsys):
+    import logging
+
+    from ignite.engine import Engine
+
+    from cobot_med.engine.network import make_optimizer
+    from cobot_med.engine.workflow import write_resolved_settings
+    from cobot_med.handlers import ResumeCheckpoint
+    from cobot_med.monailabel.served import publish
+    from cobot_med.redact import RedactingFormatter, mask_logs
+
+    settings = settings_for(tmp_path, dataset_dir=str(dataset), tracking_uri=SECRET)
+    network = network_of(settings)
+    session = TrainingSession.start(settings, network, split=_split(settings))
+    assert session.tracking_uri == SECRET  # the store is reached with the URI as given
+    engine = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
+    ResumeCheckpoint(session, network, make_optimizer(network, settings)).attach(engine)
+    engine.run([0], max_epochs=1)
+    written = [settings.output_path / CHECKPOINT_NAME, write_resolved_settings(settings, session),
+               publish(tmp_path / "label-app" / "tiny", {"adapter": "x", "mlflow": {"tracking_uri": SECRET}})]
+    for path in map(str, written):
+        content = open(path, "rb").read()
+        assert b"s3cr3t" not in content and b"bob:***@db.example" in content, path
+
+    logger = logging.getLogger("cobot_med.test.secrets")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(message)s"))  # bundles/logging.conf's formatter
+    mlflow_like = logging.getLogger("mlflow")
+    other = logging.StreamHandler()
+    mlflow_like.addHandler(other)
+    logger.addHandler(handler)
+    try:
+        mask_logs()
+        logger.warning("store %s", SECRET)
+        mlflow_like.warning("View run at %s/#/experiments/1", "http://bob:s3cr3t@mlflow.example")
+    finally:
+        logger.removeHandler(handler)
+        mlflow_like.removeHandler(other)
+    err = capsys.readouterr().err
+    assert "s3cr3t" not in err and "store postgresql://bob:***@db" in err and "http://bob:***@mlflow" in err
+
+
+@pytest.mark.parametrize("uri, place", [
+    (SECRET, "out"), ("mysql://u:p@h/db", "out"), ("sqlite:////x/mlflow.db", "out"),
+    ("http://127.0.0.1:5000", None), ("databricks", None),
+])
+def test_artifacts_go_beside_the_outputs_unless_a_server_keeps_them(tmp_path, uri, place):
+    from cobot_med.engine.tracking import artifact_location
+
+    expected = None if place is None else str(tmp_path / "out" / "mlartifacts")
+    assert artifact_location(uri, tmp_path / "out") == expected
