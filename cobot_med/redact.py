@@ -38,14 +38,6 @@ def redact(value: Any) -> Any:
     return value
 
 
-class RedactingFormatter(logging.Formatter):
-    """The bundles' log format (``bundles/logging.conf``) with credentials masked in every line, MONAI's own
-    summary of the command line's overrides included."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
 class RedactingFilter(logging.Filter):
     """Masks credentials in a record before any handler formats it (for handlers the project did not configure,
     e.g. MLflow's own, which prints the tracking URI of a run)."""
@@ -58,9 +50,12 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def mask_logs(names: tuple[str, ...] = ("", "mlflow", "monai", "ignite")) -> None:
-    """Put :class:`RedactingFilter` on every handler of these loggers (``""``: the root). Idempotent."""
-    for name in names:
-        for handler in logging.getLogger(name).handlers:
+def mask_logs() -> None:
+    """Put :class:`RedactingFilter` on every handler of every logger there is now (the root, MONAI's own loggers,
+    MLflow's, ignite's). Idempotent; called when a run starts and when MLflow is first used."""
+    loggers = [logging.getLogger()] + [item for item in list(logging.root.manager.loggerDict.values())
+                                       if isinstance(item, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())

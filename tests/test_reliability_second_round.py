@@ -10,6 +10,7 @@ import errno
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -751,7 +752,7 @@ def test_no_record_or_log_holds_a_tracking_stores_password(tmp_path, dataset, ca
     from cobot_med.engine.workflow import write_resolved_settings
     from cobot_med.handlers import ResumeCheckpoint
     from cobot_med.monailabel.served import publish
-    from cobot_med.redact import RedactingFormatter, mask_logs
+    from cobot_med.redact import mask_logs
 
     settings = settings_for(tmp_path, dataset_dir=str(dataset), tracking_uri=SECRET)
     network = network_of(settings)
@@ -766,9 +767,8 @@ def test_no_record_or_log_holds_a_tracking_stores_password(tmp_path, dataset, ca
         content = open(path, "rb").read()
         assert b"s3cr3t" not in content and b"bob:***@db.example" in content, path
 
-    logger = logging.getLogger("cobot_med.test.secrets")
+    logger = logging.getLogger("monai.bundle.test_secrets")  # as MONAI's summary of the overrides logs them
     handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter("%(message)s"))  # bundles/logging.conf's formatter
     mlflow_like = logging.getLogger("mlflow")
     other = logging.StreamHandler()
     mlflow_like.addHandler(other)
@@ -793,3 +793,18 @@ def test_artifacts_go_beside_the_outputs_unless_a_server_keeps_them(tmp_path, ur
 
     expected = None if place is None else str(tmp_path / "out" / "mlartifacts")
     assert artifact_location(uri, tmp_path / "out") == expected
+
+
+def test_the_monai_label_app_folder_is_a_data_folder_of_the_users(tmp_path, capsys):
+    import cobot_med
+    from cobot_med.bundle import repository_root
+    from cobot_med.monailabel.__main__ import main
+    from cobot_med.monailabel.folder import MAIN
+
+    assert main([str(tmp_path / "label-app")]) == 0
+    assert (tmp_path / "label-app" / "main.py").read_text() == MAIN
+    assert f"monailabel start_server --app {tmp_path / 'label-app'}" in capsys.readouterr().out
+    assert main([str(tmp_path / "label-app")]) == 0  # prepared again: the same file
+    for inside in (repository_root() / "apps" / "cobot_med", Path(cobot_med.__file__).parent / "app"):
+        assert main([str(inside)]) == 2
+        assert "is inside" in capsys.readouterr().err and not inside.exists()

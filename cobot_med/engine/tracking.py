@@ -132,6 +132,9 @@ def artifact_location(uri: str, output_dir: str | Path) -> str | None:
 def client(uri: str):
     import mlflow
 
+    from ..redact import mask_logs
+
+    mask_logs()  # MLflow's own log handler exists now: it masks credentials too
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
