@@ -398,9 +398,11 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
                          f"{names}; made by {makers}), and this run is {describe_model(identity)}: choose another "
                          "output folder, or pass --overwrite to replace them")
     if first:
+        from ..errors import set_interrupt_note
         from ..lock import acquire
 
         acquire(out, "inference")  # held since settings.check; a caller that skipped it takes it here
+        set_interrupt_note(f"the finished cases in {out} are kept; the same command segments the rest")
         remove_stale_temporaries(out)
         write_label_files(out, organs, settings.dataset)
         digests.save()
