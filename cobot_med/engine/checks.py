@@ -99,6 +99,10 @@ def check_inference(settings: "RunSettings") -> None:
         raise SettingsError(f"labels folder {settings.labels_dir} does not exist or is not a folder")
     if settings.boxes_file and not Path(settings.boxes_file).is_file():
         raise SettingsError(f"boxes file {settings.boxes_file} does not exist")
+    if settings.boxes_file:  # anything ambiguous in it stops the run here, before the output folder is made
+        from ..predict import BoxFile
+
+        BoxFile(settings.boxes_file, settings.organs)
     output = settings.output_path.resolve()
     for folder in (settings.input_dir, settings.labels_dir):
         if folder:
