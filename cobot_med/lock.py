@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .errors import SettingsError
+from .redact import redact
 
 LOCK_NAME = ".cobot-med.lock"
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def acquire(folder: str | Path, run: str) -> str:
     previous = _read(descriptor)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "run": run,
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": command_line()[:500]}
+              "command": redact(command_line())[:500]}
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, (json.dumps(record) + "\n").encode(), 0)
     os.fsync(descriptor)

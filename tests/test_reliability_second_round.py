@@ -21,6 +21,8 @@ from cobot_med.errors import CobotMedError, SettingsError, explain, run_at_edge
 from cobot_med.model import ModelSpec, build_model
 from cobot_med.settings import load_settings
 
+from test_docker import postgres_store  # noqa: F401 - a fresh database on COBOT_MED_TEST_POSTGRES_URI's server
+
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
@@ -808,3 +810,38 @@ def test_the_monai_label_app_folder_is_a_data_folder_of_the_users(tmp_path, caps
     for inside in (repository_root() / "apps" / "cobot_med", Path(cobot_med.__file__).parent / "app"):
         assert main([str(inside)]) == 2
         assert "is inside" in capsys.readouterr().err and not inside.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_database_store_keeps_its_password_out_and_its_artifacts_in_the_output_folder(tmp_path, phantom_factory,  # noqa: E501
+                                                                                          postgres_store):  # noqa: F811
+    """A real training against PostgreSQL (COBOT_MED_TEST_POSTGRES_URI, .ci/postgres.sh), started from another
+    folder: artifacts in OUTPUT/mlartifacts (not ./mlruns), and the password in no file and no line."""
+    from urllib.parse import urlsplit
+
+    import mlflow
+
+    from cobot_med.bundle import repository_root
+
+    password = urlsplit(postgres_store).password
+    assert password, "the test store's URI carries a password"
+    data = phantom_factory("adome", cases=5, seed=0, shape=(32, 32, 12))
+    out, work = tmp_path / "out", tmp_path / "elsewhere"
+    work.mkdir()
+    layers = repr([str(repository_root() / "bundles" / name) for name in ("common.json", "adome.json")])
+    command = training_command(data, out, "--epochs", "1", "--tracking_uri", postgres_store)
+    command[command.index("--config_file") + 1] = layers  # the layered form: MONAI's summary is masked too
+    run = start(command, work)
+    lines = run.stdout.readlines()
+    assert run.wait(timeout=600) == 0, "".join(lines[-30:])
+    assert f":{password}@" not in "".join(lines)
+    assert not (work / "mlruns").exists() and (out / "mlartifacts").is_dir()
+    leaked = [p for p in out.rglob("*") if p.is_file() and f":{password}@".encode() in p.read_bytes()]
+    assert leaked == []
+    client = mlflow.MlflowClient(postgres_store)
+    [experiment] = [e for e in client.search_experiments() if e.name == "cobot-med/adome"]
+    [finished] = client.search_runs([experiment.experiment_id])
+    assert finished.info.artifact_uri.startswith(str(out / "mlartifacts"))
+    assert "resolved_settings.json" in [a.path for a in client.list_artifacts(finished.info.run_id)]
+    assert not any(f":{password}@" in str(v) for v in {**finished.data.params, **finished.data.tags}.values())
