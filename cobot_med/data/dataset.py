@@ -14,7 +14,7 @@ import torch
 from monai.data import CacheDataset
 from torch.utils.data import Dataset
 
-from .datalist import build_datalist, load_datalist
+from .datalist import build_datalist, load_datalist, write_datalist
 from .slices import axial_slice, organ_area_threshold
 from .volume import GuardedVolume
 from .validation import DataError
@@ -120,3 +120,14 @@ def resolve_datalist(settings: Any) -> dict[str, list[dict]]:
                 f"needs at least one {name} case; raise val_fraction / test_fraction, give a datalist with more "
                 f"{name} cases, or start at most {cases} processes")
     return split
+
+
+def record_split(settings: Any, split: dict[str, list[dict]]) -> None:
+    """Write the split a run uses to ``output_dir/datalist.json`` (a split drawn from ``dataset_dir``; a given
+    datalist file is its own record), on the first process, once the run has been decided."""
+    from ..distributed import rank as process_rank
+
+    if settings.datalist or process_rank() != 0:
+        return
+    write_datalist(split, settings.output_path / "datalist.json", layout=settings.layout, seed=settings.seed,
+                   val_fraction=settings.val_fraction, test_fraction=settings.test_fraction)

@@ -159,11 +159,10 @@ class TrainingSession:
                 decision = (None, False, str(err))
             else:
                 digests.save()
-                if split is not None and not settings.datalist:
-                    from ..data.datalist import write_datalist
+                if split is not None:
+                    from ..data.dataset import record_split
 
-                    write_datalist(split, out / "datalist.json", layout=settings.layout, seed=settings.seed,
-                                   val_fraction=settings.val_fraction, test_fraction=settings.test_fraction)
+                    record_split(settings, split)
         if world_size() > 1:
             import torch.distributed as dist
 

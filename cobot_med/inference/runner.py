@@ -244,7 +244,7 @@ class CaseJob:
 
         wanted = self.outputs(case)
         for stale in stale_outputs(self.out, case.case_id, set(wanted.values())):
-            stale.unlink()  # another run's (maps not asked for now, scores of a label no longer given)
+            stale.unlink()  # the case is made again: maps and scores not asked for now would not be of this run
         record = prompts_record(case.case_id, self.source["kind"], self.organs, prompts.prompts, used, image)
         write_json(files["prompts"], {**record, "model": self.identity, "prompt_source": self.source,
                                       "record": self.record(case)})
@@ -288,9 +288,9 @@ def record_changes(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> 
     reasons = []
     if (before.get("input") or {}).get("sha256") != now["input"]["sha256"]:
         reasons.append("its input file changed")
-    old_label, new_label = before.get("label"), now["label"]
-    if (old_label is None) != (new_label is None):
-        reasons.append("reference labels were " + ("given" if new_label else "left out"))
+    old_label, new_label = before.get("label"), now["label"]  # a label matters to a run that scores with it
+    if new_label is not None and old_label is None:
+        reasons.append("reference labels were given")
     elif new_label is not None and old_label.get("sha256") != new_label["sha256"]:
         reasons.append("its reference label changed")
     if before.get("prompts") != now["prompts"]:
@@ -302,14 +302,12 @@ def record_changes(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> 
         elif old_prompts.get("file") != now["prompts"]["file"]:
             reasons.append("another boxes file was given")
     old_settings, new_settings = before.get("settings") or {}, now["settings"]
-    for key in sorted(set(old_settings) | set(new_settings)):
+    for key in sorted(set(new_settings)):  # a setting of an output this run does not ask for (NSD) does not count
         if old_settings.get(key) != new_settings.get(key):
             reasons.append(f"{key} {old_settings.get(key)} -> {new_settings.get(key)}")
     added = sorted(set(now["outputs"]) - set(before.get("outputs") or []))
-    dropped = sorted(set(before.get("outputs") or []) - set(now["outputs"]))
-    if added or dropped:
-        reasons.append("other outputs were asked for (" + ", ".join([f"+{o}" for o in added] + [f"-{o}" for o in dropped])
-                       + ")")
+    if added:  # outputs asked for that the case lacks; fewer than it has are still its own (kept)
+        reasons.append("other outputs were asked for (" + ", ".join(f"+{o}" for o in added) + ")")
     return "; ".join(reasons)
 
 
