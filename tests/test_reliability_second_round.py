@@ -63,9 +63,9 @@ def interrupted_run(settings, network, epochs=1):
 
 
 @pytest.mark.parametrize("change, named", [
-    ("add", "training: added Case_00004, Case_00099"),
+    pytest.param("add", "training: added Case_00004, Case_00099", marks=[pytest.mark.slow, pytest.mark.timeout(120)]),
     ("replace", "files changed Case_00002, Case_00003"),
-    ("remove", "gone Case_00004"),
+    pytest.param("remove", "gone Case_00004", marks=[pytest.mark.slow, pytest.mark.timeout(120)]),
 ])
 def test_a_resume_after_the_dataset_changed_is_refused_naming_the_cases(dataset, tmp_path, change, named):
     settings = settings_for(tmp_path, dataset_dir=str(dataset), val_fraction=0.2, test_fraction=0.2)
@@ -322,6 +322,8 @@ def test_a_setting_that_changes_an_output_redoes_every_case(scans, tmp_path, fir
     assert rerun(images, out, **{**source, **organs, **second})[1] == {}  # and then it is done
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_a_boxes_entry_that_changed_redoes_only_its_case(scans, tmp_path):
     images, _ = scans
     boxes = tmp_path / "boxes.json"
@@ -443,7 +445,7 @@ def _whole_boxes(tmp_path, case_ids):
     return boxes
 
 
-@pytest.mark.parametrize("drop", [[4], [0, 9]])
+@pytest.mark.parametrize("drop", [[4], pytest.param([0, 9], marks=[pytest.mark.slow, pytest.mark.timeout(120)])])
 def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, drop):
     """ITK would only warn and resample the series onto an even grid: the positions are checked first."""
     import numpy as np
@@ -523,7 +525,7 @@ def hold(folder, run):
     return process
 
 
-@pytest.mark.parametrize("run_id", ["training", "inference"])
+@pytest.mark.parametrize("run_id", ["training", pytest.param("inference", marks=[pytest.mark.slow, pytest.mark.timeout(120)])])
 def test_a_second_run_into_a_held_folder_gets_one_line_naming_the_holder(tmp_path, scans, run_id):
     import socket
 
