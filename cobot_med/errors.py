@@ -59,6 +59,7 @@ def project_error(err: BaseException | None) -> CobotMedError | None:
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_WORDS = ("No space left on device", "database or disk is full", "Disk quota exceeded")
 INTERRUPTED_EXIT = 130
 _interrupt_note = ""
 
@@ -94,7 +95,7 @@ def _no_space(err: BaseException) -> OSError | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, OSError) and err.errno in NO_SPACE:
             return err
-        if isinstance(err, RuntimeError) and "No space left on device" in str(err):  # torch.save's own wording
+        if any(words in str(err) for words in FULL_DISK_WORDS):  # torch.save's and SQLite's (MLflow) own wording
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         seen.add(id(err))
         err = err.__cause__ or err.__context__

@@ -185,6 +185,7 @@ def test_seeds_that_are_not_numbers_are_named(capsys, seeds, message):
     (OSError(errno.EDQUOT, "Disk quota exceeded"), "no space left on the device (Disk quota exceeded)", 1),
     (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: No space left on device"),
      "no space left on the device", 1),
+    (RuntimeError("(sqlite3.OperationalError) database or disk is full"), "no space left on the device", 1),
     (KeyboardInterrupt(), "interrupted", 130),
     (SettingsError("postgresql://bob:s3cret@db/mlflow: cannot connect"), "postgresql://bob:***@db/mlflow", 2),
 ])
