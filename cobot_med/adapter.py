@@ -131,6 +131,11 @@ def spec_of(model: Mapping[str, Any], source: Path | str) -> ModelSpec:
     if model.get("peft") not in METHODS:
         raise AdapterError(f"{source}: unknown PEFT method {model.get('peft')!r}; known: {sorted(METHODS)}")
     try:
+        METHODS[model["peft"]].make_config(dict(model.get("peft_options") or {}))
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{source}: the recorded peft_options do not fit the method {model['peft']} it names "
+                           f"({err}); the config was edited or belongs to other weights") from None
+    try:
         return ModelSpec(**model)
     except (TypeError, ValueError) as err:
         raise AdapterError(f"{source}: the recorded model cannot be built ({err})") from None
@@ -179,8 +184,8 @@ def load_adapter_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Ten
     if missing or unexpected:
         spec = model.spec
         raise AdapterError(
-            f"{source}: keys do not match a {spec.arch}/{spec.peft} model: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"{source}: keys do not match a {spec.arch}/{spec.peft} model (weights of another method or base than "
+            f"the config names?): missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     device = next(model.parameters()).device
     try:
@@ -234,7 +239,12 @@ def load_adapter(path: str | Path, sam_checkpoint: str | Path | None = None,
     if "recipe" in changes:
         changes["recipe"] = {**config["spec"].recipe, **changes["recipe"]}
     spec = dataclasses.replace(config["spec"], **changes)
-    model = build_model(spec, sam_checkpoint, base=bool(base))  # no base: a full-weights adapter has every tensor
+    try:
+        model = build_model(spec, sam_checkpoint, base=bool(base))  # no base: a full-weights adapter has every tensor
+    except CobotMedError:
+        raise
+    except (TypeError, ValueError) as err:  # a spec the config records that the method or base refuses
+        raise AdapterError(f"{path}: the model its config records cannot be built ({type(err).__name__}: {err})") from None
     load_adapter_tensors(model, read_weights(path, config), resolve_adapter(path)[1])
     return model.to(map_location)
 

@@ -167,6 +167,13 @@ def run_on_workflow(layer: Any, run_id: str) -> list[Any]:
         workflow.finalize()
 
 
+def workflow_default(key: str) -> Any:
+    """A setting's default in the workflow (``bundles/common.json``), as written there."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser.load_config_file(str(workflow_file())).get(key)
+
+
 def known_keys() -> set[str]:
     """Every top-level id of the workflow (``common.json``): the settings and the parts."""
     from monai.bundle import ConfigParser

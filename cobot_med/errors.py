@@ -6,14 +6,23 @@ a bundle run under ``python -m monai.bundle`` -- catch it, print ``cobot-med: <m
 exit non-zero; MONAI wraps errors raised inside a config expression, so the edge walks the chain of
 causes to find ours. ``--debug`` or ``COBOT_MED_DEBUG=1`` keeps the full traceback.
 
+:func:`explain` is the one place that decides what becomes one line: a project error; a full disk
+(``ENOSPC``, ``EDQUOT``: nothing to fix in the program, space to free); Ctrl-C (what was kept, and that the
+same command goes on: :func:`set_interrupt_note`). Anything else is a bug and keeps its traceback, shown
+once: the engines' own exception logs are held back for what is explained here
+(:class:`cobot_med.handlers.OneLineErrors`). Credentials in a message are masked (:mod:`cobot_med.redact`).
+
 A crash also marks the MLflow run that was open as FAILED, so no run stays RUNNING.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any, Callable
+
+from .redact import redact
 
 DEBUG_ENV = "COBOT_MED_DEBUG"
 
@@ -49,6 +58,50 @@ def project_error(err: BaseException | None) -> CobotMedError | None:
     return find_in_chain(err, CobotMedError)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_WORDS = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+INTERRUPTED_EXIT = 130
+_interrupt_note = ""
+
+
+def set_interrupt_note(note: str) -> None:
+    """What a Ctrl-C of the work under way leaves and how to go on (a training run: its last finished epoch
+    is in ``resume.pt`` and the same command resumes it), said in the interrupt's one line."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def explain(err: BaseException | None) -> tuple[str, int] | None:
+    """The one line (without the ``cobot-med:`` prefix) and the exit status for an error a user can act on,
+    or None for a bug (whose traceback is kept)."""
+    if err is None:
+        return None
+    if find_in_chain(err, KeyboardInterrupt) is not None:
+        return "interrupted" + (f"; {_interrupt_note}" if _interrupt_note else ""), INTERRUPTED_EXIT
+    ours = project_error(err)
+    if ours is not None:
+        return redact(str(ours)), ours.exit_code
+    full = _no_space(err)
+    if full is not None:
+        where = f" writing {full.filename}" if full.filename else ""
+        return (f"no space left on the device{where} ({os.strerror(full.errno)}): free some space or choose "
+                "another output folder, then run the same command again"
+                + (f"; {_interrupt_note}" if _interrupt_note else "")), 1
+    return None
+
+
+def _no_space(err: BaseException) -> OSError | None:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            return err
+        if any(words in str(err) for words in FULL_DISK_WORDS):  # torch.save's and SQLite's (MLflow) own wording
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 _on_failure: dict[str, Callable[[], None]] = {}
 
 
@@ -80,20 +133,19 @@ def fail_open_run() -> None:
 
 
 def run_at_edge(main: Callable[[], int | None], prog: str = "cobot-med") -> int:
-    """Run ``main``; a project error becomes one line on stderr and its exit code (re-raised with debug on)."""
+    """Run ``main``; an error :func:`explain` knows becomes one line on stderr and its exit code (re-raised
+    with debug on); any other keeps its traceback."""
     try:
         return int(main() or 0)
-    except KeyboardInterrupt:
-        fail_open_run()
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the edge: ours become one line, others keep their traceback
-        fail_open_run()
-        ours = project_error(err)
-        if ours is None or debug_enabled():
+    except BaseException as err:  # noqa: BLE001 - the edge: ours become one line, others keep their traceback
+        if isinstance(err, SystemExit):
             raise
-        print(f"{prog}: {ours}", file=sys.stderr)
-        return ours.exit_code
+        fail_open_run()
+        said = explain(err)
+        if said is None or debug_enabled():
+            raise
+        print(f"{prog}: {said[0]}", file=sys.stderr)
+        return said[1]
 
 
 _previous_hook: Any = None
@@ -101,17 +153,21 @@ _previous_hook: Any = None
 
 def _excepthook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
     fail_open_run()
-    ours = project_error(value)
-    if ours is None or debug_enabled():
+    said = explain(value)
+    if said is None or debug_enabled():
         (_previous_hook or sys.__excepthook__)(kind, value, traceback)
         return
-    print(f"cobot-med: {ours}", file=sys.stderr)
+    print(f"cobot-med: {said[0]}", file=sys.stderr)
 
 
 def install_excepthook() -> None:
-    """For runs whose edge is not ours (``python -m monai.bundle run``): an uncaught project error prints one
-    line instead of MONAI's traceback (Python still exits with status 1). Idempotent."""
+    """For runs whose edge is not ours (``python -m monai.bundle run``): an uncaught error that :func:`explain`
+    knows prints one line instead of MONAI's traceback (Python still exits non-zero: 1, or the interrupt's
+    status). Idempotent."""
     global _previous_hook
+    from .redact import mask_logs
+
+    mask_logs()  # the logs of the run mask credentials too
     if sys.excepthook is not _excepthook:
         _previous_hook = sys.excepthook
         sys.excepthook = _excepthook

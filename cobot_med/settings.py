@@ -42,9 +42,10 @@ def resolve_arch(arch: str, run_id: str, sam_checkpoint: str = "", adapter_arch:
 MAX_IMAGE_SIZE = 4096  # 4x SAM's 1024; beyond it the position tables alone take tens of GB
 
 
-def _number(name: str, value: Any, kind: type = float, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Any:
-    """``value`` as a finite ``kind`` within [low, high] (``(low, high]`` with ``low_open``), else SettingsError."""
+def as_number(name: str, value: Any, kind: type = float, low: float | None = None, high: float | None = None,
+              low_open: bool = False) -> Any:
+    """``value`` as a finite ``kind`` within [low, high] (``(low, high]`` with ``low_open``), else SettingsError
+    naming ``name`` (a setting, or a flag such as ``--seeds``) and the value: the one number check."""
     if isinstance(value, bool):
         raise SettingsError(f"{name} must be a number, got {value!r}")
     try:
@@ -155,6 +156,7 @@ class RunSettings:
     infer_organs: str
     probability_maps: bool
     nsd_tolerance_mm: float
+    drop_unusable_organs: bool
 
     def __post_init__(self) -> None:
         from .data.layouts import LAYOUTS
@@ -170,7 +172,7 @@ class RunSettings:
                      "input_dir", "labels_dir", "boxes_file", "infer_organs"):
             setattr(self, name, _text(name, getattr(self, name)))
         self.device = _text("device", self.device) or "auto"
-        self.seed = _number("seed", self.seed, int, 0)
+        self.seed = as_number("seed", self.seed, int, 0)
         self.arch = _choice("arch", self.arch or AUTO_ARCH, {*ARCHITECTURES, AUTO_ARCH})
         if self.arch == AUTO_ARCH and self.sam_checkpoint and not self.adapter:
             self.arch = PAPER_ARCH  # whatever the run id: resolve_arch
@@ -178,7 +180,7 @@ class RunSettings:
         if self.image_size in (None, "", "none", "None"):
             self.image_size = None
         else:
-            self.image_size = _number("image_size", self.image_size, int, 1, MAX_IMAGE_SIZE)
+            self.image_size = as_number("image_size", self.image_size, int, 1, MAX_IMAGE_SIZE)
         self._check_image_size()
         if isinstance(self.peft_options, str):
             try:
@@ -203,29 +205,30 @@ class RunSettings:
                 window = [part for part in window.strip("[]() ").replace(",", " ").split() if part]
             if not isinstance(window, (list, tuple)) or len(window) != 2:
                 raise SettingsError(f"ct_window must be [low, high] in HU, got {self.ct_window!r}")
-            low, high = (_number("ct_window", v) for v in window)
+            low, high = (as_number("ct_window", v) for v in window)
             if not low < high:
                 raise SettingsError(f"ct_window must be [low, high] with low < high, got {self.ct_window!r}")
             self.ct_window = [low, high]
         else:
             self.ct_window = None
-        self.jitter = _number("jitter", self.jitter, int, 0, 10_000)
-        self.min_area = _number("min_area", self.min_area, float, 0)
-        self.val_fraction = _number("val_fraction", self.val_fraction, float, 0, 0.99)
-        self.test_fraction = _number("test_fraction", self.test_fraction, float, 0, 0.99)
+        self.jitter = as_number("jitter", self.jitter, int, 0, 10_000)
+        self.min_area = as_number("min_area", self.min_area, float, 0)
+        self.val_fraction = as_number("val_fraction", self.val_fraction, float, 0, 0.99)
+        self.test_fraction = as_number("test_fraction", self.test_fraction, float, 0, 0.99)
         if self.val_fraction + self.test_fraction >= 1:
             raise SettingsError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} must leave "
                                 "cases to train on (sum < 1)")
-        self.num_workers = _auto_or("num_workers", self.num_workers, lambda n, v: _number(n, v, int, 0, 256))
-        self.threads = _auto_or("threads", self.threads, lambda n, v: _number(n, v, int, 1, 1024))
+        self.num_workers = _auto_or("num_workers", self.num_workers, lambda n, v: as_number(n, v, int, 0, 256))
+        self.threads = _auto_or("threads", self.threads, lambda n, v: as_number(n, v, int, 1, 1024))
 
-        self.epochs = _number("epochs", self.epochs, int, 1)
-        self.lr = _number("lr", self.lr, float, 0, 1, low_open=True)
-        self.cobot_lr = _number("cobot_lr", self.cobot_lr, float, 0, 1, low_open=True)
-        self.weight_decay = _number("weight_decay", self.weight_decay, float, 0, 1)
-        self.batch_size = _number("batch_size", self.batch_size, int, 1, 4096)
-        self.val_interval = _number("val_interval", self.val_interval, int, 1)
-        for name in ("val_at_start", "resume", "overwrite", "merge_adapters", "probability_maps"):
+        self.epochs = as_number("epochs", self.epochs, int, 1)
+        self.lr = as_number("lr", self.lr, float, 0, 1, low_open=True)
+        self.cobot_lr = as_number("cobot_lr", self.cobot_lr, float, 0, 1, low_open=True)
+        self.weight_decay = as_number("weight_decay", self.weight_decay, float, 0, 1)
+        self.batch_size = as_number("batch_size", self.batch_size, int, 1, 4096)
+        self.val_interval = as_number("val_interval", self.val_interval, int, 1)
+        for name in ("val_at_start", "resume", "overwrite", "merge_adapters", "probability_maps",
+                     "drop_unusable_organs"):
             setattr(self, name, as_flag(getattr(self, name), name, error=SettingsError))
 
         self.amp = as_amp(self.amp)
@@ -244,8 +247,8 @@ class RunSettings:
             self.gradient_checkpointing = None
         self.compile = _auto_or("compile", self.compile, lambda n, v: as_flag(v, n, error=SettingsError))
         self.eval_batch_size = _auto_or("eval_batch_size", self.eval_batch_size,
-                                        lambda n, v: _number(n, v, int, 1, 4096))
-        self.nsd_tolerance_mm = _number("nsd_tolerance_mm", self.nsd_tolerance_mm, float, 0, 1000, low_open=True)
+                                        lambda n, v: as_number(n, v, int, 1, 4096))
+        self.nsd_tolerance_mm = as_number("nsd_tolerance_mm", self.nsd_tolerance_mm, float, 0, 1000, low_open=True)
         wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
         unknown = [n for n in wanted if n not in self.organs]
         if unknown:
@@ -276,6 +279,7 @@ class RunSettings:
                 raise SettingsError(f"image_size {self.image_size} does not apply: the adapter {self.adapter} was "
                                     f"trained at {spec.image_size} px; leave --image_size out")
             self.image_size = int(spec.image_size)
+            self._take_adapter_method(spec)
         if self.arch != AUTO_ARCH:
             return self.arch
         self.arch = resolve_arch(self.arch, run_id, self.sam_checkpoint, adapter_arch)
@@ -287,6 +291,28 @@ class RunSettings:
                   file=sys.stderr, flush=True)
         self._check_image_size()
         return self.arch
+
+    def _take_adapter_method(self, spec: Any) -> None:
+        """An adapter runs (and trains further) as the method it was trained with: ``peft`` and ``peft_options``
+        become its own, so what a run records (``resolved_settings.json``, the resume identity) is what ran. A
+        ``peft`` other than the bundles' default, or ``peft_options``, that say otherwise are refused by name."""
+        from .bundle import workflow_default
+
+        if self.peft != spec.peft:
+            if self.peft != workflow_default("peft"):
+                raise SettingsError(f"peft {self.peft} does not apply: the adapter {self.adapter} was trained with "
+                                    f"{spec.peft} and runs as it; leave --peft out")
+        if self.peft_options:  # compared as the method reads them (defaults filled in)
+            from .peft import METHODS
+
+            try:
+                given = METHODS[spec.peft].make_config(self.peft_options).to_dict()
+            except (TypeError, ValueError):
+                given = None
+            if given != METHODS[spec.peft].make_config(spec.peft_options).to_dict():
+                raise SettingsError(f"peft_options {self.peft_options} do not apply: the adapter {self.adapter} was "
+                                    f"trained with {spec.peft_options}; leave --peft_options out")
+        self.peft, self.peft_options = spec.peft, dict(spec.peft_options)
 
     # --- what the parts of the workflow read ---------------------------------------------------
 
@@ -407,6 +433,9 @@ class RunSettings:
             from .engine.tracking import check_tracking_uri, resolve_tracking_uri
 
             check_tracking_uri(resolve_tracking_uri(self.tracking_uri, self.output_path))
+        from .lock import acquire
+
+        acquire(self.output_path, run_id)  # one writer for the run's life, before anything is written there
         return self
 
 

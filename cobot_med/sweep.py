@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .engine import tracking
 from .errors import SettingsError
 from .files import absolute
+from .redact import redact
 from .settings import AUTO_ARCH, resolve_arch
 
 # Bundle settings that a finished run must share with the pair to count for it (params of the contract).
@@ -67,20 +68,20 @@ class SweepResult:
 
 
 def parse_seeds(text: str | int | Iterable[int]) -> list[int]:
-    """``"3"`` -> seeds 0, 1, 2; ``"0,2,5"`` -> those seeds; a list passes through."""
+    """``"3"`` -> seeds 0, 1, 2; ``"0,2,5"`` -> those seeds; a list passes through. Each number goes through the
+    settings' one number check (:func:`cobot_med.settings.as_number`), named ``--seeds``."""
+    from .settings import as_number
+
     if isinstance(text, int):
-        return list(range(text))
+        return list(range(as_number("--seeds", text, int, 1)))
     if not isinstance(text, str):
-        return [int(s) for s in text]
+        return [as_number("--seeds", s, int, 0) for s in text]
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if len(parts) == 1 and "," not in text:
-        count = int(parts[0])
-        if count < 1:
-            raise ValueError(f"--seeds needs at least one seed, got {text!r}")
-        return list(range(count))
-    seeds = [int(p) for p in parts]
+        return list(range(as_number("--seeds (a count)", parts[0], int, 1)))
+    seeds = [as_number("--seeds", p, int, 0) for p in parts]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: give a count or distinct seeds separated by commas, got {text!r}")
+        raise SettingsError(f"--seeds: give a count or distinct seeds separated by commas, got {text!r}")
     return seeds
 
 
@@ -228,7 +229,7 @@ def run_sweep(config: str | Path | Sequence[str | Path], methods: Iterable[str],
     known = ", ".join(f"{k}={v}" for k, v in match.items() if v is not None) or "no other settings"
     if not dry_run:
         tracking.check_tracking_uri(uri)
-    log(f"sweep: {len(jobs)} runs into {tracking.experiment_name(jobs[0].dataset) if jobs else '?'} at {uri} "
+    log(f"sweep: {len(jobs)} runs into {tracking.experiment_name(jobs[0].dataset) if jobs else '?'} at {redact(uri)} "
         f"(a finished run counts when it matches dataset, method, seed and {known})")
     if jobs and not dry_run and uri.startswith(("http://", "https://")):
         # Created here, the experiment keeps the server's artifact root; created by a training run,

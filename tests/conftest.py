@@ -56,6 +56,30 @@ def keep_the_locale():
     locale.setlocale(locale.LC_ALL, saved)
 
 
+@pytest.fixture(autouse=True)
+def keep_the_tracking_store():
+    """``mlflow.set_tracking_uri`` (MONAI's MLFlowHandler calls it) also sets ``$MLFLOW_TRACKING_URI`` for the
+    process's children, so one test's store would become the next test's default: put both back. A real run is
+    one process; the sweep and reproduce pass each child its store explicitly. Likewise a session a test started
+    and never finished leaves its mark-FAILED callback (``errors.on_failure``), which the next command that fails
+    in this process would run against that test's store: drop them."""
+    import os
+    import sys
+
+    from cobot_med import errors
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    errors._on_failure.clear()
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and hasattr(utils, "_tracking_uri"):
+        utils._tracking_uri = None
+
+
 @pytest.fixture
 def single_torch_thread():
     """Run the test with one torch intra-op thread (small tensor work is faster, and fair on a busy CPU)."""

@@ -163,7 +163,16 @@ def test_a_killed_and_resumed_training_equals_an_uninterrupted_one(phantom_dirs,
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "adapter_latest" / "adapter_config.json"
     deadline = time.time() + 600
-    while not (latest.is_file() and (out / "resume.pt").is_file()) and time.time() < deadline and proc.poll() is None:
+
+    def epochs_checkpointed() -> int:  # resume.pt exists from the start (epoch 0): wait for epoch 1's
+        from cobot_med.engine.session import epochs_done
+
+        try:
+            return epochs_done(torch.load(out / "resume.pt", weights_only=True))
+        except (OSError, RuntimeError, EOFError):
+            return 0
+
+    while not (latest.is_file() and epochs_checkpointed() >= 1) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.kill()
     proc.wait()

@@ -73,7 +73,8 @@ def test_resolve_datalist_takes_a_file_instead_of_the_folder(phantom_dirs, tmp_p
         return load_settings("spleen", output_dir=str(tmp_path / "out"), seed=1, **values)
 
     split = resolve_datalist(settings(dataset_dir=str(phantom_dirs["spleen"])))
-    written = tmp_path / "out" / "datalist.json"
+    assert not (tmp_path / "out").exists()  # nothing written: the training session records the split it runs
+    written = write_datalist(split, tmp_path / "out" / "datalist.json", layout="spleen")
     assert json.loads(written.read_text())["layout"] == "spleen"
     assert resolve_datalist(settings(dataset_dir="/nowhere", datalist=str(written))) == split
     only_two = write_datalist({"training": split["training"][:2]}, tmp_path / "two.json")

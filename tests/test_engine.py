@@ -177,10 +177,13 @@ def test_resume_checkpoint_is_written_after_every_other_end_of_epoch_handler(tmp
     engine = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
     path = tmp_path / "resume.pt"
     ResumeCheckpoint(_session(tmp_path), network, optimizer).attach(engine)
+    from cobot_med.engine.session import epochs_done
+
     seen = []  # attached after the checkpoint handler, like MLflow logging in the bundles
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(path.is_file()))
+    engine.add_event_handler(Events.EPOCH_COMPLETED,
+                             lambda e: seen.append(epochs_done(torch.load(path, weights_only=True))))
     engine.run([0], max_epochs=2)
-    assert seen == [False, True]  # at the end of epoch 1 the checkpoint was not yet written
+    assert seen == [0, 1]  # at the end of epoch N the checkpoint still holds N - 1 (the start: 0, issue 27)
     engine.run([0], max_epochs=3)  # a second run does not register the save twice
     assert sum(1 for h, *_ in engine._event_handlers[Events.EPOCH_COMPLETED] if h == ResumeCheckpoint.save) <= 1
 

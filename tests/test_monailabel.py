@@ -25,6 +25,7 @@ from cobot_med.adapter import save_adapter
 from cobot_med.data.layouts import get_layout
 from cobot_med.inference import run_inference
 from cobot_med.model import ModelSpec, build_model
+from cobot_med.monailabel.folder import prepare
 from cobot_med.settings import load_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a server start and training rounds: 1-2 min alone on 2 cores
@@ -53,15 +54,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, phantom_factory):
-    """``monailabel start_server`` with the app copied from apps/cobot_med, the tiny base at 64 px and a
+    """``monailabel start_server`` with the app in a prepared data folder, the tiny base at 64 px and a
     lora+cobot adapter to start from, over 3 AbdomenCT-1K phantoms (stored RAS, LPS and S-I first)."""
     phantoms = phantom_factory("adome", cases=3, seed=0, shape=(32, 32, 12))
     root = tmp_path_factory.mktemp("monailabel")
     (root / "studies").mkdir()
     for image in sorted((phantoms / "Image").glob("*.nii.gz")):
         shutil.copy(image, root / "studies" / image.name)
-    (root / "app").mkdir()
-    shutil.copy(REPO / "apps" / "cobot_med" / "main.py", root / "app" / "main.py")
+    prepare(root / "app")  # the app's data folder (python -m cobot_med.monailabel DIR)
     torch.manual_seed(0)
     start_adapter = save_adapter(build_model(ModelSpec(arch=MODEL, image_size=64, peft="lora+cobot")),
                                  root / "start_adapter")
@@ -243,6 +243,17 @@ def test_bad_requests_get_a_4xx_with_the_reason_and_the_server_keeps_serving(ser
         assert reason in response.json()["detail"], response.text
     stored = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=TIMEOUT).json()
     assert not any(obj["labels"] for obj in stored["objects"].values())  # nothing was stored
+
+    # MONAI Label's own endpoints would answer these 500, or 200 and then fail (issue 27)
+    for text in ("{not json", "[1, 2]"):
+        response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": "Case_00001_0000"},
+                                 files={"params": (None, text)}, timeout=TIMEOUT)
+        assert response.status_code == 422 and "params" in response.json()["detail"], response.text
+    response = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 1}, timeout=TIMEOUT)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == "no saved labels yet: save at least one label (final) before training"
+    assert sorted(p.name for p in (server.root / "app").iterdir() if not p.name.startswith((".", "__"))) == [
+        "bin", "lib", "logs", "main.py", "model"]  # MONAI Label's state: in the data folder, not next to the code
 
     response, _, label = infer(server, "Case_00001_0000", {"label": "kidney", "roi": roi})
     assert response.status_code == 200 and label is not None  # still serving

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,15 @@ def test_a_label_in_another_place_is_refused():
     with pytest.raises(RequestError, match="geometry does not match"):
         checked_label(volume(np.ones((5, 6, 4)), shift=0.01), volume(np.zeros((5, 6, 4))), ORGANS)
     assert checked_label(volume(np.ones((5, 6, 4)), shift=1e-4), volume(np.zeros((5, 6, 4))), ORGANS).all()
+
+
+def test_the_app_refuses_a_folder_next_to_the_code(tmp_path):
+    """MONAI Label keeps model/, logs/ and bin/ in the app folder: the app starts only from a data folder."""
+    import cobot_med
+    from cobot_med.bundle import repository_root
+    from cobot_med.monailabel.app import CobotMedApp
+
+    (tmp_path / "studies").mkdir()
+    for inside in (repository_root() / "apps" / "cobot_med", Path(cobot_med.__file__).parent / "monailabel"):
+        with pytest.raises(settings.ConfError, match="inside .*python -m cobot_med.monailabel DIR"):
+            CobotMedApp(str(inside), str(tmp_path / "studies"), {"models": "tiny"})

@@ -69,7 +69,8 @@ def test_amp_false_is_fp32_and_not_a_crash(tmp_path):
 
 def write_checkpoint(settings, network, out, **extra):
     out.mkdir(parents=True, exist_ok=True)
-    state = {"identity": identity(settings, network.spec.image_size, network.base_sha256, network.recipe), "run_key": "old00000",
+    state = {"identity": identity(settings, network.spec.image_size, network.base_sha256, network.recipe,
+                                  spec=network.spec), "run_key": "old00000",
              "run_name": "spleen-lora-tiny-64-seed0-old00000", "trainer": {"epoch": 1, "max_epochs": 25},
              "optimizer": {}, "adapter": {}, "finished": False, **extra}
     torch.save(state, out / CHECKPOINT_NAME)
@@ -99,7 +100,7 @@ def test_a_resume_whose_amp_resolves_to_another_dtype_is_refused(tmp_path):
     settings = settings_for(tmp_path)
     network = network_of(settings)
     bf16, fp32 = Precision("auto", torch.bfloat16, "test: fast bf16"), Precision("auto", torch.float32, "test: none")
-    ident = identity(settings, network.spec.image_size, network.base_sha256, network.recipe, bf16)
+    ident = identity(settings, network.spec.image_size, network.base_sha256, network.recipe, bf16, spec=network.spec)
     assert ident["amp"] == "bf16"
     write_checkpoint(settings, network, settings.output_path, identity=ident)
     with pytest.raises(SettingsError, match="amp: 'bf16' there, 'fp32' now"):
@@ -237,7 +238,8 @@ def test_an_edited_adapter_config_exits_2_with_one_line(tmp_path, capsys, edit, 
     assert code == 2 and err.count("\n") == 1 and err.startswith("cobot-med: ") and "Traceback" not in err
 
 
-def test_infer_redoes_cases_another_model_made(tmp_path, phantom_factory):
+def test_infer_never_silently_replaces_another_models_cases(tmp_path, phantom_factory):
+    from cobot_med.inference.cases import InputError
     from test_inference import BoxFiller, infer, perfect
 
     root = phantom_factory("adome", cases=2, seed=5, shape=(40, 36, 12))
@@ -250,9 +252,15 @@ def test_infer_redoes_cases_another_model_made(tmp_path, phantom_factory):
     metrics.write_text("{not json")
     again = infer(images, out, network=perfect(images, labels), labels_dir=labels)
     assert len(again.done) == 1 and len(again.skipped) == 1
+    # another model's segmentations are there: refused before any work, naming them (issue 27)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(InputError, match=r"holds segmentations another model made \(2 case\(s\): Case_00001_0000, "
+                                         r"Case_00002_0000; made by custom/PerfectSam"):
+        infer(images, out, network=BoxFiller([5.0] * 4), labels_dir=labels)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     messages = []
-    other = infer(images, out, network=BoxFiller([5.0] * 4), labels_dir=labels, log=messages.append)
-    assert len(other.done) == 2 and not other.skipped  # made by another model: redone
+    other = infer(images, out, network=BoxFiller([5.0] * 4), labels_dir=labels, log=messages.append, overwrite=True)
+    assert len(other.done) == 2 and not other.skipped  # --overwrite: redone
     assert any("redone, it was made by another model" in m for m in messages)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*_prompts.json"))]
     assert all(r["model"]["peft"] == "BoxFiller" for r in records)

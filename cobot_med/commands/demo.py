@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import run_bundle
     from ..data.phantoms import make_phantoms
     from ..engine.tracking import client, find_run, resolve_tracking_uri
+    from ..redact import redact
 
     preset = PRESETS[args.arch]
     epochs = args.epochs or preset["epochs"]
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         history = sorted(client(uri).get_metric_history(run.info.run_id, "val_dsc"), key=lambda m: m.step)
         print(f"  validation DSC before training: {history[0].value:.4f}")
         print(f"  validation DSC after training:  {max(m.value for m in history[1:]):.4f} (best epoch)")
-    print(f"  MLflow run:   {run.info.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
+    shown = redact(uri)
+    print(f"  MLflow run:   {run.info.run_id} in {shown}  (mlflow ui --backend-store-uri {shown})")
     print(f"  adapter:      {output_dir / 'adapter_best'}")
     print(f"  predictions:  {output_dir / 'val_predictions'} (validation), {output_dir / 'test_predictions'} (test)")
     print(f"  pictures:     {output_dir / 'overlays'}, {output_dir / 'loss_curve.png'}")

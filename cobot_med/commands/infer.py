@@ -31,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with --labels too, the labels only score")
     parser.add_argument("--organs", default=None, nargs="+", metavar="NAMES",
                         help="organs to segment (names of the label map, comma- or space-separated; default: all)")
-    parser.add_argument("--overwrite", action="store_true", help="redo cases whose segmentation exists")
+    parser.add_argument("--overwrite", action="store_true", help="redo every case whose segmentation exists, also "
+                        "another model's (without it, a folder holding another model's segmentations is refused)")
+    parser.add_argument("--drop_unusable_organs", action="store_true",
+                        help="segment a case whose boxes are unusable for some organs (e.g. outside the volume) with "
+                        "the usable ones, and list the dropped organs in the summary (default: the case fails)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument("--batch_size", type=int, default=None, help="slices per model call (bundle: eval_batch_size)")
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probability maps")
@@ -62,6 +66,7 @@ def bundle_overrides(args: argparse.Namespace) -> dict:
         "boxes_file": full(args.boxes), "adapter": full(args.adapter),
         "sam_checkpoint": full(args.sam_checkpoint), "infer_organs": ",".join(args.organs or []),
         "overwrite": bool(args.overwrite), "probability_maps": bool(args.probabilities),
+        "drop_unusable_organs": bool(args.drop_unusable_organs),
     }
     optional = {"device": args.device, "eval_batch_size": args.batch_size, "nsd_tolerance_mm": args.nsd_tolerance,
                 "arch": args.arch, "image_size": args.image_size, "amp": "false" if args.no_amp else args.amp,

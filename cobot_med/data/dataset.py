@@ -94,11 +94,12 @@ class SliceDataset(Dataset):
 
 
 def resolve_datalist(settings: Any) -> dict[str, list[dict]]:
-    """The run's split: the given datalist file, or a split of ``dataset_dir`` written to
-    ``output_dir/datalist.json`` (on the first process). Checked: a training split to learn from, and
-    under torchrun at least one validation and test case per process (a process with none would stall
-    the others' metric gathering)."""
-    from ..distributed import rank as process_rank, world_size
+    """The run's split: the given datalist file, or a split of ``dataset_dir`` (a training run's session
+    writes it to ``output_dir/datalist.json`` once it has decided the run, so a refused resume never
+    replaces the record of the run in the folder). Checked: a training split to learn from, and under
+    torchrun at least one validation and test case per process (a process with none would stall the
+    others' metric gathering). Nothing is written here."""
+    from ..distributed import world_size
     from ..errors import SettingsError
 
     if settings.datalist:
@@ -106,9 +107,6 @@ def resolve_datalist(settings: Any) -> dict[str, list[dict]]:
     else:
         split = build_datalist(settings.layout, settings.dataset_dir, settings.val_fraction, settings.test_fraction,
                                settings.seed)
-        if process_rank() == 0:
-            write_datalist(split, settings.output_path / "datalist.json", layout=settings.layout, seed=settings.seed,
-                           val_fraction=settings.val_fraction, test_fraction=settings.test_fraction)
     source = settings.datalist or settings.dataset_dir
     if not split.get("training"):
         raise SettingsError(f"{source}: no training cases (the split has "
@@ -122,3 +120,14 @@ def resolve_datalist(settings: Any) -> dict[str, list[dict]]:
                 f"needs at least one {name} case; raise val_fraction / test_fraction, give a datalist with more "
                 f"{name} cases, or start at most {cases} processes")
     return split
+
+
+def record_split(settings: Any, split: dict[str, list[dict]]) -> None:
+    """Write the split a run uses to ``output_dir/datalist.json`` (a split drawn from ``dataset_dir``; a given
+    datalist file is its own record), on the first process, once the run has been decided."""
+    from ..distributed import rank as process_rank
+
+    if settings.datalist or process_rank() != 0:
+        return
+    write_datalist(split, settings.output_path / "datalist.json", layout=settings.layout, seed=settings.seed,
+                   val_fraction=settings.val_fraction, test_fraction=settings.test_fraction)

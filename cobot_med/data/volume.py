@@ -56,6 +56,7 @@ class LoadVolumed(LoadImaged):
             for path in paths:
                 if not Path(path).exists():
                     raise DataError(f"{path}: file not found")
+                check_geometry(path)
             try:
                 loaded = self._loader(source, reader)
             except Exception as err:  # noqa: BLE001 - any reader failure becomes a named DataError
@@ -79,6 +80,17 @@ class LoadVolumed(LoadImaged):
 
 
 LoadVolumeD = LoadVolumeDict = LoadVolumed
+
+
+def check_geometry(path: str | Path) -> None:
+    """Refuse an input whose geometry could not be written back exactly (:mod:`cobot_med.data.geometry`): a NIfTI
+    with a non-invertible affine, a DICOM series with unevenly spaced slices."""
+    from .geometry import check_dicom_series, check_nifti_affine, is_nifti
+
+    if Path(path).is_dir():
+        check_dicom_series(path)
+    elif is_nifti(path):
+        check_nifti_affine(path)
 
 
 class _OrganIdsTransform(MapTransform):

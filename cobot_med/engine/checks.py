@@ -99,6 +99,10 @@ def check_inference(settings: "RunSettings") -> None:
         raise SettingsError(f"labels folder {settings.labels_dir} does not exist or is not a folder")
     if settings.boxes_file and not Path(settings.boxes_file).is_file():
         raise SettingsError(f"boxes file {settings.boxes_file} does not exist")
+    if settings.boxes_file:  # anything ambiguous in it stops the run here, before the output folder is made
+        from ..predict import BoxFile
+
+        BoxFile(settings.boxes_file, settings.organs)
     output = settings.output_path.resolve()
     for folder in (settings.input_dir, settings.labels_dir):
         if folder:
@@ -107,3 +111,27 @@ def check_inference(settings: "RunSettings") -> None:
                 raise SettingsError(f"the output folder {output} is inside the input folder {source}; choose an "
                                     "output folder elsewhere (inputs are never written)")
     check_output_dir(settings.output_path)
+    others = foreign_results(settings.output_path, "inference")
+    if others and not settings.overwrite:
+        raise SettingsError(f"output folder {settings.output_path} holds {others}; segmentations written there would "
+                            "mix with another run's results: choose another output folder, or pass --overwrite to "
+                            "write beside them")
+
+
+def foreign_results(folder: Path, writer: str) -> str:
+    """What ``folder`` holds of another kind of run than ``writer`` (``training`` / ``evaluate`` or ``inference``),
+    in a few words ('' when nothing): a training run's results (its adapters, checkpoint, test predictions),
+    or ``cobot-med infer``'s segmentations. One folder, one kind of writer (``overwrite`` lets a run write
+    beside them; nothing is deleted)."""
+    from .session import RESULTS
+
+    if not folder.is_dir():
+        return ""
+    if writer == "inference":
+        present = [name for name in RESULTS if (folder / name).exists()]
+        return f"a training run's results ({', '.join(present)})" if present else ""
+    segmentations = sorted(p.name for p in folder.glob("*_seg.nii.gz"))
+    if not segmentations:
+        return ""
+    shown = ", ".join(segmentations[:3]) + (" ..." if len(segmentations) > 3 else "")
+    return f"cobot-med infer's segmentations ({len(segmentations)}: {shown})"

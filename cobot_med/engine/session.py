@@ -2,11 +2,14 @@
 
 A rerun must never report another run's model or score. So before anything is written:
 
-- ``resume.pt`` records the run's *identity* (the settings that decide what it learns: data, split,
-  model, base checkpoint, optimiser, jitter, precision as resolved -- the autocast dtype, not ``auto``,
-  which may resolve to another dtype on another machine -- tracking store) and its key. A run resumes only
-  when resuming is on and the identity matches; otherwise it stops and names the settings that differ.
-  ``epochs`` may grow (to train a killed run further); a finished run is not reopened.
+- ``resume.pt`` records the run's *identity* (the settings that decide what it learns: data, the split's
+  content -- every case id with the SHA-256 of its image and label files, so a dataset folder that changed
+  cannot redraw the split under a resumed run --, the model as built (an adapter's own arch, method and
+  options), base checkpoint, optimiser, jitter, precision as resolved -- the autocast dtype, not ``auto``,
+  which may resolve to another dtype on another machine -- tracking store, its credentials masked) and its
+  key. A run resumes only when resuming is on and the identity matches; otherwise it stops and names what
+  differs. ``epochs`` may grow (to train a killed run further), never shrink below the epochs ``resume.pt``
+  has done; a finished run is not reopened.
 - A fresh run in a folder that holds another run's results (adapters, checkpoint, test predictions)
   stops, unless ``overwrite`` is on: then those results are deleted first. The MLflow store is never
   deleted; every fresh run gets a new key, so its MLflow run is a new one (MONAI's MLFlowHandler would
@@ -17,16 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from ..errors import SettingsError, on_failure
+from ..errors import SettingsError, on_failure, set_interrupt_note
 from ..files import absolute
+from ..sam.checkpoint import unreadable_reason
 from . import tracking
 
 logger = logging.getLogger(__name__)
@@ -36,33 +41,62 @@ RESULTS = ("adapter_best", "adapter_latest", CHECKPOINT_NAME, "test_predictions"
 REGENERATED = ("overlays", "val_predictions", "loss_curve.png", "loss_curve.json")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
-                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri")
+                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri", "split")
 LEGACY_AMP = ("auto", "true")  # identities of older checkpoints recorded the amp setting, not the dtype it ran
 
 
 def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: Any = None,
-             precision: Any = None) -> dict[str, Any]:
+             precision: Any = None, split: Mapping[str, Any] | None = None, spec: Any = None) -> dict[str, Any]:
     """The settings that decide what a training run learns and where it reports (see the module docstring).
 
     ``amp`` is the dtype training autocasts to (``precision``, the run's resolved
-    :class:`~cobot_med.engine.precision.Precision`; resolved here for the settings' device when not given)."""
+    :class:`~cobot_med.engine.precision.Precision`; resolved here for the settings' device when not given).
+    ``split`` is :func:`split_record` of the run's split; ``spec`` the built model's
+    :class:`~cobot_med.model.ModelSpec` (its arch, method and options are what trains, whatever the settings
+    said: an adapter's own)."""
+    from ..redact import redact
+
     if precision is None:
         from .network import resolve_device
         from .precision import resolve_precision
 
         precision = resolve_precision(settings.amp, resolve_device(settings.device), training=True)
+    model = spec if spec is not None else settings
     return {
         "dataset": settings.dataset, "layout": settings.layout,
         "dataset_dir": str(absolute(settings.dataset_dir)) if settings.dataset_dir and not settings.datalist else "",
         "datalist": str(absolute(settings.datalist)) if settings.datalist else "",
         "val_fraction": settings.val_fraction, "test_fraction": settings.test_fraction, "seed": settings.seed,
-        "arch": settings.arch, "image_size": int(image_size), "peft": settings.peft,
-        "peft_options": settings.peft_options, "sam_checkpoint_sha256": base_sha256, "lr": settings.lr,
+        "arch": model.arch, "image_size": int(image_size), "peft": model.peft,
+        "peft_options": json.loads(json.dumps(model.peft_options, sort_keys=True, default=str)),
+        "sam_checkpoint_sha256": base_sha256, "lr": settings.lr,
         "cobot_lr": settings.cobot_lr, "weight_decay": settings.weight_decay, "batch_size": settings.batch_size,
         "jitter": settings.jitter, "min_area": settings.min_area, "modality": settings.effective_modality,
         "recipe": recipe.to_dict() if recipe is not None else None, "amp": precision.name,
-        "tracking_uri": tracking.resolve_tracking_uri(settings.tracking_uri, settings.output_path),
+        "tracking_uri": redact(tracking.resolve_tracking_uri(settings.tracking_uri, settings.output_path)),
+        "split": dict(split) if split is not None else None,
     }
+
+
+def split_record(split: Mapping[str, Any], digests: Any = None) -> dict[str, list[list[Any]]]:
+    """A split's content as the identity holds it: per split, ``[case_id, image SHA-256, label SHA-256]`` for
+    every case in order (:class:`cobot_med.files.Digests`; per-organ label files hashed together)."""
+    from ..files import Digests
+
+    digests = digests or Digests()
+    return {name: [[str(case.get("case_id")), digests.of(case.get("image")), digests.of(case.get("label"))]
+                   for case in split.get(name) or []]
+            for name in sorted(split)}
+
+
+def epochs_done(state: Mapping[str, Any]) -> int:
+    """The epochs a resume checkpoint has completed: recorded as ``epochs_done``, or (older checkpoints) the
+    trainer's iteration count over its epoch length (ignite's ``state_dict`` holds no epoch)."""
+    if "epochs_done" in state:
+        return int(state["epochs_done"])
+    trainer = state.get("trainer") or {}
+    length = int(trainer.get("epoch_length") or 0)
+    return int(trainer.get("iteration", 0)) // length if length > 0 else int(trainer.get("epoch", 0))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -77,18 +111,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: not a cobot-med resume checkpoint (it lacks {[k for k in needed if k not in (state if isinstance(state, dict) else {})]}); "
                             "delete it to start afresh, or pass --overwrite true")
     return state
-
-
-def unreadable_reason(path: Path, err: Exception) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in a few words (never advice to load it unsafely)."""
-    import pickle
-
-    if path.stat().st_size == 0:
-        return "the file is empty"
-    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
-        return "it holds Python objects other than tensors; not loaded, as that could run code"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"truncated or not a PyTorch file: {type(err).__name__}: {first}"[:300]
 
 
 @dataclasses.dataclass
@@ -112,41 +134,55 @@ class TrainingSession:
         return self.output_dir / CHECKPOINT_NAME
 
     @classmethod
-    def start(cls, settings: Any, network: torch.nn.Module, precision: Any = None) -> "TrainingSession":
-        """Decide fresh or resume for ``settings`` with the built ``network`` and the run's resolved
-        ``precision`` (see :func:`identity`); clears or refuses as above.
+    def start(cls, settings: Any, network: torch.nn.Module, precision: Any = None,
+              split: Mapping[str, Any] | None = None) -> "TrainingSession":
+        """Decide fresh or resume for ``settings`` with the built ``network``, the run's resolved ``precision``
+        and its ``split`` (see :func:`identity`); clears or refuses as above, then writes ``datalist.json``.
 
         Under torchrun the first process decides (and deletes) and the others follow its decision."""
         from ..adapter import unwrap
         from ..distributed import rank as process_rank, world_size
+        from ..files import DIGESTS_NAME, Digests
 
         model = unwrap(network)
         out = settings.output_path
-        ident = identity(settings, model.spec.image_size, model.base_sha256, model.recipe, precision)
         decision: tuple[str | None, bool, str | None] = (None, False, None)  # (run key, resuming, error)
+        ident: dict[str, Any] = {}
         if process_rank() == 0:
+            digests = Digests(out / DIGESTS_NAME)
+            record = split_record(split, digests) if split is not None else None
+            ident = identity(settings, model.spec.image_size, model.base_sha256, model.recipe, precision, record,
+                             model.spec)
             try:
                 run_key, resuming = _decide(settings, out, ident)
                 decision = (run_key, resuming, None)
             except SettingsError as err:
                 decision = (None, False, str(err))
+            else:
+                digests.save()
+                if split is not None:
+                    from ..data.dataset import record_split
+
+                    record_split(settings, split)
         if world_size() > 1:
             import torch.distributed as dist
 
-            shared = [decision]
+            shared = [(decision, ident)]
             dist.broadcast_object_list(shared, src=0)
-            decision = shared[0]
+            decision, ident = shared[0]
         run_key, resuming, error = decision
         if error:
             raise SettingsError(error)
         checkpoint = read_checkpoint(out / CHECKPOINT_NAME) if resuming else None
         name = tracking.run_name(settings.dataset, model.spec.peft, model.spec.arch, model.spec.image_size,
                                  settings.seed, run_key)
-        session = cls(out, ident, run_key, ident["tracking_uri"], tracking.experiment_name(settings.dataset), name,
-                      checkpoint)
+        uri = tracking.resolve_tracking_uri(settings.tracking_uri, out)
+        session = cls(out, ident, run_key, uri, tracking.experiment_name(settings.dataset), name, checkpoint)
         if process_rank() == 0:
             on_failure(f"training:{name}", functools.partial(tracking.mark_failed, session.tracking_uri,
                                                              session.experiment, name))
+            set_interrupt_note(f"start the same command again to resume the run from its last finished epoch "
+                               f"({out / CHECKPOINT_NAME})")
         return session
 
     def finish(self, artifacts_dir: Path | None = None) -> None:
@@ -172,17 +208,23 @@ def _decide(settings: Any, out: Path, ident: dict[str, Any]) -> tuple[str, bool]
             ident = {**ident, "amp": settings.amp}
         differ = [k for k in IDENTITY_KEYS if state["identity"].get(k) != ident.get(k)]
         if differ:
-            details = "; ".join(f"{k}: {state['identity'].get(k)!r} there, {ident.get(k)!r} now" for k in differ)
+            details = "; ".join(_difference(k, state["identity"].get(k), ident.get(k)) for k in differ)
             raise SettingsError(f"{path} belongs to a run with other settings ({details}). Resume it with its own "
                                 "settings, choose another output_dir, or pass --overwrite true to replace it")
         if state.get("finished"):
             raise SettingsError(f"{out} holds a finished run (MLflow run {state.get('run_name')}); nothing to resume. "
                                 "Choose another output_dir, or pass --overwrite true to train again there")
-        done = int(state["trainer"].get("epoch", 0))
+        done = epochs_done(state)
         if done > settings.epochs:
             raise SettingsError(f"{path} has trained {done} epochs already, more than epochs={settings.epochs}; "
                                 f"pass --epochs {done} or more to resume it")
         return str(state["run_key"]), True
+    from .checks import foreign_results
+
+    others = foreign_results(out, "training")
+    if others and not settings.overwrite:
+        raise SettingsError(f"output_dir {out} holds {others}; choose another output_dir, or pass --overwrite true to "
+                            "train beside them")
     present = [name for name in RESULTS if (out / name).exists()]
     if present and not settings.overwrite:
         why = "resume is off" if path.is_file() else "they are not this run's"
@@ -194,3 +236,21 @@ def _decide(settings: Any, out: Path, ident: dict[str, Any]) -> tuple[str, bool]
     if present:
         logger.warning("overwrite: deleted %s in %s", ", ".join(present), out)
     return uuid.uuid4().hex[:8], False
+
+
+def _difference(key: str, there: Any, now: Any) -> str:
+    """One identity key's difference, in a few words (a split: which cases, not two lists of digests)."""
+    if key == "split" and there is None:
+        return "split: not recorded there (a checkpoint of an older version), its content now"
+    if key != "split" or not isinstance(there, dict) or not isinstance(now, dict):
+        return f"{key}: {there!r} there, {now!r} now"
+    changes = []
+    for name in sorted(set(there) | set(now)):
+        old = {row[0]: row[1:] for row in there.get(name) or []}
+        new = {row[0]: row[1:] for row in now.get(name) or []}
+        parts = [f"{label} {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" for label, ids in (
+            ("added", sorted(set(new) - set(old))), ("gone", sorted(set(old) - set(new))),
+            ("files changed", sorted(c for c in set(old) & set(new) if old[c] != new[c]))) if ids]
+        if parts:
+            changes.append(f"{name}: {'; '.join(parts)}")
+    return "split: the cases differ (" + " | ".join(changes or ["order"]) + ")"

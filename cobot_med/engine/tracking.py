@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from ..files import absolute
 from ..errors import SettingsError
+from ..redact import redact
 
 EXPERIMENT_PREFIX = "cobot-med/"
 STATUS_TAG = "cobot_med.status"
@@ -59,20 +60,20 @@ def check_tracking_uri(uri: str, must_exist: bool = False) -> str:
     if path is not None:
         if path.exists():
             if not path.is_file():
-                raise SettingsError(f"tracking_uri {uri}: {path} is a folder, not an MLflow SQLite store")
+                raise SettingsError(f"tracking_uri {redact(uri)}: {path} is a folder, not an MLflow SQLite store")
             with open(path, "rb") as handle:
                 header = handle.read(16)
             if header and header != b"SQLite format 3\x00":
-                raise SettingsError(f"tracking_uri {uri}: {path} is not a SQLite database (an MLflow store)")
+                raise SettingsError(f"tracking_uri {redact(uri)}: {path} is not a SQLite database (an MLflow store)")
         elif must_exist:
-            raise SettingsError(f"no MLflow tracking store at {uri} (file {path} does not exist)")
+            raise SettingsError(f"no MLflow tracking store at {redact(uri)} (file {path} does not exist)")
         else:
             from .checks import check_output_dir
 
             try:
                 check_output_dir(path.parent)
             except SettingsError as err:
-                raise SettingsError(f"tracking_uri {uri}: cannot create the store ({err})") from None
+                raise SettingsError(f"tracking_uri {redact(uri)}: cannot create the store ({err})") from None
         return uri
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
@@ -83,7 +84,7 @@ def check_tracking_uri(uri: str, must_exist: bool = False) -> str:
             pass  # the server answered (some proxies have no /health): reachable
         except (urllib.error.URLError, socket.timeout, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise SettingsError(f"tracking_uri {uri}: no MLflow server answers ({reason}); start it or pass "
+            raise SettingsError(f"tracking_uri {redact(uri)}: no MLflow server answers ({reason}); start it or pass "
                                 "another --tracking_uri") from None
         return uri
     if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
@@ -96,14 +97,14 @@ def check_tracking_uri(uri: str, must_exist: bool = False) -> str:
             engine.dispose()
         except Exception as err:  # noqa: BLE001 - any driver error means the store cannot be used
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SettingsError(f"tracking_uri {uri}: cannot connect to the database ({first})") from None
+            raise SettingsError(f"tracking_uri {redact(uri)}: cannot connect to the database ({first})") from None
         return uri
     if scheme in ("", "file"):
-        raise SettingsError(f"tracking_uri {uri}: MLflow no longer supports plain folders as stores; use "
+        raise SettingsError(f"tracking_uri {redact(uri)}: MLflow no longer supports plain folders as stores; use "
                             "sqlite:///PATH/mlflow.db, a database URI or an http:// tracking server")
     if scheme.split("+")[0] in ("databricks", "databricks-uc", "uc"):
         return uri  # a managed service: left to MLflow
-    raise SettingsError(f"tracking_uri {uri}: not a tracking store MLflow knows (sqlite:///PATH/mlflow.db, "
+    raise SettingsError(f"tracking_uri {redact(uri)}: not a tracking store MLflow knows (sqlite:///PATH/mlflow.db, "
                         "postgresql://..., http://server:5000)")
 
 
@@ -115,14 +116,26 @@ def run_name(dataset: str, peft: str, arch: str, image_size: int, seed: int, key
     return f"{dataset}-{peft}-{arch}-{image_size}-seed{seed}-{key}"
 
 
+SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")  # stores with their own artifact root
+
+
 def artifact_location(uri: str, output_dir: str | Path) -> str | None:
-    """Artifacts beside a local SQLite store; a tracking server keeps its own artifact root."""
-    return str(absolute(output_dir) / "mlartifacts") if uri.startswith("sqlite:") else None
+    """Where a new experiment's artifacts go: beside the run's outputs (``OUTPUT/mlartifacts``) for a store that
+    has no artifact root of its own -- a SQLite file or a database (PostgreSQL, MySQL, ...), for which MLflow
+    would otherwise write ``./mlruns`` in whatever folder the run was started from --, and the server's own
+    artifact store for a tracking server. MLflow fixes the place per experiment: runs of an experiment that
+    another output folder created store theirs there (docs/compare.md)."""
+    if uri.split(":", 1)[0].lower() in SERVER_SCHEMES:
+        return None
+    return str(absolute(output_dir) / "mlartifacts")
 
 
 def client(uri: str):
     import mlflow
 
+    from ..redact import mask_logs
+
+    mask_logs()  # MLflow's own log handler exists now: it masks credentials too
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
@@ -204,13 +217,13 @@ def params_for_run(params: Mapping[str, Any], session: Any) -> dict[str, Any]:
     killed run further) is recorded in the tag ``cobot_med.resumed.<key>``, which :func:`run_param` reads."""
     run = find_run(session.tracking_uri, session.experiment, session.run_name)
     if run is None or run.info.status == "FINISHED":  # MONAI's handler starts a new run then
-        return dict(params)
+        return redact(dict(params))
     logged = run.data.params
     store = client(session.tracking_uri)
     for key, value in params.items():
         if key in logged and logged[key] != str(value):
             store.set_tag(run.info.run_id, RESUMED_TAG_PREFIX + key, str(value))
-    return {k: v for k, v in params.items() if k not in logged}
+    return {k: redact(v) for k, v in params.items() if k not in logged}
 
 
 def ensure_experiment(uri: str, dataset: str) -> str:

@@ -35,9 +35,14 @@ class ResumeCheckpoint:
     def _save_last(self, engine: Engine) -> None:
         """Registered once the run starts, so the save comes after every other end-of-epoch
         handler (validation, adapter saving, MLflow logging): a kill between them then
-        redoes the epoch instead of losing what it logged."""
+        redoes the epoch instead of losing what it logged. A fresh run also saves its start (epoch 0)
+        at once: a run stopped before its first checkpoint has already written ``adapter_best``
+        (validation comes first), and without ``resume.pt`` naming its key, starting it again would
+        find another run's results instead of resuming."""
         if not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.session.checkpoint is None and not self.session.checkpoint_path.exists():
+            self.save(engine)
 
     def save(self, engine: Engine) -> None:
         if not is_rank0():
@@ -47,6 +52,7 @@ class ResumeCheckpoint:
             "run_key": self.session.run_key,
             "run_name": self.session.run_name,
             "trainer": engine.state_dict(),
+            "epochs_done": int(engine.state.epoch),  # ignite's state_dict holds no epoch
             "optimizer": self.optimizer.state_dict(),
             "adapter": adapter_state_dict(self.network),
             "finished": False,

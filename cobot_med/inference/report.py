@@ -21,6 +21,7 @@ class CaseOutcome:
     reason: str = ""
     seconds: float = 0.0
     slices_sent: int = 0
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # organ -> why (drop_unusable_organs)
 
 
 @dataclasses.dataclass
@@ -47,6 +48,11 @@ class InferenceReport:
         return self._with("failed")
 
     @property
+    def dropped(self) -> dict[str, dict[str, str]]:
+        """Organs left out of the cases they were asked for (``drop_unusable_organs``), with the reasons."""
+        return {c.case_id: dict(c.dropped) for c in self.cases if c.dropped}
+
+    @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
@@ -56,6 +62,11 @@ class InferenceReport:
         if self.failed:
             lines.append("failed:")
             lines += [f"  {c.case_id}: {c.reason}" for c in self.failed]
+        dropped = [c for c in self.cases if c.dropped]
+        if dropped:
+            count = sum(len(c.dropped) for c in dropped)
+            lines.append(f"dropped (--drop_unusable_organs): {count} organ(s) in {len(dropped)} case(s), not segmented:")
+            lines += [f"  {c.case_id}: {organ}: {why}" for c in dropped for organ, why in c.dropped.items()]
         if self.ignored:
             lines.append("not cases (left alone):")
             lines += [f"  {name}: {why}" for name, why in self.ignored]

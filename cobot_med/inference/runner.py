@@ -6,8 +6,16 @@ Per case: the run's volume chain (load, checks, ``Orientationd("RAS")``, CT wind
 (:func:`cobot_med.predict.to_label_map`) -> written in the input's geometry
 (:func:`cobot_med.predict.writing.write_label_map`) -- the same predictor, label map and metric policy as
 validation and test. A failing case is reported with its reason and the others go on; every file is
-written atomically, the segmentation last. A case is done when its segmentation exists *and* its record
-names the same model and prompt source as this run: a rerun skips it, a run with another model redoes it.
+written atomically, the segmentation last.
+
+A case's record (``<case>_prompts.json``) holds everything its outputs depend on: the model
+(:func:`model_identity`), the SHA-256 of its input and label files, its prompts (the organs and the boxes
+file's entries for it, or the labels), every setting that changes an output (precision, merged adapters,
+NSD tolerance) and the outputs asked for; a case made with organs dropped (``drop_unusable_organs``) is
+redone by a run that does not allow it. A rerun skips a case whose
+record is this run's and whose outputs all exist, redoes one whose record differs and says why
+(:meth:`CaseJob.status`); a folder holding another model's segmentations is refused before any work
+unless ``overwrite`` (one run's results are never silently replaced by another's).
 
 Under torchrun (``torchrun --nproc_per_node=N -m cobot_med infer ...``) every process plans the same split
 of the cases still to do, balanced by voxels (:mod:`.sharding`), segments its share into the one output
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..files import absolute, remove_stale_temporaries, write_json
+from ..files import DIGESTS_NAME, Digests, absolute, remove_stale_temporaries, write_json
 from ..predict import BoxFile, CasePrompts, PromptError, SlicePredictor, from_labels, predict_volume, to_label_map
 from ..predict.slices import recipe_of
 from ..predict.writing import segmentation_path, to_input_geometry, write_label_map, write_volume
@@ -36,6 +44,7 @@ from .cases import Case, attach_labels, find_cases
 from .outputs import prompts_record, write_label_files, write_metrics, write_overlay
 from .report import CaseFailed, CaseOutcome, InferenceFailed, InferenceReport
 from .sharding import shard
+
 
 
 def case_files(output_dir: Path, case_id: str) -> dict[str, Path]:
@@ -86,18 +95,57 @@ def model_identity(info: Mapping[str, Any], settings: Any, recipe: Any) -> dict[
             "ct_window": ct_window_in_force(settings, recipe), "modality": settings.effective_modality}
 
 
+RECORD_VERSION = 2  # 2: inputs' digests, settings and outputs in the record
+
+
 class CaseJob:
     """Everything one case needs: the chain, the predictor, the prompt source, what to write."""
 
     def __init__(self, settings: Any, organs: dict[str, int], chain: Any, predictor: SlicePredictor,
-                 boxes: BoxFile | None, identity: dict[str, Any], progress: bool) -> None:
+                 boxes: BoxFile | None, identity: dict[str, Any], progress: bool, digests: Any = None,
+                 run_settings: Mapping[str, Any] | None = None) -> None:
+        from ..files import Digests
+
         self.settings, self.organs, self.chain, self.predictor = settings, organs, chain, predictor
         self.out = settings.output_path
         self.boxes, self.identity, self.progress = boxes, identity, progress
         self.source = {"kind": "boxes" if boxes is not None else "labels",
                        "file": str(absolute(settings.boxes_file)) if boxes is not None else None,
                        "organs": dict(organs)}
+        self.digests = digests if digests is not None else Digests()
+        self.run_settings = dict(run_settings or {})  # the speed choices that change outputs (precision, merge)
         self.scores: dict[str, dict] = {}
+        self.dropped: dict[str, dict[str, str]] = {}  # case -> organs left out (drop_unusable_organs), why
+
+    def outputs(self, case: Case) -> dict[str, Path]:
+        """The files this run writes for ``case`` (the segmentation last)."""
+        files = case_files(self.out, case.case_id)
+        wanted = {name: files[name] for name in ("prompts", "overlay")}
+        if case.label is not None:
+            wanted["metrics"] = files["metrics"]
+        if self.settings.probability_maps:
+            wanted.update({f"prob_{organ}": probability_path(self.out, case.case_id, organ) for organ in self.organs})
+        wanted["seg"] = files["seg"]
+        return wanted
+
+    def record(self, case: Case) -> dict[str, Any]:
+        """What ``case``'s outputs depend on besides the model (see the module docstring)."""
+        entries = None
+        if self.boxes is not None:
+            found = self.boxes.entries_for(case.case_id, case.image.name) or {}
+            entries = {organ: dataclasses.asdict(found[organ]) for organ in self.organs if organ in found}
+        settings = dict(self.run_settings)
+        if case.label is not None:
+            settings["nsd_tolerance_mm"] = float(self.settings.nsd_tolerance_mm)
+        return {
+            "version": RECORD_VERSION,
+            "input": {"path": str(absolute(case.image)), "sha256": self.digests.of(case.image)},
+            "label": None if case.label is None else {"path": str(absolute(case.label)),
+                                                      "sha256": self.digests.of(case.label)},
+            "prompts": {**self.source, "entries": entries},
+            "settings": settings,
+            "outputs": sorted(self.outputs(case)),
+        }
 
     def load(self, case: Case) -> dict:
         from ..data.validation import DataError
@@ -117,23 +165,43 @@ class CaseJob:
                 cause = cause.__cause__
             raise CaseFailed(f"{case.image}: unreadable, truncated or corrupt ({type(cause).__name__}: {cause})") from err
 
-    def finished(self, case: Case) -> tuple[bool, str]:
-        """(done before by this model and prompt source, why not when it exists but must be redone)."""
+    def status(self, case: Case) -> tuple[str, str]:
+        """``("new", "")``: nothing there yet; ``("done", "")``: made by this run's model from the same record,
+        every output present (skipped); ``("redo", why)``: its record differs, or an output is missing;
+        ``("foreign", what made it)``: another model's segmentation (refused unless ``overwrite``)."""
         files = case_files(self.out, case.case_id)
-        if self.settings.overwrite or not files["seg"].is_file():
-            return False, ""
+        if not files["seg"].is_file():
+            return "new", ""
         try:
-            record = json.loads(files["prompts"].read_text())
-            scores = json.loads(files["metrics"].read_text())["organs"] if case.label is not None else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return False, "its record is missing or unreadable"
-        if record.get("model") != self.identity:
-            return False, "it was made by another model"
-        if record.get("prompt_source") != self.source:
-            return False, "it was made from other prompts"
-        if scores is not None:
-            self.scores[case.case_id] = {o: scores[o] for o in self.organs if o in scores}
-        return True, ""
+            saved = json.loads(files["prompts"].read_text())
+        except (OSError, ValueError):
+            return ("redo", "its record is missing or unreadable") if self.settings.overwrite else (
+                "foreign", "a segmentation without a readable record")
+        if saved.get("model") != self.identity:
+            return ("redo", "it was made by another model") if self.settings.overwrite else (
+                "foreign", describe_model(saved.get("model")))
+        if self.settings.overwrite:
+            return "redo", "--overwrite"
+        why = record_changes(saved.get("record"), self.record(case))
+        if why:
+            return "redo", why
+        missing = [path.name for path in self.outputs(case).values() if not path.is_file()]
+        if missing:
+            return "redo", f"{', '.join(missing)} missing"
+        if case.label is not None:
+            try:
+                scores = json.loads(files["metrics"].read_text())["organs"]
+                self.scores[case.case_id] = {o: scores[o] for o in self.organs if o in scores}
+            except (OSError, ValueError, KeyError, TypeError):
+                return "redo", "its metrics file is unreadable"
+        organs = saved.get("organs") if isinstance(saved.get("organs"), dict) else {}
+        dropped = {organ: entry.get("note", "") for organ, entry in organs.items()
+                   if isinstance(entry, dict) and entry.get("source") == "none" and "given" in entry}
+        if dropped and not self.settings.drop_unusable_organs:
+            return "redo", f"it was made without {', '.join(dropped)} (--drop_unusable_organs), which this run does not allow"
+        if dropped:
+            self.dropped[case.case_id] = dropped  # the summary names them again, as the run that made it did
+        return "done", ""
 
     def prompts(self, case: Case, data: dict) -> CasePrompts:
         if self.boxes is not None:
@@ -150,6 +218,12 @@ class CaseJob:
         data = loading.result() if loading is not None else self.load(case)
         image, label = data["image"], data.get("label")
         prompts = self.prompts(case, data)
+        unusable = prompts.unusable()
+        if unusable and not self.settings.drop_unusable_organs:
+            reasons = "; ".join(f"{organ}: {why}" for organ, why in unusable.items())
+            raise CaseFailed(f"unusable prompt for {', '.join(unusable)} ({reasons}); correct the boxes file, or "
+                             "pass --drop_unusable_organs to segment the other organs")
+        self.dropped[case.case_id] = unusable
         if not prompts.has_prompt:
             reasons = "; ".join(f"{o}: {p.note}" for o, p in zip(self.organs, prompts.prompts) if p.note)
             raise CaseFailed(f"no prompt for any organ ({reasons or 'nothing to prompt'})")
@@ -168,8 +242,12 @@ class CaseJob:
             self.predictor.on_slices = None
         seg = to_label_map(probs, list(self.organs.values()))
 
+        wanted = self.outputs(case)
+        for stale in stale_outputs(self.out, case.case_id, set(wanted.values())):
+            stale.unlink()  # the case is made again: maps and scores not asked for now would not be of this run
         record = prompts_record(case.case_id, self.source["kind"], self.organs, prompts.prompts, used, image)
-        write_json(files["prompts"], {**record, "model": self.identity, "prompt_source": self.source})
+        write_json(files["prompts"], {**record, "model": self.identity, "prompt_source": self.source,
+                                      "record": self.record(case)})
         label_map = None if label is None else torch.as_tensor(label)[0].numpy()
         write_overlay(files["overlay"], volume.numpy(), seg[0].numpy(), label_map, self.organs, case.case_id)
         if self.settings.probability_maps:
@@ -186,6 +264,51 @@ class CaseJob:
             self.scores[case.case_id] = scores
         write_label_map(seg, image, self.chain, files["seg"])
         return self.predictor.images_sent - sent_before
+
+
+def stale_outputs(output_dir: Path, case_id: str, wanted: set[Path]) -> list[Path]:
+    """Outputs of ``case_id`` in ``output_dir`` that this run does not write (probability maps, metrics)."""
+    candidates = [case_files(output_dir, case_id)["metrics"], *output_dir.glob(f"{case_id}_prob_*.nii.gz")]
+    return [path for path in candidates if path.is_file() and path not in wanted]
+
+
+def describe_model(identity: Mapping[str, Any] | None) -> str:
+    """A model identity in a few words, for messages."""
+    if not isinstance(identity, Mapping):
+        return "an unknown model"
+    weights = identity.get("adapter_weights_sha256")
+    return (f"{identity.get('arch')}/{identity.get('peft')} at {identity.get('image_size')} px"
+            + (f", adapter weights {str(weights)[:12]}..." if weights else ", zero-shot"))
+
+
+def record_changes(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str:
+    """Why a case must be redone: what differs between its saved record and this run's ('' when nothing)."""
+    if not isinstance(before, Mapping) or before.get("version") != now["version"]:
+        return "its record is from an older version"
+    reasons = []
+    if (before.get("input") or {}).get("sha256") != now["input"]["sha256"]:
+        reasons.append("its input file changed")
+    old_label, new_label = before.get("label"), now["label"]  # a label matters to a run that scores with it
+    if new_label is not None and old_label is None:
+        reasons.append("reference labels were given")
+    elif new_label is not None and old_label.get("sha256") != new_label["sha256"]:
+        reasons.append("its reference label changed")
+    if before.get("prompts") != now["prompts"]:
+        old_prompts = before.get("prompts") or {}
+        if old_prompts.get("organs") != now["prompts"]["organs"]:
+            reasons.append("other organs were asked for")
+        if old_prompts.get("kind") != now["prompts"]["kind"] or old_prompts.get("entries") != now["prompts"]["entries"]:
+            reasons.append("its prompts changed")
+        elif old_prompts.get("file") != now["prompts"]["file"]:
+            reasons.append("another boxes file was given")
+    old_settings, new_settings = before.get("settings") or {}, now["settings"]
+    for key in sorted(set(new_settings)):  # a setting of an output this run does not ask for (NSD) does not count
+        if old_settings.get(key) != new_settings.get(key):
+            reasons.append(f"{key} {old_settings.get(key)} -> {new_settings.get(key)}")
+    added = sorted(set(now["outputs"]) - set(before.get("outputs") or []))
+    if added:  # outputs asked for that the case lacks; fewer than it has are still its own (kept)
+        reasons.append("other outputs were asked for (" + ", ".join(f"+{o}" for o in added) + ")")
+    return "; ".join(reasons)
 
 
 def select_organs(label_map: Mapping[str, int], names: str) -> dict[str, int]:
@@ -255,20 +378,36 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
     recipe = recipe_of(network)
     identity = model_identity(model_info, settings, recipe)
 
-    if first:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        write_label_files(out, organs, settings.dataset)
-    distributed.barrier()  # the folder is ready; no process has started writing
     chain = run_volume_chain(settings, recipe)
     slice_batch = settings.slice_batch(device, network)
     predictor = SlicePredictor(network, device, slice_batch, speed.precision)
-    job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress)
-    status: dict[str, tuple[bool, str]] = {c.case_id: job.finished(c) for c in cases if not c.error}
+    digests = Digests(out / DIGESTS_NAME)
+    merged = bool(model_info.get("merged_layers"))
+    job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress, digests,
+                  {"precision": speed.precision.name, "merged_adapters": merged})
+    status = {c.case_id: job.status(c) for c in cases if not c.error}
+    foreign = {case_id: what for case_id, (state, what) in status.items() if state == "foreign"}
+    if foreign:
+        from .cases import InputError
+
+        names = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+        makers = "; ".join(sorted(set(foreign.values()))[:3])
+        raise InputError(f"output folder {out} holds segmentations another model made ({len(foreign)} case(s): "
+                         f"{names}; made by {makers}), and this run is {describe_model(identity)}: choose another "
+                         "output folder, or pass --overwrite to replace them")
+    if first:
+        from ..errors import set_interrupt_note
+        from ..lock import acquire
+
+        acquire(out, "inference")  # held since settings.check; a caller that skipped it takes it here
+        set_interrupt_note(f"the finished cases in {out} are kept; the same command segments the rest")
+        remove_stale_temporaries(out)
+        write_label_files(out, organs, settings.dataset)
+        digests.save()
     distributed.barrier()  # every process has seen the same finished cases before any writes a new one
-    pending = [c for c in cases if not c.error and not status[c.case_id][0]]
+    pending = [c for c in cases if not c.error and status[c.case_id][0] != "done"]
     for case in pending:
-        if status[case.case_id][1]:
+        if status[case.case_id][0] == "redo":
             log(f"{case.case_id}: redone, {status[case.case_id][1]}")
     to_run = shard(pending, processes)[rank] if processes > 1 else pending
     mine = {case.case_id for case in to_run}
@@ -292,14 +431,15 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
             tic = time.perf_counter()
             if case.error:
                 outcome.status, outcome.reason = "failed", case.error
-            elif status[case.case_id][0]:
-                outcome.status = "skipped"
+            elif status[case.case_id][0] == "done":
+                outcome.status, outcome.dropped = "skipped", job.dropped.get(case.case_id, {})
             elif case.case_id not in mine:
                 continue  # another process's
             else:
                 start_loading(position[case.case_id] + 1)
                 try:
                     outcome.slices_sent = job.run(case, loading.pop(case.case_id, None))
+                    outcome.dropped = job.dropped.get(case.case_id, {})
                 except (CaseFailed, PromptError) as err:
                     outcome.status, outcome.reason = "failed", str(err)
                 except Exception as err:  # noqa: BLE001 - one case's failure never stops the others
@@ -329,6 +469,7 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
         "settings": {"batch_size": slice_batch, "eval_batch_size": settings.eval_batch_size, "device": str(device), **speed.describe(),
                      "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps},
         "cases": [dataclasses.asdict(c) for c in outcomes],
+        "dropped_organs": report.dropped,
         "ignored": [{"name": n, "reason": r} for n, r in ignored],
         "seconds": round(report.seconds, 3),
     })

@@ -241,7 +241,8 @@ def train_round(settings: RunSettings, datalist: str | Path, output_dir: str | P
     from ..bundle import run_bundle
 
     overrides = dict(datalist=str(datalist), dataset_dir="", output_dir=str(output_dir), arch=settings.arch,
-                     image_size=settings.image_size, peft=peft, adapter=str(adapter or ""),
+                     image_size=None if adapter else settings.image_size,  # an adapter's own size, never another
+                     peft=peft, adapter=str(adapter or ""),
                      sam_checkpoint=settings.sam_checkpoint, epochs=int(epochs),
                      tracking_uri=check_tracking(settings), resume=False, device=device, amp=settings.amp,
                      num_workers=0, seed=BASE_SEED)

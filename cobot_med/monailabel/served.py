@@ -9,8 +9,6 @@ adapter is never loaded.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -30,12 +28,9 @@ def read_record(model_dir: str | Path) -> dict[str, Any]:
 
 def publish(model_dir: str | Path, record: dict[str, Any]) -> Path:
     """Make ``record["adapter"]`` the served adapter: the record is renamed into place in one step."""
-    folder = Path(model_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{RECORD}.", delete=False) as tmp:
-        tmp.write(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp.name, folder / RECORD)
-    return folder / RECORD
+    from ..files import write_json
+
+    return write_json(Path(model_dir) / RECORD, dict(sorted(record.items())))  # atomic; credentials masked
 
 
 class ServedModel:

@@ -31,8 +31,14 @@ A boxes file (JSON)::
 Six numbers are two opposite corners. In ``voxel`` space they are 0-based voxel indices along
 the file's own stored axes (``nibabel``'s ``dataobj[i, j, k]``, ITK's index), both corners
 inside the box (inclusive). In ``ras`` (NIfTI / nibabel / 3D Slicer) or ``lps`` (DICOM / ITK)
-space they are millimetres; the box holds the voxels whose centres lie inside it. "space" may
-also be given per case or per entry.
+space they are millimetres, the corners in any order (a flipped axis reverses them); the box holds the
+voxels whose centres lie inside it. "space" may also be given per case or per entry.
+
+Nothing ambiguous is guessed: a file with an unknown key, a key given twice, a case named both by its id
+and its file name, a voxel box with a reversed corner (a negative size: a ``[i, j, k, w, h, d]`` box would
+look like that), a negative voxel index or a coordinate no scan has (beyond 100,000 voxels or mm) is refused
+before any case runs, naming the file and the entry. A box that misses its volume makes that organ
+*unusable*: the case fails (the runner), unless told to go on with the usable organs.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from ..errors import CobotMedError
 SPACES = ("voxel", "ras", "lps")
 KINDS = ("box3d", "key_slice")
 _EPS = 1e-3  # voxel units: a centre on the boundary of a world box counts as inside
+ABSURD = 1e5  # voxels or millimetres: no scan reaches this far (100 m)
 
 
 class PromptError(CobotMedError, ValueError):
@@ -75,6 +82,11 @@ class OrganPrompt:
     @property
     def has_prompt(self) -> bool:
         return bool(self.boxes) or self.key is not None
+
+    @property
+    def unusable(self) -> bool:
+        """An entry was given for the organ, but it prompts nothing (e.g. the box misses the volume)."""
+        return self.given is not None and not self.has_prompt
 
 
 @dataclasses.dataclass
@@ -103,6 +115,10 @@ class CasePrompts:
     def keys(self) -> dict[int, tuple[int, list[float]]]:
         return {k: p.key for k, p in enumerate(self.prompts) if p.key is not None}
 
+    def unusable(self) -> dict[str, str]:
+        """Organs whose entry prompts nothing, with the reason."""
+        return {organ: p.note for organ, p in zip(self.organs, self.prompts) if p.unusable}
+
 
 # --- labels ------------------------------------------------------------------------------------
 
@@ -125,6 +141,27 @@ def from_labels(label: torch.Tensor, organs: Mapping[str, int]) -> CasePrompts:
 
 
 # --- boxes files -------------------------------------------------------------------------------
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (``json`` would keep the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(repr(key))
+        out[key] = value
+    return out
+
+
+def _strip_nifti(name: str) -> str:
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 @dataclasses.dataclass
@@ -150,15 +187,24 @@ class BoxFile:
         if not self.path.is_file():
             raise PromptError(f"boxes file {self.path} does not exist")
         try:
-            content = json.loads(self.path.read_text())
+            content = json.loads(self.path.read_text(), object_pairs_hook=_no_duplicates)
+        except _Duplicate as err:
+            raise PromptError(f"{self.path}: the key {err} is given twice in one object; keep one") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PromptError(f"{self.path}: not valid JSON ({err})") from None
         if not isinstance(content, dict) or not isinstance(content.get("cases"), dict):
             raise PromptError(f"{self.path}: expected {{\"space\": ..., \"cases\": {{case_id: {{organ: ...}}}}}}")
+        unknown = sorted(k for k in content if k not in ("space", "cases") and not k.startswith("_"))
+        if unknown:
+            raise PromptError(f"{self.path}: unknown key(s) {unknown} at the top; a boxes file has \"space\" and "
+                              "\"cases\" (and \"_comment\"-style keys starting with _)")
         top_space = content.get("space")
         for case_id, organs in content["cases"].items():
             if not isinstance(organs, dict):
                 raise self._error(f"case {case_id}", "expected {organ: {\"box3d\" | \"key_slice\": [6 numbers]}}")
+            stem = _strip_nifti(case_id)
+            if stem != case_id and stem in content["cases"]:
+                raise self._error(f"case {case_id}", f"also given as {stem!r}: name each case once")
             case_space = organs.get("space", top_space)
             entries: dict[str, BoxEntry] = {}
             for organ, entry in organs.items():
@@ -167,24 +213,42 @@ class BoxFile:
                 where = f"case {case_id}, organ {organ}"
                 if organ not in self.organs:
                     raise self._error(where, f"unknown organ; the label map has {list(self.organs)}")
-                if not isinstance(entry, dict):
-                    raise self._error(where, 'expected {"box3d": [...]} or {"key_slice": [...]}')
-                kinds = [k for k in KINDS if k in entry]
-                if len(kinds) != 1:
-                    raise self._error(where, f"give exactly one of {list(KINDS)}, got {sorted(entry)}")
-                box = entry[kinds[0]]
-                if (not isinstance(box, list) or len(box) != 6
-                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                   for v in box)):
-                    raise self._error(where, f"{kinds[0]} must be 6 finite numbers (two opposite corners), got {box!r}")
-                space = entry.get("space", case_space)
-                if space not in SPACES:
-                    raise self._error(where, f"space must be one of {list(SPACES)} (say it at the top of the file, "
-                                             f"per case or per entry), got {space!r}")
-                if space == "voxel" and not all(float(v).is_integer() for v in box):
-                    raise self._error(where, f"voxel boxes are integer indices, got {box}")
-                entries[organ] = BoxEntry(kinds[0], [float(v) for v in box], space)
+                entries[organ] = self._entry(where, entry, case_space)
             self.cases[str(case_id)] = entries
+
+    def _entry(self, where: str, entry: Any, case_space: Any) -> "BoxEntry":
+        """One organ's entry, checked: nothing in it may need a guess."""
+        if not isinstance(entry, dict):
+            raise self._error(where, 'expected {"box3d": [...]} or {"key_slice": [...]}')
+        kinds = [k for k in KINDS if k in entry]
+        if len(kinds) != 1:
+            raise self._error(where, f"give exactly one of {list(KINDS)}, got {sorted(entry)}")
+        unknown = sorted(set(entry) - {*KINDS, "space"})
+        if unknown:
+            raise self._error(where, f"unknown key(s) {unknown}; an entry has {kinds[0]!r} and optionally \"space\"")
+        box = entry[kinds[0]]
+        if (not isinstance(box, list) or len(box) != 6
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise self._error(where, f"{kinds[0]} must be 6 finite numbers (two opposite corners), got {box!r}")
+        space = entry.get("space", case_space)
+        if space not in SPACES:
+            raise self._error(where, f"space must be one of {list(SPACES)} (say it at the top of the file, "
+                                     f"per case or per entry), got {space!r}")
+        if space == "voxel" and not all(float(v).is_integer() for v in box):
+            raise self._error(where, f"voxel boxes are integer indices, got {box}")
+        far = [v for v in box if abs(v) > ABSURD]
+        if far:
+            raise self._error(where, f"{kinds[0]} {box}: {far[0]} is no place in a scan (beyond {ABSURD:,.0f} "
+                                     f"{'voxels' if space == 'voxel' else 'mm'}); check the units and the space")
+        if space == "voxel" and min(box) < 0:
+            raise self._error(where, f"{kinds[0]} {box}: voxel indices start at 0, got {min(box):g}")
+        reversed_axes = [axis for axis in range(3) if box[axis] > box[axis + 3]] if space == "voxel" else []
+        if reversed_axes:  # world corners may come in any order (a flipped axis reverses them); indices may not
+            axis = reversed_axes[0]
+            raise self._error(where, f"{kinds[0]} {box}: a negative size along axis {axis} ({box[axis]:g} > "
+                                     f"{box[axis + 3]:g}); give voxel boxes lowest index first, [i0, j0, k0, i1, j1, "
+                                     "k1] with i0 <= i1 (a corner and a size would be another box)")
+        return BoxEntry(kinds[0], [float(v) for v in box], space)
 
     def entries_for(self, case_id: str, file_name: str | None = None) -> dict[str, BoxEntry] | None:
         if case_id in self.cases:
@@ -220,7 +284,10 @@ def box_prompt(kind: str, box: Sequence[float], space: str, image: Any) -> Organ
     lo_hi = oriented_extent(box, space, original_affine(image), oriented_affine(image), shape)
     given = {kind: list(box), "space": space}
     if lo_hi is None:
-        return OrganPrompt("none", given=given, note="the box lies outside the volume")
+        meta = getattr(image, "meta", None) or {}
+        grid = [int(n) for n in meta.get("spatial_shape", shape)]
+        return OrganPrompt("none", given=given, note=f"the {space} box {list(box)} lies outside the volume "
+                                                     f"(the file's voxel grid is {grid})")
     lo, hi = lo_hi
     footprint = [float(lo[1]), float(lo[0]), float(hi[1] + 1), float(hi[0] + 1)]  # x along Y, y along X
     extent = {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi]}

@@ -35,10 +35,17 @@ def to_input_geometry(tensor: torch.Tensor, image: Any, chain: Any, nearest: boo
 
 
 def write_volume(volume: Any, path: str | Path, dtype: Any) -> Path:
-    """Write a (C, X, Y, Z) MetaTensor (C = 1) with MONAI's ``NibabelWriter``, its affine from the metadata,
-    no resampling (the caller has inverted the orientation with ``Invertd``)."""
+    """Write a (C, X, Y, Z) MetaTensor (C = 1) in its input file's grid (the caller has inverted the orientation
+    with ``Invertd``). Of a NIfTI input: with the input's own geometry fields, as stored (qform, sform, their
+    codes, pixdim, units: :func:`cobot_med.data.geometry.nifti_geometry_header`); of any other input (a DICOM
+    series): MONAI's ``NibabelWriter`` with the affine MONAI read, no resampling."""
     from monai.data import NibabelWriter
 
+    from ..data.geometry import is_nifti
+
+    source = (getattr(volume, "meta", None) or {}).get("filename_or_obj")
+    if source and is_nifti(source):
+        return _write_like(volume, source, path, dtype)
     writer = NibabelWriter(output_dtype=dtype)
     writer.set_data_array(volume, channel_dim=0)
     writer.set_metadata(volume.meta, resample=False)
@@ -50,3 +57,20 @@ def write_volume(volume: Any, path: str | Path, dtype: Any) -> Path:
 def write_label_map(seg: torch.Tensor, image: Any, chain: Any, path: str | Path) -> Path:
     """An oriented (1, X, Y, Z) label map -> ``path`` (uint8 NIfTI) in the geometry of ``image``'s file."""
     return write_volume(to_input_geometry(torch.as_tensor(seg).float(), image, chain, nearest=True), path, np.uint8)
+
+
+def _write_like(volume: Any, source: str | Path, path: str | Path, dtype: Any) -> Path:
+    import nibabel as nib
+
+    from ..data.geometry import nifti_geometry_header
+
+    array = np.asarray(torch.as_tensor(volume).detach().cpu().numpy()[0]).astype(dtype)
+    original = nib.load(str(source))
+    if tuple(array.shape) != tuple(original.shape[:3]):
+        raise ValueError(f"{source}: the segmentation has the shape {tuple(array.shape)} in the file's grid, the file "
+                         f"{tuple(original.shape[:3])}")
+    kind = nib.Nifti2Image if isinstance(original, nib.Nifti2Image) else nib.Nifti1Image
+    image = kind(array, None, header=nifti_geometry_header(source, array.shape, dtype))
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)

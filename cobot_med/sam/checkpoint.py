@@ -8,7 +8,6 @@ size; they are resized the way SAMed and MedSAM-lite do (bicubic / linear).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Mapping
@@ -17,20 +16,27 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
+from ..errors import CobotMedError
+from ..files import file_sha256  # noqa: F401 - re-exported (cobot_med.sam.file_sha256)
+
 _RESIZABLE = re.compile(r"^image_encoder\.(pos_embed|blocks\.\d+\.attn\.rel_pos_[hw])$")
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CobotMedError, ValueError):
     """A checkpoint file that cannot be loaded onto the model, with the reason."""
 
 
-def file_sha256(path: str | Path, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words (never advice to load it unsafely)."""
+    import pickle
+
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        return "it holds Python objects other than tensors; not loaded, as that could run code"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"truncated or not a PyTorch file: {type(err).__name__}: {first}"[:300]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -41,7 +47,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights-only errors all mean "not loadable"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({unreadable_reason(path, err)})") from err
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
