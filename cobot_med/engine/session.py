@@ -2,8 +2,8 @@
 
 A rerun must never report another run's model or score. So before anything is written:
 
-- ``resume.pt`` records the run's *identity* (the settings that decide what it learns: data, split,
-  model, base checkpoint, optimiser, jitter, precision as resolved -- the autocast dtype, not ``auto``,
+- ``resume.pt`` records the run's *identity* (the settings that decide what it learns and keeps: data, split,
+  model, base checkpoint, optimiser, jitter, the protocol the best adapter is chosen by, precision as resolved -- the autocast dtype, not ``auto``,
   which may resolve to another dtype on another machine -- tracking store) and its key. A run resumes only
   when resuming is on and the identity matches; otherwise it stops and names the settings that differ.
   ``epochs`` may grow (to train a killed run further); a finished run is not reopened.
@@ -36,7 +36,9 @@ RESULTS = ("adapter_best", "adapter_latest", CHECKPOINT_NAME, "test_predictions"
 REGENERATED = ("overlays", "val_predictions", "loss_curve.png", "loss_curve.json")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
-                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri")
+                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri", "select_prompts")
+# what an identity recorded before a key existed means: the setting's default then
+IDENTITY_DEFAULTS = {"select_prompts": "tight"}
 LEGACY_AMP = ("auto", "true")  # identities of older checkpoints recorded the amp setting, not the dtype it ran
 
 
@@ -62,6 +64,7 @@ def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: An
         "jitter": settings.jitter, "min_area": settings.min_area, "modality": settings.effective_modality,
         "recipe": recipe.to_dict() if recipe is not None else None, "amp": precision.name,
         "tracking_uri": tracking.resolve_tracking_uri(settings.tracking_uri, settings.output_path),
+        "select_prompts": settings.select_prompts,
     }
 
 
@@ -170,9 +173,10 @@ def _decide(settings: Any, out: Path, ident: dict[str, Any]) -> tuple[str, bool]
         state = read_checkpoint(path)
         if state["identity"].get("amp") in LEGACY_AMP:  # recorded as the setting, before the dtype was
             ident = {**ident, "amp": settings.amp}
-        differ = [k for k in IDENTITY_KEYS if state["identity"].get(k) != ident.get(k)]
+        recorded = {**IDENTITY_DEFAULTS, **state["identity"]}
+        differ = [k for k in IDENTITY_KEYS if recorded.get(k) != ident.get(k)]
         if differ:
-            details = "; ".join(f"{k}: {state['identity'].get(k)!r} there, {ident.get(k)!r} now" for k in differ)
+            details = "; ".join(f"{k}: {recorded.get(k)!r} there, {ident.get(k)!r} now" for k in differ)
             raise SettingsError(f"{path} belongs to a run with other settings ({details}). Resume it with its own "
                                 "settings, choose another output_dir, or pass --overwrite true to replace it")
         if state.get("finished"):

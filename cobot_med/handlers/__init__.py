@@ -6,9 +6,10 @@ from .epoch_seeds import EpochSeeds
 from .nan_guard import StopOnNanLoss
 from .organ_metrics import PerOrganMetrics
 from .overlays import ValidationOverlays
+from .protocol_scores import ProtocolScores
 from .progress import ProgressBar
 from .resume import ResumeCheckpoint
 from .segmentation_writer import SegmentationWriter
 
-__all__ = ["AdapterSaver", "EpochLoss", "EpochSeeds", "PerOrganMetrics", "ProgressBar", "ResumeCheckpoint",
+__all__ = ["AdapterSaver", "EpochLoss", "EpochSeeds", "PerOrganMetrics", "ProgressBar", "ProtocolScores", "ResumeCheckpoint",
            "SegmentationWriter", "StopOnNanLoss", "ValidationOverlays"]
