@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -186,13 +187,13 @@ def test_box3d_and_key_slice_prompts_are_the_ones_a_user_would_draw():
 
 @pytest.fixture(scope="module")
 def scored(phantom_factory, tmp_path_factory):
-    """Two phantom cases (stored RAS and LPS) scored by the test split's handler under five protocols with the
+    """Four phantom cases (stored RAS, LPS, S-I first, oblique) scored by the test split's handler under five protocols with the
     ``Bright`` stand-in, written where a run writes them."""
     from cobot_med.data.chains import run_volume_chain
     from cobot_med.sam.recipes import SamRecipe
 
     root = phantom_factory("adome", cases=4, seed=5, shape=(40, 36, 12))
-    images = sorted((root / "Image").iterdir())[:2]
+    images = sorted((root / "Image").iterdir())
     out = tmp_path_factory.mktemp("protocols") / "test_predictions"
     settings = load_settings("adome", arch="tiny", device="cpu", amp="false")
     chain = run_volume_chain(settings, SamRecipe(S))
@@ -252,6 +253,32 @@ def test_a_dsc_recomputed_from_the_written_label_maps_equals_the_reported_one(sc
                               stored(out / "tight" / f"{case_id}_seg.nii.gz"))
 
 
+def write_key_slice_boxes(path, label_files, organs):
+    """A boxes file of ``key_slice`` entries written from label files alone, in each file's own voxel indices:
+    per organ its largest axial slice (the first of equal ones from inferior to superior, whatever the storage
+    order) and the organ's bounding box there."""
+    entries = {}
+    for case_id, label_path in label_files.items():
+        image = nib.load(str(label_path))
+        reference = np.asarray(image.dataobj)
+        codes = nib.aff2axcodes(image.affine)
+        axial = [code in "SI" for code in codes].index(True)
+        entries[case_id] = {}
+        for organ, label_id in organs.items():
+            mask = np.moveaxis(reference == label_id, axial, -1)
+            if not mask.any():
+                continue
+            areas = mask.sum(axis=(0, 1))
+            order = range(len(areas)) if codes[axial] == "S" else range(len(areas) - 1, -1, -1)
+            k = max(order, key=lambda z: (areas[z], -list(order).index(z)))
+            a, b = np.nonzero(mask[..., k].any(axis=1))[0], np.nonzero(mask[..., k].any(axis=0))[0]
+            low, high = [int(a.min()), int(b.min())], [int(a.max()), int(b.max())]
+            low.insert(axial, k), high.insert(axial, k)
+            entries[case_id][organ] = {"key_slice": low + high}
+    Path(path).write_text(json.dumps({"space": "voxel", "cases": entries}))
+    return Path(path)
+
+
 def test_key_slice_equals_cobot_med_infer_with_a_key_slice_boxes_file(scored, tmp_path):
     """The boxes file is written from the label files alone (the file's own voxel indices, its largest axial
     slice); infer propagates it on the same network and cases, and must give the same label maps and scores."""
@@ -260,22 +287,10 @@ def test_key_slice_equals_cobot_med_infer_with_a_key_slice_boxes_file(scored, tm
     out, cases, results, _, network, settings = scored
     inputs, labels = tmp_path / "images", tmp_path / "labels"
     inputs.mkdir(), labels.mkdir()
-    entries = {}
-    for case_id, (image_path, label_path) in cases.items():
+    for image_path, label_path in cases.values():
         (inputs / image_path.name).symlink_to(image_path)
         (labels / label_path.name).symlink_to(label_path)
-        reference = stored(label_path)
-        axial = [code in "SI" for code in nib.aff2axcodes(nib.load(str(label_path)).affine)].index(True)
-        assert axial == 2  # RAS and LPS storage: the third axis is axial and not flipped
-        entries[case_id] = {}
-        for organ, label_id in settings.organs.items():
-            mask = reference == label_id
-            k = int(np.argmax(mask.sum(axis=(0, 1))))
-            rows, columns = np.nonzero(mask[..., k].any(axis=1))[0], np.nonzero(mask[..., k].any(axis=0))[0]
-            entries[case_id][organ] = {"key_slice": [int(rows.min()), int(columns.min()), k,
-                                                     int(rows.max()), int(columns.max()), k]}
-    boxes = tmp_path / "boxes.json"
-    boxes.write_text(json.dumps({"space": "voxel", "cases": entries}))
+    boxes = write_key_slice_boxes(tmp_path / "boxes.json", {c: p for c, (_, p) in cases.items()}, settings.organs)
     infer_settings = load_settings("adome", input_dir=str(inputs), output_dir=str(tmp_path / "infer"),
                                    labels_dir=str(labels), boxes_file=str(boxes), device="cpu", amp="false",
                                    arch="tiny", eval_batch_size=16).check("inference")
