@@ -348,3 +348,86 @@ def test_clicks_are_seeded_distinct_pixels_of_the_organ_on_its_largest_slice_and
         assert prompts.prompts[k].key[0] == z and len(used[k]) > 1  # propagated from the clicked slice's box
         again = predictor.clicked(image.as_tensor()[0], z, points, [1, 1, 1], used[k][z])
         assert torch.equal(probs[k, :, :, z], again)  # the clicked slice: its clicks' own prediction, with its box
+
+
+# --- end to end (slow) -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_training_keeps_the_best_adapter_by_the_chosen_protocol(phantom_factory, tmp_path):
+    """``select_prompts key_slice``: validation scores key_slice each epoch (``val_dsc/key_slice``, beside the
+    papers' ``val_dsc``) and adapter_best is the epoch that scored it best; the run records the choice."""
+    import mlflow
+
+    from cobot_med.bundle import run_bundle
+
+    data = phantom_factory("adome", cases=5, seed=3, shape=(40, 40, 12))
+    out = tmp_path / "run"
+    run_bundle("adome", "training", dataset_dir=str(data), output_dir=str(out), arch="tiny", image_size=64,
+               eval_batch_size=16, epochs=3, peft="lora", lr=3e-3, cobot_lr=3e-3, select_prompts="key_slice",
+               prompts="tight,key_slice")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_dsc/key_slice")}
+    assert sorted(history) == [1, 2, 3] and len(client.get_metric_history(run.info.run_id, "val_dsc")) == 3
+    best = json.loads((out / "adapter_best" / "adapter_config.json").read_text())
+    assert best["metric"] == {"val_dsc/key_slice": pytest.approx(max(history.values()))}
+    assert best["epoch"] == min(step for step, value in history.items() if value == max(history.values()))
+    assert run.data.params["select_prompts"] == "key_slice"
+    assert json.loads(run.data.params["prompts"]) == ["tight", "key_slice"]
+    assert "test_dsc/key_slice" in run.data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_key_slice_of_evaluate_equals_cobot_med_infer_on_the_same_adapter(phantom_factory, tmp_path, capsys):
+    """The real paths, each as a user runs it, on one saved adapter (a tiny lora+cobot whose branches act):
+    ``evaluate --prompts tight,key_slice`` and ``cobot-med infer --boxes`` (a key-slice boxes file written from the
+    test labels) give the same label maps and scores; evaluate prints tight as the oracle."""
+    from cobot_med.adapter import save_adapter
+    from cobot_med.bundle import run_bundle
+    from cobot_med.cli import main
+    from cobot_med.model import ModelSpec, build_model
+
+    data = phantom_factory("adome", cases=5, seed=3, shape=(40, 40, 12))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="tiny", image_size=64, peft="lora+cobot"))
+    with torch.no_grad():
+        for parameter in model.sam.image_encoder.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "evaluate"
+    run_bundle("adome", "evaluate", dataset_dir=str(data), output_dir=str(out), adapter=str(adapter),
+               eval_batch_size=16, prompts="tight,key_slice", val_fraction=0.2, test_fraction=0.4)
+    printed = capsys.readouterr().out
+    assert "tight (oracle)" in printed and "key_slice" in printed
+    evaluation = json.loads((out / "evaluation.json").read_text())
+
+    test = json.loads((out / "datalist.json").read_text())["test"]
+    assert len(test) == 2
+    inputs, refs = tmp_path / "images", tmp_path / "labels"
+    inputs.mkdir(), refs.mkdir()
+    for case in test:
+        (inputs / Path(case["image"]).name).symlink_to(case["image"])
+        (refs / Path(case["label"]).name).symlink_to(case["label"])
+    named = {c["case_id"]: Path(c["image"]).name[: -len(".nii.gz")] for c in test}  # infer's case ids: file names
+    boxes = write_key_slice_boxes(tmp_path / "boxes.json", {named[c["case_id"]]: c["label"] for c in test},
+                                  get_layout("adome").organs)
+    assert main(["infer", "--config", "adome", "--input", str(inputs), "--output", str(tmp_path / "infer"),
+                 "--adapter", str(adapter), "--boxes", str(boxes), "--labels", str(refs), "--batch_size", "16"]) == 0
+    inferred = json.loads((tmp_path / "infer" / "metrics.json").read_text())
+    block = evaluation["protocols"]["key_slice"]
+    for case in test:
+        case_id = case["case_id"]
+        ours = stored(out / "test_predictions" / "key_slice" / f"{case_id}_seg.nii.gz")
+        theirs = stored(tmp_path / "infer" / f"{named[case_id]}_seg.nii.gz")
+        assert np.array_equal(ours, theirs)
+        for organ, row in block["cases"][case_id].items():
+            assert inferred["cases"][named[case_id]][organ]["dsc"] == row["dsc"]
+        sent = json.loads((out / "test_predictions" / "key_slice" / f"{case_id}_prompts.json").read_text())["organs"]
+        assert max(len(entry["slices"]) for entry in sent.values()) > 1  # the key slices propagated
+    assert inferred["mean"]["all"]["dsc"] == pytest.approx(block["dsc"], abs=1e-12)
+    assert evaluation["test_dsc/key_slice"] == pytest.approx(block["dsc"])
+    assert block["dsc"] != evaluation["protocols"]["tight"]["dsc"]
