@@ -7,7 +7,8 @@ protocols (:mod:`cobot_med.predict.protocols`) with the same inferer. The
 post-processing splits predicted and reference label maps into one binary channel per organ for
 :class:`cobot_med.metrics.OrganDiceMetric` (3D DSC, ``val_dsc`` / ``test_dsc``) and
 :class:`cobot_med.metrics.SliceDiceMetric` (the authors' pooled slice DSC). The
-:class:`~cobot_med.handlers.SegmentationWriter` writes the same label map in the input's geometry.
+:class:`~cobot_med.handlers.SegmentationWriter` writes the same label map in the input's geometry for
+validation; the test split's are written per protocol by :class:`~cobot_med.handlers.ProtocolScores`.
 """
 
 from __future__ import annotations
