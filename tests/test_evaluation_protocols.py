@@ -88,6 +88,7 @@ def test_the_prompts_setting_takes_the_contracts_forms_and_names_a_protocol_that
     assert load_settings("adome", prompts=("key_slice", "box3d:7.5")).prompts == ["tight", "key_slice", "box3d:7.5"]
     assert load_settings("adome").select_prompts == "tight"
     assert [p.canonical for p in parse_protocols("box3d:10.0,jitter:5")] == ["tight", "box3d:10", "jitter:5"]
+    assert [p.name for p in parse_protocols("key_slice,tight")] == ["tight", "key_slice"]  # tight first
     for value, message in [("tight,jiter:25", "unknown protocol 'jiter:25' (did you mean 'jitter'?)"),
                            ("tight,box3d:", "box3d:<mm> takes a number >= 0"),
                            ("jitter:2.5", "jitter:<px> takes a whole number >= 0"),

@@ -157,9 +157,8 @@ def parse_protocols(value: Any, setting: str = "prompts") -> list[Protocol]:
         if protocol.canonical in seen:
             raise SettingsError(f"{setting}: {protocol.name!r} is given twice (as {seen[protocol.canonical]!r})")
         seen[protocol.canonical] = protocol.name
-    if TIGHT not in seen:
-        protocols.insert(0, Protocol(TIGHT, TIGHT))
-    return protocols
+    tight = [p for p in protocols if p.kind == TIGHT] or [Protocol(TIGHT, TIGHT)]
+    return tight + [p for p in protocols if p.kind != TIGHT]
 
 
 def protocol_seed(seed: int, protocol: Protocol, case_id: str) -> int:
