@@ -381,7 +381,7 @@ def test_training_keeps_the_best_adapter_by_the_chosen_protocol(phantom_factory,
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_key_slice_of_evaluate_equals_cobot_med_infer_on_the_same_adapter(phantom_factory, tmp_path, capsys):
     """The real paths, each as a user runs it, on one saved adapter (a tiny lora+cobot whose branches act):
     ``evaluate --prompts tight,key_slice`` and ``cobot-med infer --boxes`` (a key-slice boxes file written from the
