@@ -85,8 +85,10 @@ class SliceDiceMetric(CumulativeIterationMetric):
         return (valid.mean() if valid.numel() else torch.tensor(float("nan"))), per_organ
 
 
-def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float], tolerance_mm: float = 2.0) -> dict:
-    """DSC, NSD and HD95 (mm) of two binary (X, Y, Z) masks, with the empty-mask policy above."""
+def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float], tolerance_mm: float = 2.0,
+                 surface: bool = True) -> dict:
+    """DSC, NSD and HD95 (mm) of two binary (X, Y, Z) masks, with the empty-mask policy above; with ``surface``
+    off DSC only (NSD and HD95 None: validation's per-epoch scores under a protocol)."""
     from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 
     pred, ref = torch.as_tensor(pred).bool(), torch.as_tensor(ref).bool()
@@ -97,9 +99,11 @@ def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float]
     if n_pred == 0 or n_ref == 0:
         note = "reference empty" if n_ref == 0 else "prediction empty"
         return {**row, "dsc": 0.0, "nsd": 0.0, "hd95_mm": None, "counted": True, "note": note}
+    dsc = dice(pred, ref)
+    if not surface:
+        return {**row, "dsc": float(dsc), "nsd": None, "hd95_mm": None, "counted": True, "note": ""}
     y_pred, y = pred[None, None].float(), ref[None, None].float()
     spacing = [float(s) for s in spacing]
-    dsc = dice(pred, ref)
     with warnings.catch_warnings():  # MONAI 1.6 passes its own deprecated always_return_as_numpy inside these
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy")
         nsd = SurfaceDiceMetric(class_thresholds=[float(tolerance_mm)], include_background=True,
@@ -111,10 +115,10 @@ def organ_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float]
 
 
 def case_scores(seg: torch.Tensor, label: torch.Tensor, organs: Mapping[str, int], spacing: Sequence[float],
-                tolerance_mm: float = 2.0) -> dict[str, dict]:
+                tolerance_mm: float = 2.0, surface: bool = True) -> dict[str, dict]:
     """{organ: scores} for one case; ``seg`` and ``label`` are (X, Y, Z) label maps on the same grid."""
     seg, label = torch.as_tensor(seg).reshape(seg.shape[-3:]), torch.as_tensor(label).reshape(label.shape[-3:])
-    return {organ: {"label_id": int(i), **organ_scores(seg == i, label == i, spacing, tolerance_mm)}
+    return {organ: {"label_id": int(i), **organ_scores(seg == i, label == i, spacing, tolerance_mm, surface)}
             for organ, i in organs.items()}
 
 
@@ -134,6 +138,6 @@ def summarise(cases: Mapping[str, Mapping[str, dict]], organs: Sequence[str]) ->
     out = {}
     for name, rows in groups.items():
         hd = [r["hd95_mm"] for r in rows if r["hd95_mm"] is not None]
-        out[name] = {"dsc": _mean([r["dsc"] for r in rows]), "nsd": _mean([r["nsd"] for r in rows]),
+        out[name] = {"dsc": _mean([r["dsc"] for r in rows]), "nsd": _mean([r["nsd"] for r in rows if r["nsd"] is not None]),
                      "hd95_mm": _mean(hd), "cases": len(rows), "hd95_undefined": len(rows) - len(hd)}
     return out

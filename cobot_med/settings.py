@@ -149,6 +149,9 @@ class RunSettings:
     compile: bool | str
     merge_adapters: bool
     eval_batch_size: int | str  # a size, or "auto" (slice_batch decides per device and model)
+    # evaluation prompt protocols (cobot_med.predict.protocols, docs/evaluation.md)
+    prompts: list[str]  # the test split's protocols, names as given, tight first
+    select_prompts: str  # the protocol validation keeps the best adapter by (tight: val_dsc, the papers')
     # inference (the ``inference`` run id and ``cobot-med infer``)
     input_dir: str
     labels_dir: str
@@ -249,6 +252,10 @@ class RunSettings:
         self.eval_batch_size = _auto_or("eval_batch_size", self.eval_batch_size,
                                         lambda n, v: as_number(n, v, int, 1, 4096))
         self.nsd_tolerance_mm = as_number("nsd_tolerance_mm", self.nsd_tolerance_mm, float, 0, 1000, low_open=True)
+        from .predict.protocols import TIGHT, parse_protocol, parse_protocols
+
+        self.prompts = [p.name for p in parse_protocols(self.prompts, "prompts")]
+        self.select_prompts = parse_protocol(self.select_prompts or TIGHT, "select_prompts").name
         wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
         unknown = [n for n in wanted if n not in self.organs]
         if unknown:

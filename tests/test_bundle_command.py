@@ -30,6 +30,7 @@ TINY = ["--arch", "tiny", "--image_size", "64", "--eval_batch_size", "16", "--ep
 # config noise and library chatter that tells a user nothing (cobot_med/logs.py), and what must never show
 NOISE = ("Can't merge entry", "Traceback", "holds the", "Engine run resuming from", "nvImageCodec", "NvImgCodec",
          "MLflow database tables", "metric handler can only record", "always_return_as_numpy")
+PROMPTS = "tight,jitter:0,jitter:25,box3d:10,key_slice"  # the contract's form of the prompts setting
 
 
 def monai_bundle(run_id: str, config_file: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -89,7 +90,8 @@ def runs(tmp_path_factory):
         started["evaluate"] = pool.submit(
             monai_bundle, "evaluate", str(ROOT / "bundles" / "adome.json"), elsewhere, "--dataset_dir",
             str(data["adome"]), "--output_dir", str(out["evaluate"]), "--adapter", adapter,
-            "--val_fraction", "0.34", "--test_fraction", "0.34", "--eval_batch_size", "16")
+            "--val_fraction", "0.34", "--test_fraction", "0.34", "--eval_batch_size", "16",
+            "--prompts", PROMPTS)
         started["inference"] = pool.submit(
             monai_bundle, "inference", "bundles/adome.json", ROOT, "--input_dir", str(images), "--labels_dir",
             str(labels), "--output_dir", str(out["inference"]), "--adapter", adapter, "--eval_batch_size", "16")
@@ -133,6 +135,40 @@ def test_evaluate_and_inference_run_ids_score_the_adapter_as_training_did(runs):
     assert evaluation["test_dsc"] == pytest.approx(test_dsc, abs=1e-6)
     metrics = json.loads((out["inference"] / "metrics.json").read_text())
     assert metrics["mean"]["all"]["dsc"] == pytest.approx(test_dsc, abs=1e-6)
+
+
+def test_evaluate_scores_the_prompts_as_given_and_its_label_maps_say_so(runs):
+    """``--prompts tight,jitter:0,...`` as typed: evaluation.json has a block per protocol under its name as given,
+    each one's DSC is what its written label maps score, jitter:0 writes tight's maps; training (the default
+    prompts) logged a metric per protocol and drew the robustness curve."""
+    import nibabel as nib
+    import numpy as np
+
+    out, results, _ = runs
+    ok(results["evaluate"])
+    evaluation = json.loads((out["evaluate"] / "evaluation.json").read_text())
+    names = PROMPTS.split(",")
+    assert evaluation["prompts"] == names and list(evaluation["protocols"]) == names
+    assert evaluation["protocols"]["tight"]["dsc"] == pytest.approx(evaluation["test_dsc"], abs=1e-6)
+    labels = {case["case_id"]: case["label"] for case in
+              json.loads((out["evaluate"] / "datalist.json").read_text())["test"]}
+    for name in names:
+        block, folder = evaluation["protocols"][name], out["evaluate"] / "test_predictions" / name
+        assert block["cases"] and set(block["cases"]) <= set(labels)
+        for case_id, organs in block["cases"].items():
+            seg = np.asarray(nib.load(folder / f"{case_id}_seg.nii.gz").dataobj)
+            reference = np.asarray(nib.load(labels[case_id]).dataobj)
+            for row in organs.values():
+                pred, ref = seg == row["label_id"], reference == row["label_id"]
+                if pred.any() or ref.any():
+                    assert row["dsc"] == pytest.approx(2 * (pred & ref).sum() / (pred.sum() + ref.sum()), abs=1e-9)
+            if name == "jitter:0":
+                tight = np.asarray(nib.load(out["evaluate"] / "test_predictions" / "tight" / f"{case_id}_seg.nii.gz").dataobj)
+                assert np.array_equal(seg, tight)
+    trained = finished_run(out["adome", "relative"]).data.metrics
+    for name in ("jitter:10", "jitter:25", "jitter:50", "box3d:10", "key_slice"):
+        assert f"test_dsc/{name}" in trained and f"test_dsc_liver/{name}" in trained
+    assert (out["adome", "relative"] / "robustness.png").is_file()
 
 
 def test_a_misspelled_setting_is_refused_by_name_in_either_form(runs, tmp_path):

@@ -255,6 +255,12 @@ def test_demo_finishes_and_training_helps(tmp_path, capsys):
     assert status == 0 and after > before
     assert (tmp_path / "demo" / "outputs" / "adome-tiny" / "adapter_best" / "adapter_model.safetensors").is_file()
     assert "mlflow ui --backend-store-uri sqlite:///" in printed
+    # the fine-tuned scores under tight (the papers' oracle) and key_slice are the run's own
+    assert "tight (oracle)" in printed and "key_slice" in printed
+    tight, key_slice = (float(v) for v in re.search(r"\n  mean\s+([0-9.]+)\s+([0-9.]+)\n", printed).groups())
+    _, run = mlflow_run(tmp_path / "demo" / "outputs" / "adome-tiny")
+    assert tight == pytest.approx(run.data.metrics["test_dsc"], abs=5e-5)
+    assert key_slice == pytest.approx(run.data.metrics["test_dsc/key_slice"], abs=5e-5)
 
 
 def test_lite_medsam_zero_shot_evaluate_equals_infer_without_adapter(tmp_path, capsys):

@@ -27,8 +27,10 @@ ORGANS = {"adome": ("liver", "kidney", "spleen", "pancreas"), "spleen": ("spleen
 
 
 def log_contract_run(client, dataset, peft, seed, dsc=None, organs=None, status="FINISHED", tag="finished",
-                     experiment=None, arch="tiny", image_size=64, params=None, end_time=None, name=None):
-    """One training run as the bundles log it: the contract's params, metrics and status tag."""
+                     experiment=None, arch="tiny", image_size=64, params=None, end_time=None, name=None,
+                     protocols=None):
+    """One training run as the bundles log it: the contract's params, metrics and status tag; ``protocols``:
+    {metric name under a protocol (``test_dsc/key_slice``): value}."""
     from mlflow.entities import Metric, Param, RunTag
 
     experiment = experiment or f"cobot-med/{dataset}"
@@ -47,6 +49,8 @@ def log_contract_run(client, dataset, peft, seed, dsc=None, organs=None, status=
         metrics.append(Metric("test_slice_dsc", dsc + 0.01, now, 0))
     for organ, value in (organs or {}).items():
         metrics.append(Metric(f"test_dsc_{organ}", value, now, 0))
+    for key, value in (protocols or {}).items():
+        metrics.append(Metric(key, value, now, 0))
     client.log_batch(run_id, metrics=metrics,
                      params=[Param(k, str(v)) for k, v in values.items() if v is not None],
                      tags=[RunTag("cobot_med.status", tag)] if tag else [])
@@ -78,11 +82,19 @@ def store(tmp_path_factory):
         ("spleen", "lora"): (0.901, 0.884),
         ("spleen", "lora+cobot"): (0.915, 0.932),
     }
+    realistic = {}  # (dataset, peft) -> list of the protocol metrics logged
     for (dataset, peft), dscs in table.items():
         for seed, dsc in enumerate(dscs):
             organs = _organ_values(dataset, dsc + 0.05)
-            log_contract_run(client, dataset, peft, seed, dsc=dsc, organs=organs)
+            protocols = {"test_dsc/box3d:10": round(dsc - 0.1, 4), "test_dsc/key_slice": round(dsc - 0.2, 4),
+                         "test_dsc_liver/key_slice": round(dsc - 0.25, 4)}
+            if (dataset, peft, seed) == ("adome", "lora+cobot", 1):
+                protocols = {"test_dsc/box3d:10": round(dsc - 0.1, 4)}  # scored no key_slice
+            ids[dataset, peft, seed] = log_contract_run(client, dataset, peft, seed, dsc=dsc, organs=organs,
+                                                        protocols=protocols)
             logged.setdefault((dataset, peft), []).append((dsc, organs))
+            realistic.setdefault((dataset, peft), []).append(protocols)
+    ids["protocols"] = realistic
     ids["failed"] = log_contract_run(client, "adome", "adaptformer", 0, dsc=None, status="FAILED", tag=None,
                                      name="adaptformer-crashed")
     ids["unfinished"] = log_contract_run(client, "adome", "lora+cobot", 2, dsc=None, status="RUNNING", tag=None)
@@ -193,6 +205,50 @@ def test_compare_cli_table_matches_logged_metrics(store, tmp_path, capsys):
     with open(out / "runs.csv", newline="") as f:
         states = {row["run_id"]: row["state"] for row in csv.DictReader(f)}
     assert states[ids["failed"]] == "failed" and states[ids["superseded"]] == "superseded"
+
+
+def test_compare_selects_the_protocol_and_shows_the_papers_beside_the_realistic_ones(store, tmp_path, capsys):
+    uri, logged, ids = store
+    realistic = ids["protocols"]
+    out = tmp_path / "report"
+    assert cli.main(["compare", "--tracking_uri", uri, "--experiment", "cobot-med/*", "--out", str(out),
+                     "--prompts", "key_slice"]) == 0
+    text = capsys.readouterr().out
+    assert "## Test DSC (%) per method: mean ± std over seeds, prompts key_slice" in text
+    rows = {row["method"]: row for row in _markdown_table(text, "Test DSC (%) per method")}
+    assert "paper (K)" not in rows["lora"] and "adome paper" not in rows["lora"]  # the paper's are tight boxes
+    for peft in ("lora", "lora+cobot"):
+        for dataset in ("adome", "spleen"):
+            values = [p["test_dsc/key_slice"] for p in realistic[dataset, peft] if "test_dsc/key_slice" in p]
+            column = next(c for c in rows[peft] if c.startswith(dataset))
+            assert rows[peft][column] == _mean_std_text(values), (peft, dataset)
+    organ_rows = {row["method"]: row for row in _markdown_table(text, "adome (ADOME): test DSC (%) per organ")}
+    liver = [p["test_dsc_liver/key_slice"] for p in realistic["adome", "lora"]]
+    assert organ_rows["lora"]["liver"] == _mean_std_text(liver)
+    assert list(organ_rows["lora"]) == ["method", "liver"]  # the organs scored under key_slice (test_dsc_<organ> are tight's)
+    assert (f"({ids['adome', 'lora+cobot', 1]}) adome/lora+cobot seed 1: no test_dsc/key_slice metric"
+            in text.split("## Runs left out", 1)[1])
+
+    # the default: tight (the papers') in the main table, and every protocol beside it per method
+    summary = summarize(load_runs(uri, "cobot-med/*"))
+    assert summary.prompts == "tight" and summary.methods["adome_paper_mean"].notna().all()
+    text = write_report(summary, out)["markdown"].read_text()
+    table = {row["method"]: row for row in _markdown_table(text, "adome (ADOME): test DSC (%) by prompt protocol")}
+    assert list(table["lora+cobot"]) == ["method", "tight (oracle)", "box3d:10", "key_slice", "paper (tight)"]
+    paper_mean, paper_std = paper_results()["methods"]["lora+cobot"]["dsc"]["adome"]
+    assert table["lora+cobot"]["tight (oracle)"] == _mean_std_text([d for d, _ in logged["adome", "lora+cobot"]])
+    assert table["lora+cobot"]["box3d:10"] == _mean_std_text(
+        [p["test_dsc/box3d:10"] for p in realistic["adome", "lora+cobot"]])
+    assert table["lora+cobot"]["key_slice"] == _mean_std_text([realistic["adome", "lora+cobot"][0]["test_dsc/key_slice"]])
+    assert table["lora+cobot"]["paper (tight)"] == f"{paper_mean:.1f} ± {paper_std:.1f}"
+    with open(out / "protocols.csv", newline="") as f:
+        assert {(r["dataset"], r["protocol"]) for r in csv.DictReader(f)} == {
+            (d, p) for d in ("adome", "spleen") for p in ("tight", "box3d:10", "key_slice")}
+    assert (out / "protocol_dsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert cli.main(["compare", "--tracking_uri", uri, "--out", str(tmp_path / "o"), "--prompts", "keyslice"]) == 2
+    assert "--prompts: unknown protocol 'keyslice'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_other_tools_runs_join(store, tmp_path):

@@ -102,6 +102,9 @@ def test_the_prompt_protocol_goes_to_compare_when_compare_has_protocols(tmp_path
     captured = capsys.readouterr()
     if compare_has("--prompts"):  # the honest-evaluation issue is in: the protocol reaches compare
         assert code == 1 and "main table under the key_slice protocol" in captured.out
+        code = main(["reproduce", "table4", "--dataset", "spleen", "--dataset_dir", str(tmp_path / "nothing"), *TINY,
+                     "--output_dir", str(tmp_path / "out"), "--prompts", "keyslice", "--dry_run"])
+        assert code == 2 and "--prompts: unknown protocol 'keyslice'" in capsys.readouterr().err  # before any work
     else:
         assert code == 2 and "this version's compare has no prompt protocols yet" in captured.err
 

@@ -48,8 +48,8 @@ def _table4_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking store (default: $MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--prompts", default=None, metavar="PROTOCOL",
-                        help="the prompt protocol of compare's main table, passed to cobot-med compare (needs a "
-                        "compare with prompt protocols)")
+                        help="the prompt protocol of compare's main table, passed to cobot-med compare: tight (the "
+                        "paper's, an oracle), jitter:<px>, box3d:<mm>, key_slice, clicks:<n> (docs/evaluation.md)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the checks, the runs and a time estimate from throughput measured here; run nothing")
     parser.add_argument("--allow_cpu", action="store_true",

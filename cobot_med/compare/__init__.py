@@ -19,7 +19,7 @@ under those names joins the table.
 from .report import format_dsc, format_markdown, format_params_k, write_report
 from .runs import load_runs, paper_results, resolve_tracking_uri
 from .summary import Summary, summarize
-from .plots import plot_dsc_vs_params, plot_organ_dsc
+from .plots import plot_dsc_vs_params, plot_organ_dsc, plot_protocol_dsc
 
 __all__ = ["Summary", "format_dsc", "format_markdown", "format_params_k", "load_runs", "paper_results",
-           "plot_dsc_vs_params", "plot_organ_dsc", "resolve_tracking_uri", "summarize", "write_report"]
+           "plot_dsc_vs_params", "plot_organ_dsc", "plot_protocol_dsc", "resolve_tracking_uri", "summarize", "write_report"]

@@ -87,6 +87,45 @@ def plot_organ_dsc(summary: Summary, path: str | Path) -> Path:
     return Path(path)
 
 
+def plot_protocol_dsc(summary: Summary, path: str | Path) -> Path:
+    """Test DSC per method under each prompt protocol the runs scored, one panel per dataset: the papers' tight
+    boxes (an oracle, hatched) beside the realistic protocols, seed std as error bars."""
+    from matplotlib.figure import Figure
+
+    from ..predict.protocols import parse_protocol
+    from .summary import protocol_sort_key
+
+    table = summary.protocols
+    datasets = [d for d in summary.datasets if (table["dataset"] == d).any()] or ["(no runs)"]
+    methods = list(summary.methods["method"].drop_duplicates()) if len(summary.methods) else []
+    methods += [m for m in table["method"].drop_duplicates() if m not in methods]
+    names = sorted(table["protocol"].unique(), key=protocol_sort_key)
+    fig = Figure(figsize=(max(5.0, 1.4 * max(1, len(methods)) + 3), 3.2 * len(datasets)), layout="constrained")
+    axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    for ax, dataset in zip(axes, datasets):
+        cells = table[table["dataset"] == dataset]
+        shown = [m for m in methods if (cells["method"] == m).any()]
+        width = min(0.3, 0.8 / max(1, len(names)))
+        for i, name in enumerate(names):
+            rows = cells[cells["protocol"] == name].set_index("method").reindex(shown)
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(shown))]
+            ax.bar(xs, rows["mean"].fillna(0.0), width, yerr=rows["std"].fillna(0.0), capsize=2,
+                   color=cmap(i % cmap.N), hatch="//" if i == 0 and name == "tight" else None,
+                   label=parse_protocol(name).label)
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("test DSC (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{dataset_label(dataset, summary.paper)}: by prompt protocol")
+        ax.grid(True, axis="y", alpha=0.3)
+        if names:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
 def _method_colours(methods: pd.DataFrame) -> dict[str, Any]:
     from matplotlib import colormaps
 

@@ -8,8 +8,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .plots import plot_dsc_vs_params, plot_organ_dsc
-from .summary import Summary, dataset_label
+from ..predict.protocols import TIGHT, parse_protocol
+from .plots import plot_dsc_vs_params, plot_organ_dsc, plot_protocol_dsc
+from .summary import Summary, dataset_label, protocol_sort_key
 
 # Formatting and writing
 
@@ -35,7 +36,15 @@ def format_markdown(summary: Summary, digits: int = 1) -> str:
     left out."""
     paper = summary.paper
     has_paper = bool(paper.get("methods"))
-    lines = ["## Test DSC (%) per method: mean ± std over seeds", ""]
+    prompts = parse_protocol(summary.prompts)
+    lines = [f"## Test DSC (%) per method: mean ± std over seeds, prompts {prompts.label}", ""]
+    if prompts.kind == TIGHT:
+        lines += ["Prompts: tight, the papers' protocol: a box from the reference label on every slice that holds the "
+                  "organ, an oracle (docs/evaluation.md). The tables by prompt protocol below put it beside the "
+                  "realistic ones.", ""]
+    else:
+        lines += [f"Prompts: {prompts.name}, {prompts.describe()}. The paper's figures are under tight boxes (an "
+                  "oracle), so they are not beside these; the tables by prompt protocol below show both.", ""]
     header = ["method", "arch", "params (K)"] + (["paper (K)"] if has_paper else [])
     for dataset in summary.datasets:
         header.append(dataset_label(dataset, paper))
@@ -61,11 +70,13 @@ def format_markdown(summary: Summary, digits: int = 1) -> str:
         lines += ["", f"Paper: {paper.get('citation') or paper.get('source', '')}; \"paper avg\" is the mean of its "
                       "figures over the datasets of this table (its own Avg column covers 10 datasets)."]
 
+    lines += _protocol_tables(summary, digits)
+
     for dataset in summary.datasets:
         organs = summary.organ_names(dataset)
         if not organs:
             continue
-        lines += ["", f"## {dataset_label(dataset, paper)}: test DSC (%) per organ", ""]
+        lines += ["", f"## {dataset_label(dataset, paper)}: test DSC (%) per organ, prompts {prompts.label}", ""]
         lines += [_md_row(["method", *organs]), _md_row(["---"] + ["---:"] * len(organs))]
         table = summary.organs[summary.organs["dataset"] == dataset]
         for method in summary.methods["method"].drop_duplicates():
@@ -84,6 +95,35 @@ def format_markdown(summary: Summary, digits: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _protocol_tables(summary: Summary, digits: int) -> list[str]:
+    """Per dataset: one row per method, the papers' protocol (tight, an oracle) beside every realistic one the
+    runs scored, and the paper's own figure (tight boxes)."""
+    lines: list[str] = []
+    table = summary.protocols
+    for dataset in summary.datasets:
+        cells = table[table["dataset"] == dataset]
+        names = sorted(cells["protocol"].unique(), key=protocol_sort_key)
+        if not names:
+            continue
+        labels = [parse_protocol(name).label for name in names]
+        has_paper = bool(summary.paper_methods)
+        lines += ["", f"## {dataset_label(dataset, summary.paper)}: test DSC (%) by prompt protocol", ""]
+        header = ["method", *labels] + (["paper (tight)"] if has_paper else [])
+        lines += [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+        for method in cells["method"].drop_duplicates():
+            row = cells[cells["method"] == method].set_index("protocol")
+            values = [format_dsc(row.at[n, "mean"], row.at[n, "std"], digits) if n in row.index else "—" for n in names]
+            if has_paper:
+                mean, std = summary.paper_methods.get(method, {}).get("dsc", {}).get(dataset, (math.nan, math.nan))
+                values.append(format_dsc(mean, std, digits))
+            lines.append(_md_row([method, *values]))
+    if lines:
+        lines += ["", "tight: a box from the reference label on every slice that holds the organ (the papers' protocol, "
+                      "an oracle); jitter:<px>: the same slices, boxes widened by 0-px; box3d:<mm>: one 3D box per "
+                      "organ; key_slice: one box on the largest slice, propagated (docs/evaluation.md)."]
+    return lines
+
+
 def _arch_label(row: pd.Series) -> str:
     arch = "—" if pd.isna(row["arch"]) else str(row["arch"])
     return arch if pd.isna(row["image_size"]) else f"{arch}@{int(row['image_size'])}"
@@ -100,25 +140,29 @@ def _md_row(cells: Sequence[Any]) -> str:
 
 
 def write_report(summary: Summary, out_dir: str | Path, digits: int = 1) -> dict[str, Path]:
-    """Write ``compare.md``, ``methods.csv``, ``organs.csv``, ``runs.csv`` (the runs that entered and
-    those left out, with ``state`` and ``reason``), ``dsc_vs_params.png`` and ``organ_dsc.png``
-    under ``out_dir``; returns the paths by short name."""
+    """Write ``compare.md``, ``methods.csv``, ``organs.csv``, ``protocols.csv``, ``runs.csv`` (the runs that
+    entered and those left out, with ``state`` and ``reason``), ``dsc_vs_params.png``, ``organ_dsc.png`` and
+    ``protocol_dsc.png`` under ``out_dir``; returns the paths by short name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "markdown": out / "compare.md",
         "methods_csv": out / "methods.csv",
         "organs_csv": out / "organs.csv",
+        "protocols_csv": out / "protocols.csv",
         "runs_csv": out / "runs.csv",
         "dsc_vs_params": out / "dsc_vs_params.png",
         "organ_dsc": out / "organ_dsc.png",
+        "protocol_dsc": out / "protocol_dsc.png",
     }
     paths["markdown"].write_text(format_markdown(summary, digits), encoding="utf-8")
     summary.methods.to_csv(paths["methods_csv"], index=False)
     summary.organs.to_csv(paths["organs_csv"], index=False)
+    summary.protocols.to_csv(paths["protocols_csv"], index=False)
     pd.concat([summary.runs.drop(columns=["method"], errors="ignore"), summary.left_out], ignore_index=True).to_csv(
         paths["runs_csv"], index=False
     )
     plot_dsc_vs_params(summary, paths["dsc_vs_params"])
     plot_organ_dsc(summary, paths["organ_dsc"])
+    plot_protocol_dsc(summary, paths["protocol_dsc"])
     return paths

@@ -15,6 +15,7 @@ from ..engine.tracking import EXPERIMENT_PREFIX, STATUS_TAG
 from ..errors import SettingsError
 
 ORGAN_METRIC_PREFIX = "test_dsc_"
+TEST_DSC = "test_dsc"
 # Params of the contract that the comparison reads (strings in MLflow; converted below).
 PARAMS = ("dataset", "peft", "arch", "image_size", "seed", "epochs", "peft_options", "image_encoder_trainable")
 # Known names first, in the papers' order; anything else follows alphabetically.
@@ -46,8 +47,10 @@ def load_runs(tracking_uri: str | None = None, experiments: Iterable[str] | str 
     Columns: ``experiment``, ``run_id``, ``run_name``, ``mlflow_status``, ``status_tag``, the
     params of :data:`PARAMS` (``image_size``, ``seed``, ``epochs`` and ``image_encoder_trainable``
     as numbers), ``test_dsc``, ``test_slice_dsc``, one ``test_dsc_<organ>`` column per organ seen
-    (fractions in [0, 1], as logged), ``start_time``/``end_time`` (ms since the epoch), ``state``
-    (``finished``, ``failed``, ``unfinished``, ``not evaluated``, ``incomplete``) and ``reason``.
+    (fractions in [0, 1], as logged), the same under the other prompt protocols the runs scored
+    (``test_dsc/<protocol>``, ``test_dsc_<organ>/<protocol>``: :func:`cobot_med.engine.tracking.protocol_metric`),
+    ``start_time``/``end_time`` (ms since the epoch), ``state`` (``finished``, ``failed``, ``unfinished``,
+    ``not evaluated``, ``incomplete``; judged by ``test_dsc``, the papers' tight protocol) and ``reason``.
     """
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -66,8 +69,14 @@ def load_runs(tracking_uri: str | None = None, experiments: Iterable[str] | str 
     for column in columns:
         if column not in frame:
             frame[column] = pd.Series(dtype=object)
-    organs = sorted(c for c in frame.columns if c.startswith(ORGAN_METRIC_PREFIX))
-    return frame[columns[:-4] + organs + columns[-4:]].reset_index(drop=True)
+    organs = sorted(c for c in frame.columns if c.startswith(ORGAN_METRIC_PREFIX) and not is_protocol_metric(c))
+    protocols = sorted(c for c in frame.columns if c.startswith(TEST_DSC) and is_protocol_metric(c))
+    return frame[columns[:-4] + organs + protocols + columns[-4:]].reset_index(drop=True)
+
+
+def is_protocol_metric(name: str) -> bool:
+    """``test_dsc/key_slice``, ``test_dsc_liver/box3d:10``: a metric under a protocol other than tight."""
+    return tracking.split_protocol_metric(name)[1] != "tight"
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -132,7 +141,8 @@ def _run_row(experiment: str, run) -> dict[str, Any]:
         row[name] = _number(row[name])
     row["peft_options"] = _canonical_options(row["peft_options"])
     for name, value in metrics.items():
-        if name in ("test_dsc", "test_slice_dsc") or name.startswith(ORGAN_METRIC_PREFIX):
+        if name in ("test_dsc", "test_slice_dsc") or name.startswith(ORGAN_METRIC_PREFIX) or (
+                name.startswith(TEST_DSC) and is_protocol_metric(name)):
             row[name] = float(value)
     row["state"], row["reason"] = _state(row)
     return row

@@ -9,7 +9,8 @@ columns x0..x1-1 and rows y0..y1-1 (the right and bottom edges are exclusive, as
 Training jitters these boxes (:class:`cobot_med.data.slices.BoxPromptsd`), evaluation and inference
 take them per slice of a reference label (:func:`cobot_med.predict.prompts.from_labels`), and
 key-slice propagation takes them from the previous slice's prediction -- all through
-:func:`mask_boxes`.
+:func:`mask_boxes`. :func:`widen_boxes` is the one jitter: training's random widening and the
+``jitter:<px>`` evaluation protocol (:mod:`cobot_med.predict.protocols`) both call it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x0, x1 = extent(cols)
     boxes = torch.stack([x0, y0, x1, y1], dim=-1).float()
     return torch.where(present[..., None], boxes, torch.zeros_like(boxes)), present
+
+
+def widen_boxes(boxes: torch.Tensor, offsets: Any, height: int, width: int) -> torch.Tensor:
+    """Boxes (..., 4) XYXY widened side by side by ``offsets`` (..., 4) px (x0 and y0 move out by their offset,
+    x1 and y1 too) and clipped to an H x W slice: training's box jitter when the offsets are drawn from
+    [0, jitter]. Zero offsets give the boxes back unchanged."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    widen = torch.as_tensor(offsets, dtype=torch.float32) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    limit = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return torch.minimum(torch.clamp(boxes + widen, min=0), limit)
 
 
 class MaskToBoxes(Transform):

@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
-from .boxes import mask_boxes
+from .boxes import mask_boxes, widen_boxes
 
 
 def plain(x: Any) -> torch.Tensor:
@@ -96,8 +96,7 @@ class BoxPromptsd(Randomizable, MapTransform):
         K, H, W = masks.shape
         self.randomize(K)
         tight, _ = mask_boxes(masks > 0)
-        widen = torch.as_tensor(self._offsets, dtype=torch.float32) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
-        boxes = torch.minimum(torch.clamp(tight + widen, min=0), torch.tensor([W, H, W, H], dtype=torch.float32))
+        boxes = widen_boxes(tight, self._offsets, H, W)
         d["boxes"] = torch.where(torch.as_tensor(valid)[:, None], boxes, torch.zeros_like(boxes))
         return d
 

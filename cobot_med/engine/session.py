@@ -2,14 +2,14 @@
 
 A rerun must never report another run's model or score. So before anything is written:
 
-- ``resume.pt`` records the run's *identity* (the settings that decide what it learns: data, the split's
-  content -- every case id with the SHA-256 of its image and label files, so a dataset folder that changed
-  cannot redraw the split under a resumed run --, the model as built (an adapter's own arch, method and
-  options), base checkpoint, optimiser, jitter, precision as resolved -- the autocast dtype, not ``auto``,
-  which may resolve to another dtype on another machine -- tracking store, its credentials masked) and its
-  key. A run resumes only when resuming is on and the identity matches; otherwise it stops and names what
-  differs. ``epochs`` may grow (to train a killed run further), never shrink below the epochs ``resume.pt``
-  has done; a finished run is not reopened.
+- ``resume.pt`` records the run's *identity* (the settings that decide what it learns and keeps: data, the
+  split's content -- every case id with the SHA-256 of its image and label files, so a dataset folder that
+  changed cannot redraw the split under a resumed run --, the model as built (an adapter's own arch, method and
+  options), base checkpoint, optimiser, jitter, the protocol the best adapter is chosen by, precision as
+  resolved -- the autocast dtype, not ``auto``, which may resolve to another dtype on another machine --,
+  tracking store, its credentials masked) and its key. A run resumes only when resuming is on and the identity
+  matches; otherwise it stops and names what differs. ``epochs`` may grow (to train a killed run further), never
+  shrink below the epochs ``resume.pt`` has done; a finished run is not reopened.
 - A fresh run in a folder that holds another run's results (adapters, checkpoint, test predictions)
   stops, unless ``overwrite`` is on: then those results are deleted first. The MLflow store is never
   deleted; every fresh run gets a new key, so its MLflow run is a new one (MONAI's MLFlowHandler would
@@ -41,7 +41,10 @@ RESULTS = ("adapter_best", "adapter_latest", CHECKPOINT_NAME, "test_predictions"
 REGENERATED = ("overlays", "val_predictions", "loss_curve.png", "loss_curve.json")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
-                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri", "split")
+                 "batch_size", "jitter", "min_area", "modality", "recipe", "amp", "tracking_uri", "split",
+                 "select_prompts")
+# what an identity recorded before a key existed means: the setting's default then
+IDENTITY_DEFAULTS = {"select_prompts": "tight"}
 LEGACY_AMP = ("auto", "true")  # identities of older checkpoints recorded the amp setting, not the dtype it ran
 
 
@@ -75,6 +78,7 @@ def identity(settings: Any, image_size: int, base_sha256: str | None, recipe: An
         "recipe": recipe.to_dict() if recipe is not None else None, "amp": precision.name,
         "tracking_uri": redact(tracking.resolve_tracking_uri(settings.tracking_uri, settings.output_path)),
         "split": dict(split) if split is not None else None,
+        "select_prompts": settings.select_prompts,
     }
 
 
@@ -206,9 +210,10 @@ def _decide(settings: Any, out: Path, ident: dict[str, Any]) -> tuple[str, bool]
         state = read_checkpoint(path)
         if state["identity"].get("amp") in LEGACY_AMP:  # recorded as the setting, before the dtype was
             ident = {**ident, "amp": settings.amp}
-        differ = [k for k in IDENTITY_KEYS if state["identity"].get(k) != ident.get(k)]
+        recorded = {**IDENTITY_DEFAULTS, **state["identity"]}
+        differ = [k for k in IDENTITY_KEYS if recorded.get(k) != ident.get(k)]
         if differ:
-            details = "; ".join(_difference(k, state["identity"].get(k), ident.get(k)) for k in differ)
+            details = "; ".join(_difference(k, recorded.get(k), ident.get(k)) for k in differ)
             raise SettingsError(f"{path} belongs to a run with other settings ({details}). Resume it with its own "
                                 "settings, choose another output_dir, or pass --overwrite true to replace it")
         if state.get("finished"):

@@ -7,6 +7,10 @@
 - Names (docs/CONTRACTS.md): one experiment per dataset, ``cobot-med/<dataset>``; a training run is
   ``<dataset>-<peft>-<arch>-<size>-seed<seed>-<key>``, the key new for each fresh run and kept by a
   resumed one (so a resume continues its own run and a fresh run never continues another's).
+- Metrics under a prompt protocol (:mod:`cobot_med.predict.protocols`): :func:`protocol_metric`, one rule for
+  every metric and protocol: the paper's name itself under ``tight`` (``test_dsc``, ``test_dsc_liver``: the
+  papers' oracle protocol keeps its names), else the name, ``/`` and the protocol (``test_dsc/key_slice``,
+  ``test_dsc_liver/jitter:25``, ``val_dsc/box3d:10``).
 - Status: tag ``cobot_med.status = finished`` once the run's test evaluation is done; a crashed run is
   marked FAILED. :func:`find_finished_run` is what the sweep uses to skip done pairs, and what
   ``compare`` counts.
@@ -116,6 +120,26 @@ def run_name(dataset: str, peft: str, arch: str, image_size: int, seed: int, key
     return f"{dataset}-{peft}-{arch}-{image_size}-seed{seed}-{key}"
 
 
+PROTOCOL_SEPARATOR = "/"
+
+
+def protocol_metric(name: str, protocol: Any = "tight") -> str:
+    """The MLflow name of metric ``name`` (``test_dsc``, ``test_dsc_<organ>``, ``val_dsc``) under a prompt
+    protocol (a name or a :class:`~cobot_med.predict.protocols.Protocol`): ``name`` under ``tight``, else
+    ``<name>/<protocol>`` with the protocol in its one spelling (``box3d:10.0`` -> ``test_dsc/box3d:10``)."""
+    from ..predict.protocols import TIGHT, parse_protocol
+
+    protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
+    return name if protocol.kind == TIGHT else f"{name}{PROTOCOL_SEPARATOR}{protocol.canonical}"
+
+
+def split_protocol_metric(key: str) -> tuple[str, str]:
+    """An MLflow metric name -> (the paper's name, the protocol): ``test_dsc/key_slice`` -> (``test_dsc``,
+    ``key_slice``); a name without a protocol is ``tight``'s."""
+    name, _, protocol = key.partition(PROTOCOL_SEPARATOR)
+    return name, protocol or "tight"
+
+
 SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")  # stores with their own artifact root
 
 
@@ -154,17 +178,21 @@ def find_run(uri: str, experiment: str, name: str):
 
 
 def mark_finished(uri: str, experiment: str, name: str, output_dir: str | Path | None = None,
-                  artifacts: tuple[str, ...] = ("adapter_best", "test_predictions", "overlays")) -> None:
-    """Tag the training run finished (its test evaluation is done), log the final folders under their own
-    names (once each: MONAI's handler logs only the loss curve and resolved_settings.json), close it."""
+                  artifacts: tuple[str, ...] = ("adapter_best", "test_predictions", "overlays",
+                                                "robustness.png")) -> None:
+    """Tag the training run finished (its test evaluation is done), log the final folders and the robustness
+    curve under their own names (once each: MONAI's handler logs only the loss curve and
+    resolved_settings.json), close it."""
     run = find_run(uri, experiment, name)
     if run is None:
         return
     store = client(uri)
     for sub in artifacts if output_dir else ():
-        folder = Path(output_dir) / sub
-        if folder.is_dir():
-            store.log_artifacts(run.info.run_id, str(folder), artifact_path=sub)
+        path = Path(output_dir) / sub
+        if path.is_dir():
+            store.log_artifacts(run.info.run_id, str(path), artifact_path=sub)
+        elif path.is_file():
+            store.log_artifact(run.info.run_id, str(path))
     store.set_tag(run.info.run_id, STATUS_TAG, FINISHED)
     store.set_terminated(run.info.run_id, "FINISHED")
 
@@ -258,6 +286,7 @@ def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = No
         "dataset": settings.dataset, "peft": spec.peft, "arch": spec.arch, "image_size": spec.image_size,
         "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,
         "jitter": settings.jitter, "batch_size": settings.batch_size,
+        "prompts": json.dumps(list(settings.prompts)), "select_prompts": settings.select_prompts,
         "ct_window": json.dumps(ct_window_in_force(settings, model.recipe)),
         "recipe": json.dumps(spec.recipe, sort_keys=True),
         "peft_options": json.dumps(spec.peft_options, sort_keys=True),

@@ -288,7 +288,15 @@ def box_prompt(kind: str, box: Sequence[float], space: str, image: Any) -> Organ
         grid = [int(n) for n in meta.get("spatial_shape", shape)]
         return OrganPrompt("none", given=given, note=f"the {space} box {list(box)} lies outside the volume "
                                                      f"(the file's voxel grid is {grid})")
-    lo, hi = lo_hi
+    return extent_prompt(kind, *lo_hi, given=given)
+
+
+def extent_prompt(kind: str, lo: Sequence[int], hi: Sequence[int], given: Any = None) -> OrganPrompt:
+    """One organ's prompt from an inclusive voxel range (lo, hi) of the oriented grid: ``box3d`` gives every axial
+    slice from lo[2] to hi[2] the box's footprint, ``key_slice`` the middle slice's footprint to propagate. What
+    :func:`box_prompt` does once a box is in the grid; the evaluation protocols build theirs here too."""
+    if kind not in KINDS:
+        raise PromptError(f"a box prompt is one of {list(KINDS)}, got {kind!r}")
     footprint = [float(lo[1]), float(lo[0]), float(hi[1] + 1), float(hi[0] + 1)]  # x along Y, y along X
     extent = {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi]}
     if kind == "box3d":

@@ -151,6 +151,10 @@ def make_plan(options: Options, log: Callable[[str], None] = print) -> Plan:
     if options.prompts and not compare_has("--prompts"):
         raise SettingsError("--prompts: this version's compare has no prompt protocols yet (they come with the honest-"
                             "evaluation issue); leave --prompts out")
+    if options.prompts:  # a name that is no protocol: one line now, not after the runs
+        from ..predict.protocols import parse_protocol
+
+        parse_protocol(options.prompts, "--prompts")
     arch_spec = get_architecture(options.arch)
     size = int(options.image_size or arch_spec.default_image_size)
     try:
