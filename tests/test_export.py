@@ -160,7 +160,8 @@ ATOL, RTOL = 1e-4, 1e-5  # |ours - torch| <= ATOL + RTOL * |torch|, element by e
 
 
 def assert_parity(model, folder: Path, phantoms: Path, backends=("onnxruntime", "openvino")):
-    """The export on each backend (fp32) against the torch model on phantom volumes: the low-res logits of every
+    """The export on each backend (fp32) against the torch model as inference runs it (LoRA merged; the merge itself is
+    tested in tests/test_peft_unload.py) on phantom volumes: the low-res logits of every
     prompted slice within 1e-4 (plus 1e-5 of the logit: LiteMedSAM's logits reach ~50, where the runtimes' kernels
     round differently from torch's by up to 1.6e-4, 4e-6 of the value; the torch path itself gives the same logits
     in any batch), and the label maps of the whole volumes identical."""
@@ -193,7 +194,7 @@ def assert_parity(model, folder: Path, phantoms: Path, backends=("onnxruntime", 
                 probs, _ = predict_volume(SlicePredictor(net, "cpu", 2, False), volume, prompts)
                 maps.append(to_label_map(probs, list(ADOME.values())))
             assert maps[0].any() and torch.equal(maps[0], maps[1]), f"{backend}: label maps differ"
-        print(f"{backend}: logits max |diff| {worst[backend]:.2e}")
+        print(f"{backend}: logits max |diff| {worst[backend]:.2e}")  # shown with -s
     return worst
 
 
@@ -205,13 +206,15 @@ METHODS = ["lora+cobot", "adaptformer+cobot", "conv_lora"]
 @pytest.mark.parametrize("peft", ["frozen", *METHODS])
 def test_tiny_sam_exports_match_the_torch_model(peft, tmp_path, phantom_factory):
     """~30-70 s each on 2 shared cores."""
+    from cobot_med.engine.network import for_inference
     from cobot_med.export.exporter import export_model
     from cobot_med.model import ModelSpec, build_model
 
     torch.manual_seed(0)
     model = randomised(build_model(ModelSpec(arch="tiny", peft=peft)))
     reference = randomised(build_model(ModelSpec(arch="tiny", peft=peft)))
-    reference.load_state_dict(model.state_dict())  # the unmerged twin: the export merges its own copy
+    reference.load_state_dict(model.state_dict())
+    for_inference(reference, merge=True)  # the torch model as infer and evaluate run it (LoRA merged)
     folder = export_model(model, tmp_path / "exp", ["onnx", "openvino"], label_map=ADOME, dataset="adome")
     manifest = json.loads((folder / MANIFEST).read_text())
     assert (manifest["model"]["merged_layers"] > 0) == (peft == "lora+cobot")  # LoRA(+COBOT) merges, the others not
@@ -224,6 +227,7 @@ def test_tiny_sam_exports_match_the_torch_model(peft, tmp_path, phantom_factory)
 @pytest.mark.parametrize("peft", ["frozen", *METHODS])
 def test_lite_medsam_exports_match_the_torch_model(peft, tmp_path, phantom_factory):
     """LiteMedSAM's real weights (with the method's branches randomised on top): ~2-4 min each on 2 shared cores."""
+    from cobot_med.engine.network import for_inference
     from cobot_med.export.exporter import export_model
     from cobot_med.model import ModelSpec, build_model
 
@@ -231,6 +235,7 @@ def test_lite_medsam_exports_match_the_torch_model(peft, tmp_path, phantom_facto
     model = randomised(build_model(ModelSpec(arch="lite_medsam", peft=peft)))
     reference = randomised(build_model(ModelSpec(arch="lite_medsam", peft=peft)))
     reference.load_state_dict(model.state_dict())
+    for_inference(reference, merge=True)  # the torch model as infer and evaluate run it (LoRA merged)
     folder = export_model(model, tmp_path / "exp", ["onnx", "openvino"], label_map=ADOME, dataset="adome")
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["base_checkpoint_sha256"] == reference.base_sha256 is not None
