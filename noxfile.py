@@ -1,7 +1,8 @@
 """The test suites, each in the environment its users install (``pip install nox && nox``).
 
 - ``tests``: the core, as ``pip install -e .`` resolves it for a user (numpy 2, no monailabel), plus the
-  ``test`` extra, at the exact versions of ``requirements/constraints.txt``.
+  ``test`` extra and the ``infer`` extra (ONNX Runtime and OpenVINO, for the export tests), at the exact versions
+  of ``requirements/constraints.txt``.
 - ``monailabel``: the MONAI Label app's tests, with the ``monailabel`` extra (which brings numpy 1.26 and
   pydicom 2), at the versions of ``requirements/constraints-monailabel.txt``.
 
@@ -23,9 +24,9 @@ MONAI_LABEL_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_parts.py
 @nox.session
 def tests(session: nox.Session) -> None:
     """The core suite on the user's own resolution."""
-    session.install("-e", ".[test]", "-c", "requirements/constraints.txt")
+    session.install("-e", ".[test,infer]", "-c", "requirements/constraints.txt")
     session.run("python", "-m", "pytest", "-q", *[f"--ignore={path}" for path in MONAI_LABEL_TESTS],
-                *session.posargs)
+                *session.posargs, env={"COBOT_MED_REQUIRE_RUNTIMES": "1"})
 
 
 @nox.session

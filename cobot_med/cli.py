@@ -24,6 +24,7 @@ COMMANDS = {
     "make-phantoms": "cobot_med.commands.make_phantoms",
     "demo": "cobot_med.commands.demo",
     "infer": "cobot_med.commands.infer",
+    "export": "cobot_med.commands.export",
     "sweep": "cobot_med.commands.sweep",
     "compare": "cobot_med.commands.compare",
     "data": "cobot_med.commands.data",

@@ -160,6 +160,9 @@ class RunSettings:
     probability_maps: bool
     nsd_tolerance_mm: float
     drop_unusable_organs: bool
+    # what runs the model (cobot_med.export): torch, onnxruntime, openvino or auto; an exported model's folder
+    backend: str = "torch"
+    exported_model: str = ""
 
     def __post_init__(self) -> None:
         from .data.layouts import LAYOUTS
@@ -172,7 +175,7 @@ class RunSettings:
         self.layout = _choice("layout", self.layout, LAYOUTS)
         self.dataset = _text("dataset", self.dataset) or self.layout
         for name in ("dataset_dir", "datalist", "output_dir", "tracking_uri", "sam_checkpoint", "adapter",
-                     "input_dir", "labels_dir", "boxes_file", "infer_organs"):
+                     "input_dir", "labels_dir", "boxes_file", "infer_organs", "exported_model"):
             setattr(self, name, _text(name, getattr(self, name)))
         self.device = _text("device", self.device) or "auto"
         self.seed = as_number("seed", self.seed, int, 0)
@@ -256,6 +259,10 @@ class RunSettings:
 
         self.prompts = [p.name for p in parse_protocols(self.prompts, "prompts")]
         self.select_prompts = parse_protocol(self.select_prompts or TIGHT, "select_prompts").name
+
+        from .export.backend import BACKENDS
+
+        self.backend = _choice("backend", self.backend or "torch", BACKENDS)
         wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
         unknown = [n for n in wanted if n not in self.organs]
         if unknown:
@@ -419,8 +426,13 @@ class RunSettings:
         checks.check_device(self.device)
         if self.adapter and not Path(self.adapter).exists():
             checks.check_model_files(self)  # names the missing adapter before arch=auto reads its config
-        self.resolve_arch(run_id)
-        checks.check_model_files(self)
+        if self.exported_model:  # it brings its own weights; a run that asks for another model is refused
+            from .export.manifest import check_run, read_export
+
+            check_run(read_export(self.exported_model, verify=False), self)
+        else:
+            self.resolve_arch(run_id)
+            checks.check_model_files(self)
         if run_id == "training":
             if self.peft == "frozen":
                 raise SettingsError(f"peft frozen trains nothing (the base model as it is): score it with the evaluate "
@@ -429,7 +441,7 @@ class RunSettings:
             checks.check_data(self)
             checks.check_output_dir(self.output_path)
         elif run_id == "evaluate":
-            if not self.adapter and self.peft != "frozen":
+            if not self.adapter and self.peft != "frozen" and not self.exported_model:
                 raise SettingsError("no adapter given: pass --adapter OUTPUT_DIR/adapter_best (the folder or its "
                                     "adapter_model.safetensors), or --peft frozen to score the base model zero-shot")
             checks.check_data(self)
@@ -446,9 +458,11 @@ class RunSettings:
         return self
 
 
-def load_settings(dataset: str = "adome", **overrides: Any) -> RunSettings:
+def load_settings(dataset: str = "adome", *, workflow_imports: bool = True, **overrides: Any) -> RunSettings:
     """The settings a bundle run of ``dataset`` (a name or config layers) has with ``overrides``: the bundles'
-    own defaults, checked as in a run (for code that runs parts of the workflow outside a bundle)."""
+    own defaults, checked as in a run (for code that runs parts of the workflow outside a bundle).
+    ``workflow_imports=False`` leaves out the workflow's ``imports`` (the training engine, MLflow, ignite): the
+    settings alone, for ``cobot-med infer --model`` (an exported model runs without the training stack)."""
     from monai.bundle import ConfigParser
 
     from .bundle import config_files
@@ -456,6 +470,8 @@ def load_settings(dataset: str = "adome", **overrides: Any) -> RunSettings:
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files(dataset)])
     parser.update({k: v for k, v in overrides.items()})
+    if not workflow_imports:
+        parser["imports"] = []
     try:
         return parser.get_parsed_content("settings")
     except Exception as err:  # MONAI wraps what the settings raise

@@ -14,8 +14,14 @@ LAYOUT_NAMES = ("adome", "spleen", "segrap")
 # The MONAI Label app's tests need the monailabel extra, which lives in an environment of its own (it pins
 # numpy 1.26; noxfile.py's monailabel session). Elsewhere they are not collected; that session sets
 # COBOT_MED_REQUIRE_MONAILABEL=1, so that there a missing extra fails instead of passing unseen.
+collect_ignore_glob = []
 if importlib.util.find_spec("monailabel") is None and not os.environ.get("COBOT_MED_REQUIRE_MONAILABEL"):
-    collect_ignore_glob = ["test_monailabel*.py"]
+    collect_ignore_glob.append("test_monailabel*.py")
+# The export tests need the infer extra (onnx, onnxruntime, openvino); noxfile.py's tests session installs it and
+# sets COBOT_MED_REQUIRE_RUNTIMES=1, so that there a missing runtime fails instead of passing unseen.
+if not os.environ.get("COBOT_MED_REQUIRE_RUNTIMES") and any(
+        importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime", "openvino")):
+    collect_ignore_glob.append("test_export*.py")
 
 
 @pytest.fixture(scope="session")

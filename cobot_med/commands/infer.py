@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "lite_medsam, tiny; default: lite_medsam, or vit_b with --sam_checkpoint)")
     parser.add_argument("--image_size", type=int, default=None, help="zero-shot only: model input size (default: "
                         "the base's)")
+    parser.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "openvino", "auto"],
+                        help="what runs the model (default: torch; auto: the fastest here, measured once and cached; "
+                        "onnxruntime / openvino: the model exported on first use into the cache, or --model; "
+                        "docs/export.md)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="an exported model (cobot-med export): runs on onnxruntime or openvino (default: auto) "
+                        "without the training stack")
 
 
 def bundle_overrides(args: argparse.Namespace) -> dict:
@@ -70,13 +77,31 @@ def bundle_overrides(args: argparse.Namespace) -> dict:
     }
     optional = {"device": args.device, "eval_batch_size": args.batch_size, "nsd_tolerance_mm": args.nsd_tolerance,
                 "arch": args.arch, "image_size": args.image_size, "amp": "false" if args.no_amp else args.amp,
-                "attention": args.attention, "merge_adapters": False if args.no_merge else None}
+                "attention": args.attention, "merge_adapters": False if args.no_merge else None,
+                "backend": args.backend or ("auto" if args.model else None),
+                "exported_model": full(args.model) or None}
     overrides.update({k: v for k, v in optional.items() if v is not None})
     return overrides
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model:
+        return run_exported(args.config, bundle_overrides(args))
     from ..bundle import run_bundle
 
     run_bundle(args.config, "inference", **bundle_overrides(args))
+    return 0
+
+
+def run_exported(config: str, overrides: dict) -> int:
+    """The bundle's ``inference`` steps (``settings.check('inference')``, ``run_from_settings``) for an exported
+    model, with the settings read without the workflow's imports: nothing of the training stack is imported
+    (docs/export.md)."""
+    from ..inference import run_from_settings
+    from ..logs import quiet
+    from ..settings import load_settings
+
+    quiet()
+    settings = load_settings(config, workflow_imports=False, **overrides)
+    run_from_settings(settings.check("inference"))
     return 0

@@ -13,10 +13,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import load_adapter, unwrap
-from ..model import build_model
-from ..peft import merge_adapters, parameter_groups
-from ..sam.speed import compile_model
+# the model code is imported where it is used: resolve_device serves the exported-model path, which runs without it
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -30,7 +27,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def build_network(settings: Any, device: torch.device | str = "cpu", compile: bool = False) -> torch.nn.Module:
     """The PEFT-adapted PromptableSam of ``settings`` on ``device`` (see the module docstring); ``compile``:
-    ``torch.compile`` its image encoder (the resolved ``compile`` setting)."""
+    ``torch.compile`` its image encoder (the resolved ``compile`` setting). With ``backend`` onnxruntime / openvino /
+    auto or an ``exported_model``, the exported model on its runtime where that is what runs
+    (:func:`cobot_med.export.backend.load_backend`)."""
+    if getattr(settings, "backend", "torch") != "torch" or getattr(settings, "exported_model", ""):
+        from ..export.backend import load_backend
+
+        loaded = load_backend(settings, device)
+        if loaded is not None:
+            return loaded[0]
+    from ..adapter import load_adapter
+    from ..model import build_model
+    from ..sam.speed import compile_model
+
     checkpoint = settings.sam_checkpoint or None
     if settings.adapter:  # explicit speed settings and a CT window win over the adapter's record
         overrides = {k: v for k, v in settings.speed().items() if v is not None}
@@ -47,6 +56,8 @@ def build_network(settings: Any, device: torch.device | str = "cpu", compile: bo
 
 def make_optimizer(network: torch.nn.Module, settings: Any) -> torch.optim.Optimizer:
     """Adam with the authors' two groups (COBOT's C, R, heads at ``cobot_lr``; the rest at ``lr``)."""
+    from ..peft import parameter_groups
+
     groups = parameter_groups(network, lr=settings.lr, cobot_lr=settings.cobot_lr, weight_decay=settings.weight_decay)
     if not groups:  # ``frozen``: nothing trains; a dummy group keeps the engine's optimiser step harmless
         groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.0}]
@@ -55,7 +66,13 @@ def make_optimizer(network: torch.nn.Module, settings: Any) -> torch.optim.Optim
 
 def for_inference(network: torch.nn.Module, merge: bool) -> torch.nn.Module:
     """The trained network as evaluation and inference run it: eval mode, LoRA branches folded into the frozen
-    weights when ``merge`` (the same for the test split and ``cobot-med infer``, so both give the same numbers)."""
+    weights when ``merge`` (the same for the test split and ``cobot-med infer``, so both give the same numbers).
+    An exported model (:class:`cobot_med.export.runtime.ExportedSam`) was merged when it was exported."""
+    if hasattr(network, "exported"):
+        return network.eval()
+    from ..adapter import unwrap
+    from ..peft import merge_adapters
+
     model = unwrap(network)
     model.eval()
     if merge:

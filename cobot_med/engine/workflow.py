@@ -45,7 +45,9 @@ def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) ->
     SHA-256, the base it ran on, its input size and recipe). An ``evaluation.json`` of another model (other
     weights, base, arch, input size or recipe) is not overwritten without ``overwrite``."""
     config = read_adapter_config(settings.adapter) if settings.adapter else {}
-    model = unwrap(network)
+    if not config and hasattr(network, "exported"):  # an exported adapter's model (--exported_model)
+        config = dict(network.exported.manifest.get("adapter") or {})
+    model = network if hasattr(network, "exported") else unwrap(network)  # an exported model has spec and base too
     scored = {"path": str(absolute(settings.adapter)) if settings.adapter else None,
               "weights_sha256": config.get("weights_sha256"),
               "base_checkpoint_sha256": config.get("base_checkpoint_sha256", getattr(model, "base_sha256", None)),

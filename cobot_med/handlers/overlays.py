@@ -4,13 +4,15 @@ radiological convention (the patient's right on the image's left) with orientati
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 
 from ._distributed import is_rank0
+
+if TYPE_CHECKING:  # the drawing is also cobot-med infer's, which runs without ignite (cobot_med.export)
+    from ignite.engine import Engine
 
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -72,6 +74,8 @@ class ValidationOverlays:
         self.output_dir, self.organs, self.max_cases = Path(output_dir), dict(organs), max_cases
 
     def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:

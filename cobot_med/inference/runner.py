@@ -62,9 +62,17 @@ def probability_path(output_dir: Path, case_id: str, organ: str) -> Path:
 
 def load_network(settings: Any, device: torch.device | str, compile: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model for inference and what it is: the adapter's own model, or zero-shot SAM (``frozen``, the
-    papers' "Freeze" row) of the settings' arch; LoRA folded into the frozen weights when ``merge_adapters``."""
+    papers' "Freeze" row) of the settings' arch; LoRA folded into the frozen weights when ``merge_adapters``.
+    With ``backend`` onnxruntime / openvino / auto, or an ``exported_model``, the exported model on its runtime
+    where that is what runs (:func:`cobot_med.export.backend.load_backend`; same call signature)."""
     import dataclasses as dc
 
+    if settings.backend != "torch" or settings.exported_model:
+        from ..export.backend import load_backend
+
+        loaded = load_backend(settings, device)
+        if loaded is not None:
+            return loaded
     from ..adapter import read_adapter_config
     from ..engine.network import build_network, for_inference
     from ..peft import merge_adapters
@@ -82,6 +90,7 @@ def load_network(settings: Any, device: torch.device | str, compile: bool = Fals
         "zero_shot": zero_shot, "arch": spec.arch, "peft": spec.peft, "image_size": int(spec.image_size),
         "base_checkpoint_sha256": network.base_sha256, "merged_layers": int(merged), "attention": spec.attention,
         "sam_checkpoint": settings.sam_checkpoint or None,
+        "backend": "torch", "backend_reason": getattr(settings, "backend_reason", None) or "torch (explicit)",
     }
     return network, info
 
@@ -364,11 +373,12 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
     boxes = BoxFile(settings.boxes_file, settings.organs) if settings.boxes_file else None
     if network is None:
         network, model_info = load_network(settings, device, compile=speed.compile)
-        speed = speed.for_model(network)  # the attention the model runs: an adapter's own, unless given
-        log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
-            f"{' (zero-shot)' if model_info['zero_shot'] else ', adapter ' + str(settings.adapter)}"
-            f", {model_info['merged_layers']} LoRA layers merged")
-        log(f"runs on: {speed.said(device)}")
+        if model_info.get("backend", "torch") == "torch":
+            speed = speed.for_model(network)  # the attention the model runs: an adapter's own, unless given
+            log(f"model: {model_info['arch']}/{model_info['peft']} at {model_info['image_size']} px"
+                f"{' (zero-shot)' if model_info['zero_shot'] else ', adapter ' + str(settings.adapter)}"
+                f", {model_info['merged_layers']} LoRA layers merged")
+            log(f"runs on: {speed.said(device)}")
     else:
         model_info = {"adapter": None, "zero_shot": False, "arch": "custom", "peft": type(network).__name__,
                       "image_size": int(network.image_size), "merged_layers": 0}
@@ -379,7 +389,8 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
     identity = model_identity(model_info, settings, recipe)
 
     chain = run_volume_chain(settings, recipe)
-    slice_batch = settings.slice_batch(device, network)
+    exported = model_info.get("backend", "torch") != "torch"  # its arch is the settings' (check_run settled it)
+    slice_batch = settings.slice_batch(device, None if exported else network)
     predictor = SlicePredictor(network, device, slice_batch, speed.precision)
     digests = Digests(out / DIGESTS_NAME)
     merged = bool(model_info.get("merged_layers"))

@@ -18,6 +18,9 @@ key                default                      meaning
                                                 (``auto``: what the device runs fast; true/false, bf16, fp16)
 ``batch_size``     ``auto``                     slices per forward pass in inference (``eval_batch_size``;
                                                 ``auto``: 1 for LiteMedSAM on a CPU, else 8)
+``backend``        ``torch``                    what runs the served model, as the bundles' ``backend``:
+                                                ``onnxruntime`` / ``openvino`` (each adapter exported on first
+                                                use into the cache) or ``auto`` (docs/export.md)
 =================  ===========================  ==========================================================
 
 Each served model is one :class:`cobot_med.settings.RunSettings` of the dataset's bundle (its defaults,
@@ -36,7 +39,7 @@ from .project import RunSettings
 
 PROPAGATIONS = ("box3d", "key_slice")
 KEYS = ("models", "dataset", "adapter", "sam_checkpoint", "image_size", "peft", "epochs", "output_dir",
-        "tracking_uri", "propagation", "amp", "batch_size")
+        "tracking_uri", "propagation", "amp", "batch_size", "backend")
 # MONAI Label's own keys that may share the --conf dictionary
 PASSED_THROUGH = ("server_mode", "preload", "skip_trainers", "skip_strategies", "skip_scoring")
 
@@ -101,6 +104,7 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
     base = _checked("peft", base, peft=get("peft", "lora+cobot"))
     base = _checked("amp", base, amp=get("amp", "auto"))
     base = _checked("batch_size", base, eval_batch_size=get("batch_size", "auto"))
+    base = _checked("backend", base, backend=get("backend", "torch"))
     base = _checked("epochs", base, epochs=get("epochs", "5"))
     base = _checked("sam_checkpoint", base, sam_checkpoint=get("sam_checkpoint"))
     base = _checked("output_dir / tracking_uri", base, output_dir=str(output_dir), tracking_uri=get("tracking_uri"))
