@@ -118,6 +118,38 @@ def test_the_literal_training_command_trains(runs, dataset, form):
     assert re.search(r"epoch(?: \[1/1\])?: \[\d+/\d+\].*loss=\d", printed)
 
 
+def summary_of(printed: str, run_id: str) -> tuple[str, list[str], dict[str, str]]:
+    """A run's end-of-run summary as printed: (heading, its scores table's lines, {what: where})."""
+    lines = printed[printed.rindex(f"cobot-med {run_id} finished"):].splitlines()
+    rows = [line for line in lines[1:] if re.match(r"  [a-zA-Z ]+: ", line)]
+    table = [line for line in lines[1:lines.index(rows[0])]]
+    return lines[0], table, {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in rows}
+
+
+def test_a_run_ends_with_its_scores_paths_and_mlflow_run(runs):
+    """The summary a user reads at the end: the model, the test scores by protocol (tight named the oracle, the
+    numbers MLflow holds), where the adapter, predictions and pictures went (paths that exist), and the MLflow
+    run id with the line that opens it; evaluate's names evaluation.json and says it has no MLflow run."""
+    out, results, _ = runs
+    printed = ok(results["adome", "absolute"])
+    heading, table, where = summary_of(printed, "training")
+    assert re.match(r"cobot-med training finished in \d+ (s|min \d+ s): adome, lora on tiny at 64 px, 1 epoch "
+                    r"\(best epoch 1 by val_dsc \d\.\d{4}\)$", heading), heading
+    assert "tight (oracle)" in table[1] and "key_slice" in table[1]
+    run = finished_run(out["adome", "absolute"])
+    mean = table[[line.split()[0] for line in table].index("mean")].split()
+    assert float(mean[1]) == pytest.approx(run.data.metrics["test_dsc"], abs=5e-5)
+    uri = f"sqlite:///{out['adome', 'absolute'] / 'mlflow.db'}"
+    assert where["MLflow run"] == f"{run.info.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})"
+    assert Path(where["adapter"]) == out["adome", "absolute"] / "adapter_best"
+    assert all(Path(p).exists() for p in where["pictures"].split(", ")) and "robustness.png" in where["pictures"]
+    assert Path(where["record"]).name == "resolved_settings.json"
+
+    heading, table, where = summary_of(ok(results["evaluate"]), "evaluate")
+    assert heading.startswith("cobot-med evaluate finished in ") and "lora, tiny at 64 px" in heading
+    assert where["MLflow run"].startswith("none") and Path(where["record"]) == out["evaluate"] / "evaluation.json"
+
+
 def test_the_same_run_from_either_path_gives_the_same_scores(runs):
     out, _, _ = runs
     for name in DATASETS:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import run_bundle
     from ..data.phantoms import make_phantoms
     from ..engine.tracking import client, find_run, protocol_metric, resolve_tracking_uri
-    from ..redact import redact
+    from ..engine.workflow import output_rows, where_lines
 
     preset = PRESETS[args.arch]
     epochs = args.epochs or preset["epochs"]
@@ -100,12 +100,7 @@ def run(args: argparse.Namespace) -> int:
         history = sorted(client(uri).get_metric_history(run.info.run_id, "val_dsc"), key=lambda m: m.step)
         print(f"  validation DSC before training: {history[0].value:.4f}")
         print(f"  validation DSC after training:  {max(m.value for m in history[1:]):.4f} (best epoch)")
-    shown = redact(uri)
-    print(f"  MLflow run:   {run.info.run_id} in {shown}  (mlflow ui --backend-store-uri {shown})")
-    print(f"  adapter:      {output_dir / 'adapter_best'}")
-    print(f"  predictions:  {output_dir / 'val_predictions'} (validation), {output_dir / 'test_predictions'}/<protocol> "
-          "(test: label maps, prompts, metrics)")
-    print(f"  pictures:     {output_dir / 'overlays'}, {output_dir / 'loss_curve.png'}")
+    print("\n".join(where_lines("training", output_rows(output_dir, "training"), (run.info.run_id, uri))))
     if zero_shot and metrics.get("test_dsc", 0.0) < zero_shot["metrics"]["test_dsc"]:
         print("  (fine-tuning did not beat the zero-shot base on these phantoms: more epochs or cases, or another lr)")
     return 0 if "test_dsc" in metrics else 1

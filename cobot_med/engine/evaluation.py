@@ -18,7 +18,9 @@ from typing import Any, Mapping
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from tqdm.auto import tqdm
 
+from ..distributed import rank
 from ..metrics import spacing_of
 from ..predict import SlicePredictor, organ_channels, to_label_map
 from ..predict.protocols import TIGHT, Protocol, parse_protocol, predict_case
@@ -55,9 +57,13 @@ class VolumeSliceInferer(Inferer):
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         label = label.as_tensor() if isinstance(label, MetaTensor) else label
         predictor = SlicePredictor(network, volume.device, self.batch_size, self.amp)
-        probs, prompts, used = predict_case(predictor, volume.reshape(volume.shape[-3:]).cpu(),
-                                            label.reshape(label.shape[-3:]).cpu(), self.organs, self.protocol,
-                                            spacing, self.seed, case_id)
+        # progress inside the volume (a CT volume takes minutes on a CPU): slice images sent, under this protocol
+        with tqdm(desc=f"{case_id or 'volume'} ({self.protocol.name}) slices", unit="slice", leave=False,
+                  disable=rank() > 0) as bar:
+            predictor.on_slices = bar.update
+            probs, prompts, used = predict_case(predictor, volume.reshape(volume.shape[-3:]).cpu(),
+                                                label.reshape(label.shape[-3:]).cpu(), self.organs, self.protocol,
+                                                spacing, self.seed, case_id)
         return to_label_map(probs, list(self.organs.values())), prompts, used
 
 

@@ -128,6 +128,9 @@ class TrainingSession:
     experiment: str
     run_name: str
     checkpoint: dict[str, Any] | None = None  # the resume state, when resuming
+    # filled as the run goes, for its summary (engine.workflow.say_summary)
+    test_scores: tuple[dict[str, float], dict[str, dict]] | None = None  # (metrics, protocol blocks)
+    mlflow_run_id: str | None = None  # once finish() has found and closed the run
 
     @property
     def resuming(self) -> bool:
@@ -192,7 +195,8 @@ class TrainingSession:
     def finish(self, artifacts_dir: Path | None = None) -> None:
         """The run's test evaluation is done: tag it finished in MLflow and in its checkpoint."""
         on_failure(f"training:{self.run_name}", None)
-        tracking.mark_finished(self.tracking_uri, self.experiment, self.run_name, artifacts_dir or self.output_dir)
+        self.mlflow_run_id = tracking.mark_finished(self.tracking_uri, self.experiment, self.run_name,
+                                                    artifacts_dir or self.output_dir)
         path = self.checkpoint_path
         if path.is_file():
             state = read_checkpoint(path)

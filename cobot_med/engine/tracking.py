@@ -179,13 +179,13 @@ def find_run(uri: str, experiment: str, name: str):
 
 def mark_finished(uri: str, experiment: str, name: str, output_dir: str | Path | None = None,
                   artifacts: tuple[str, ...] = ("adapter_best", "test_predictions", "overlays",
-                                                "robustness.png")) -> None:
+                                                "robustness.png")) -> str | None:
     """Tag the training run finished (its test evaluation is done), log the final folders and the robustness
     curve under their own names (once each: MONAI's handler logs only the loss curve and
-    resolved_settings.json), close it."""
+    resolved_settings.json), close it. Returns the MLflow run id (None when there is no such run)."""
     run = find_run(uri, experiment, name)
     if run is None:
-        return
+        return None
     store = client(uri)
     for sub in artifacts if output_dir else ():
         path = Path(output_dir) / sub
@@ -195,6 +195,7 @@ def mark_finished(uri: str, experiment: str, name: str, output_dir: str | Path |
             store.log_artifact(run.info.run_id, str(path))
     store.set_tag(run.info.run_id, STATUS_TAG, FINISHED)
     store.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def mark_failed(uri: str, experiment: str, name: str) -> None:

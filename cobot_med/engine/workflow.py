@@ -4,6 +4,8 @@ evaluate a saved adapter, record the resolved settings."""
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +36,7 @@ def test_best_adapter(network: torch.nn.Module, session: Any, settings: Any, eva
         mlflow_handler.attach(evaluator)
     evaluator.run()
     metrics = scalar_metrics(evaluator)
-    if is_rank0():
-        print(scores_table(settings.organs, metrics, getattr(evaluator.state, "protocol_scores", None)))
+    session.test_scores = (metrics, dict(getattr(evaluator.state, "protocol_scores", None) or {}))  # say_summary's
     return metrics
 
 
@@ -66,10 +67,16 @@ def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) ->
     metrics = scalar_metrics(evaluator)
     protocols = getattr(evaluator.state, "protocol_scores", None) or {}
     if is_rank0():
-        print(scores_table(settings.organs, metrics, protocols))
         write_json(out, {"adapter": scored, "metrics": metrics, **metrics, "prompts": list(protocols),
                          "protocols": protocols})
+        model = f"{scored['path'] or 'the base model, zero-shot'} ({scored['peft']}, {scored['arch']} at " \
+                f"{scored['image_size']} px)"
+        print(run_summary("evaluate", model, scores_table(settings.organs, metrics, protocols),
+                          output_rows(settings.output_path, "evaluate"), None), flush=True)
     return metrics
+
+
+_started: dict[str, float] = {}  # run id -> when say_choices announced it (the summary's duration)
 
 
 def say_choices(run_id: str, device: Any, speed: Any) -> None:
@@ -77,8 +84,83 @@ def say_choices(run_id: str, device: Any, speed: Any) -> None:
     reasons (:meth:`~cobot_med.engine.precision.SpeedChoices.said`); the first process only."""
     from ..distributed import rank
 
+    _started[run_id] = time.monotonic()
     if rank() == 0:
         print(f"cobot-med {run_id} runs on: {speed.said(device)}", flush=True)
+
+
+def say_summary(run_id: str, settings: Any, session: Any) -> None:
+    """The end of a training (its last step, first process): what was trained, the test split's scores by prompt
+    protocol, where the adapter, predictions and pictures went, and the MLflow run with the ``mlflow ui`` line."""
+    config_path = settings.output_path / "adapter_best" / "adapter_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model = f"{settings.dataset}, {settings.peft} on {settings.arch} at {settings.image_size} px, {settings.epochs} epoch{'s' if settings.epochs != 1 else ''}"
+    best = config.get("metric") or {}
+    if best:
+        name, value = next(iter(best.items()))
+        model += f" (best epoch {config.get('epoch')} by {name} {value:.4f})"
+    scores = getattr(session, "test_scores", None)
+    table = (scores_table(settings.organs, *scores) if scores else
+             "no test split scored (test_fraction 0 or no test case): the validation DSC is in MLflow")
+    run = (getattr(session, "mlflow_run_id", None), session.tracking_uri)
+    print(run_summary(run_id, model, table, output_rows(settings.output_path, run_id), run), flush=True)
+
+
+def output_rows(output: Path, run_id: str) -> list[tuple[str, str]]:
+    """Where a run's results are, those that exist: (what, where) rows of :func:`run_summary` (the demo's too)."""
+    output = absolute(output)
+
+    def there(*names: str) -> list[str]:
+        return [str(output / n) for n in names if (output / n).exists()]
+
+    rows = []
+    if run_id == "training" and (output / "adapter_best").is_dir():
+        rows.append(("adapter", str(output / "adapter_best")))
+    predictions = []
+    if (output / "val_predictions").is_dir():
+        predictions.append(f"{output / 'val_predictions'} (validation)")
+    if (output / "test_predictions").is_dir():
+        predictions.append(f"{output / 'test_predictions'}/<protocol> (test: label maps, prompts, metrics)")
+    if predictions:
+        rows.append(("predictions", ", ".join(predictions)))
+    pictures = there("overlays", "loss_curve.png", "robustness.png")
+    if pictures:
+        rows.append(("pictures", ", ".join(pictures)))
+    records = there("evaluation.json" if run_id == "evaluate" else "resolved_settings.json")
+    if records:
+        rows.append(("record", records[0]))
+    return rows
+
+
+def run_summary(run_id: str, model: str, table: str, rows: list[tuple[str, str]],
+                run: tuple[str | None, str] | None) -> str:
+    """A finished run's summary, one shape for every run (training, evaluate, the demo): a heading naming the
+    run and the model, the scores, then the paths and the MLflow run (``run`` = (run id, store); None for a run
+    that records no MLflow run)."""
+
+    took = time.monotonic() - _started[run_id] if run_id in _started else None
+    heading = f"cobot-med {run_id} finished" + (f" in {_duration(took)}" if took is not None else "") + f": {model}"
+    return "\n".join(["", heading, table, *where_lines(run_id, rows, run)])
+
+
+def where_lines(run_id: str, rows: list[tuple[str, str]], run: tuple[str | None, str] | None) -> list[str]:
+    """The summary's lines after the scores: the MLflow run (with the line that opens it) and the paths."""
+    from ..redact import redact
+
+    if run is None:
+        lines = [f"  {'MLflow run:':<13} none ({run_id} records its scores in evaluation.json)"]
+    elif run[0] is None:
+        lines = [f"  {'MLflow run:':<13} not found in {redact(run[1])}"]
+    else:
+        shown = redact(run[1])
+        lines = [f"  {'MLflow run:':<13} {run[0]} in {shown}  (mlflow ui --backend-store-uri {shown})"]
+    return lines + [f"  {what + ':':<13} {where}" for what, where in rows]
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def scores_table(organs: Any, metrics: dict[str, float], protocols: dict[str, dict] | None = None) -> str:
