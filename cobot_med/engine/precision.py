@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -160,11 +159,10 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    from ..files import write_json
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp.write(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp.name, path)  # atomic: parallel processes may measure at once
+        write_json(path, data)  # atomic: parallel processes may measure at once
     except OSError as err:
         warnings.warn(f"could not write the CPU bf16 cache {path} ({err}); it will be measured again", stacklevel=3)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -185,13 +184,10 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
-    import tempfile
+    from ..files import write_json
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp.write(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp.name, path)
+        write_json(path, data)  # atomic: parallel processes may measure at once
     except OSError as err:
         _say(f"could not write the backend cache {path} ({err}); it will be measured again")
 
