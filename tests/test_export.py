@@ -159,12 +159,27 @@ def phantom_volumes(settings, folder: Path, recipe):
 ATOL, RTOL = 1e-4, 1e-5  # |ours - torch| <= ATOL + RTOL * |torch|, element by element (torch.allclose)
 
 
+def float64_logits(model, images, boxes, present):
+    """The torch model's logits in float64: the exact arithmetic two float32 results are judged against."""
+    import copy
+
+    exact = copy.deepcopy(model).double()
+    for module in exact.modules():  # segment-anything builds its positional grids in float32 explicitly
+        if type(module).__name__ == "PositionEmbeddingRandom":
+            encode = module._pe_encoding
+            module._pe_encoding = lambda coords, encode=encode: encode(coords.double())
+    with torch.no_grad():
+        return exact(images.double(), boxes.double(), valid=present)
+
+
 def assert_parity(model, folder: Path, phantoms: Path, backends=("onnxruntime", "openvino")):
     """The export on each backend (fp32) against the torch model as inference runs it (LoRA merged; the merge itself is
     tested in tests/test_peft_unload.py) on phantom volumes: the low-res logits of every
     prompted slice within 1e-4 (plus 1e-5 of the logit: LiteMedSAM's logits reach ~50, where the runtimes' kernels
     round differently from torch's by up to 1.6e-4, 4e-6 of the value; the torch path itself gives the same logits
-    in any batch), and the label maps of the whole volumes identical."""
+    in any batch), and the label maps of the whole volumes identical. Where a logit is beyond that bound, both are
+    compared with the torch model in float64: the export may be no further from exact arithmetic than torch's own
+    float32 result is (1.5 times its largest error at most), so the bound measures the runtime, not float32."""
     from cobot_med.export.runtime import ExportedSam
     from cobot_med.predict import SlicePredictor, from_labels, predict_volume, to_label_map
 
@@ -188,7 +203,14 @@ def assert_parity(model, folder: Path, phantoms: Path, backends=("onnxruntime", 
             assert ours.shape == reference.shape and reference.shape[0] == int(present.sum()) > 0
             worst[backend] = max(worst[backend], float((ours - reference).abs().max()))
             excess = float(((ours - reference).abs() - RTOL * reference.abs()).max())
-            assert excess <= ATOL, f"{backend}: logits differ by {worst[backend]:.2e} (beyond 1e-5 of the logit: {excess:.2e})"
+            if excess > ATOL:  # two float32 results apart: which one is off? Both against float64 arithmetic
+                exact = float64_logits(model, images, model_boxes, present)
+                torch_error = float((reference.double() - exact).abs().max())
+                our_error = float((ours.double() - exact).abs().max())
+                print(f"{backend}: logits differ by {worst[backend]:.2e}; from float64: ours {our_error:.2e}, "
+                      f"torch's float32 {torch_error:.2e}")
+                assert our_error <= max(ATOL, 1.5 * torch_error), \
+                    f"{backend}: logits differ by {worst[backend]:.2e}, {our_error:.2e} from float64 (torch {torch_error:.2e})"
             maps = []
             for net in (model, network):
                 probs, _ = predict_volume(SlicePredictor(net, "cpu", 2, False), volume, prompts)

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise SettingsError("--int8 writes ONNX graphs (OpenVINO runs the quantised ONNX graph itself); leave "
                             "--format out")
     overrides = {"arch": args.arch or "auto", "adapter": full(args.adapter), "sam_checkpoint": full(args.sam_checkpoint),
-                 "peft": "frozen", "input_dir": full(args.calibration), "labels_dir": full(args.labels)}
+                 "input_dir": full(args.calibration), "labels_dir": full(args.labels)}
+    if not args.adapter:  # a base alone; an adapter runs as the method it was trained with
+        overrides["peft"] = "frozen"
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     if args.ct_window:

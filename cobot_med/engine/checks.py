@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import SettingsError
 
+# what a training run leaves that another run must not silently replace (engine.session); here, so that the
+# exported-model path's checks read it without importing the training session
+RESULTS = ("adapter_best", "adapter_latest", "resume.pt", "test_predictions", "evaluation.json")
+
 if TYPE_CHECKING:
     from ..settings import RunSettings
 
@@ -123,7 +127,6 @@ def foreign_results(folder: Path, writer: str) -> str:
     in a few words ('' when nothing): a training run's results (its adapters, checkpoint, test predictions),
     or ``cobot-med infer``'s segmentations. One folder, one kind of writer (``overwrite`` lets a run write
     beside them; nothing is deleted)."""
-    from .session import RESULTS
 
     if not folder.is_dir():
         return ""

@@ -33,11 +33,11 @@ from ..errors import SettingsError, on_failure, set_interrupt_note
 from ..files import absolute
 from ..sam.checkpoint import unreadable_reason
 from . import tracking
+from .checks import RESULTS  # a training run's results (defined where the exported path's checks read them)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "resume.pt"
-RESULTS = ("adapter_best", "adapter_latest", CHECKPOINT_NAME, "test_predictions", "evaluation.json")
 REGENERATED = ("overlays", "val_predictions", "loss_curve.png", "loss_curve.json")
 IDENTITY_KEYS = ("dataset", "layout", "dataset_dir", "datalist", "val_fraction", "test_fraction", "seed", "arch",
                  "image_size", "peft", "peft_options", "sam_checkpoint_sha256", "lr", "cobot_lr", "weight_decay",
