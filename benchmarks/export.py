@@ -322,6 +322,8 @@ def main() -> None:
               "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}}
     peak = {"fp32": C.matmul_peak("cpu", torch.float32), "bf16": C.matmul_peak("cpu", torch.bfloat16)}
     result["matmul_peak_gflops"] = peak
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cobot-med-bench-", dir=args.workdir) as workdir:
         if not args.skip_lite:
             result["lite_medsam"] = lite_medsam(args, threads, amp, Path(workdir))
