@@ -58,13 +58,25 @@ class VolumeSliceInferer(Inferer):
         label = label.as_tensor() if isinstance(label, MetaTensor) else label
         predictor = SlicePredictor(network, volume.device, self.batch_size, self.amp)
         # progress inside the volume (a CT volume takes minutes on a CPU): slice images sent, under this protocol
-        with tqdm(desc=f"{case_id or 'volume'} ({self.protocol.name}) slices", unit="slice", leave=False,
+        with tqdm(desc=f"{case_id or _name_of(inputs)} ({self.protocol.name}) slices", unit="slice", leave=False,
                   disable=rank() > 0) as bar:
             predictor.on_slices = bar.update
             probs, prompts, used = predict_case(predictor, volume.reshape(volume.shape[-3:]).cpu(),
                                                 label.reshape(label.shape[-3:]).cpu(), self.organs, self.protocol,
                                                 spacing, self.seed, case_id)
         return to_label_map(probs, list(self.organs.values())), prompts, used
+
+
+def _name_of(inputs: Any) -> str:
+    """The case a volume is (its file's case id, as the test split names it), for its progress bar."""
+    from pathlib import Path
+
+    from ..inference.cases import case_id_of
+
+    source = (getattr(inputs, "meta", None) or {}).get("filename_or_obj")
+    if isinstance(source, (list, tuple)):
+        source = source[0] if source else None
+    return case_id_of(Path(str(source))) if source else "volume"
 
 
 def postprocessing(organs: Mapping[str, int]):
