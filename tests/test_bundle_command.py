@@ -134,7 +134,7 @@ def test_a_run_ends_with_its_scores_paths_and_mlflow_run(runs):
     printed = ok(results["adome", "absolute"])
     heading, table, where = summary_of(printed, "training")
     assert re.match(r"cobot-med training finished in \d+ (s|min \d+ s): adome, lora on tiny at 64 px, 1 epoch "
-                    r"\(best epoch 1 by val_dsc \d\.\d{4}\)$", heading), heading
+                    r"\(best epoch 1 by val_dsc under tight prompts: \d\.\d{4}\)$", heading), heading
     assert "tight (oracle)" in table[1] and "key_slice" in table[1]
     run = finished_run(out["adome", "absolute"])
     mean = table[[line.split()[0] for line in table].index("mean")].split()

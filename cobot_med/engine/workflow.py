@@ -92,13 +92,15 @@ def say_choices(run_id: str, device: Any, speed: Any) -> None:
 def say_summary(run_id: str, settings: Any, session: Any) -> None:
     """The end of a training (its last step, first process): what was trained, the test split's scores by prompt
     protocol, where the adapter, predictions and pictures went, and the MLflow run with the ``mlflow ui`` line."""
-    config_path = settings.output_path / "adapter_best" / "adapter_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    model = f"{settings.dataset}, {settings.peft} on {settings.arch} at {settings.image_size} px, {settings.epochs} epoch{'s' if settings.epochs != 1 else ''}"
-    best = config.get("metric") or {}
-    if best:
-        name, value = next(iter(best.items()))
-        model += f" (best epoch {config.get('epoch')} by {name} {value:.4f})"
+    from .tracking import split_protocol_metric
+
+    best = settings.output_path / "adapter_best"
+    config = read_adapter_config(best) if (best / "adapter_config.json").is_file() else {}
+    epochs = f"{settings.epochs} epoch{'s' if settings.epochs != 1 else ''}"
+    model = f"{settings.dataset}, {settings.peft} on {settings.arch} at {settings.image_size} px, {epochs}"
+    for key, value in (config.get("metric") or {}).items():  # the metric the best adapter was kept by
+        name, protocol = split_protocol_metric(key)
+        model += f" (best epoch {config.get('epoch')} by {name} under {protocol} prompts: {value:.4f})"
     scores = getattr(session, "test_scores", None)
     table = (scores_table(settings.organs, *scores) if scores else
              "no test split scored (test_fraction 0 or no test case): the validation DSC is in MLflow")
@@ -137,7 +139,6 @@ def run_summary(run_id: str, model: str, table: str, rows: list[tuple[str, str]]
     """A finished run's summary, one shape for every run (training, evaluate, the demo): a heading naming the
     run and the model, the scores, then the paths and the MLflow run (``run`` = (run id, store); None for a run
     that records no MLflow run)."""
-
     took = time.monotonic() - _started[run_id] if run_id in _started else None
     heading = f"cobot-med {run_id} finished" + (f" in {_duration(took)}" if took is not None else "") + f": {model}"
     return "\n".join(["", heading, table, *where_lines(run_id, rows, run)])
