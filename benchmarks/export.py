@@ -126,6 +126,25 @@ def run_paths(paths: dict, warm: dict, repeats: int, held: dict) -> tuple[dict, 
     return seconds, maps, peaks
 
 
+def emulated_backends() -> tuple[tuple[str, ...], str | None]:
+    """The runtimes whose rows mean what the machine class says, and why any is left out.
+
+    Under an ISA cap (the AVX2 class emulated on an AVX-512 machine, BENCHMARKS.md): OpenVINO 2026.4 honours
+    ``OV_CPU_MAX_ISA`` for its own kernels and ``ONEDNN_MAX_CPU_ISA`` for its oneDNN (checked: with both at AVX2 its
+    CPU capabilities drop BF16 and oneDNN runs ``brg_conv_fwd:avx2`` in fp32), so it needs both, at the same value.
+    ONNX Runtime has no cap (MLAS dispatches on the CPU's own features): its row would be the CPU's own class under
+    an emulated label, so it is left out."""
+    limits = dict(C.P.cpu_info().isa_limits)
+    if not limits:
+        return ("onnxruntime", "openvino"), None
+    onednn = limits.get("ONEDNN_MAX_CPU_ISA") or limits.get("DNNL_MAX_CPU_ISA")
+    if (onednn or "").lower() != limits.get("OV_CPU_MAX_ISA", "").lower():
+        raise SystemExit("benchmarks/export.py: an emulated class needs OV_CPU_MAX_ISA and ONEDNN_MAX_CPU_ISA at the same "
+                         f"value (OpenVINO reads one for its own kernels, its oneDNN the other); set: {limits}")
+    return ("openvino",), ("ONNX Runtime left out: it has no ISA cap (MLAS dispatches on the CPU's own features), so "
+                           "its time would be the CPU's own class, not the emulated one")
+
+
 def exported_networks(folder: Path, amp, threads: int, held: dict,
                       int8_folder: Path | None = None) -> dict[str, tuple]:
     """name -> (network, its precision, why) for ONNX Runtime, OpenVINO at ``amp``'s precision and in fp32; the
@@ -134,14 +153,15 @@ def exported_networks(folder: Path, amp, threads: int, held: dict,
     out = {}
     from cobot_med.export.runtime import _Graph
 
-    for backend in ("onnxruntime", "openvino"):  # load each runtime's libraries and plugins before measuring
+    backends, _ = emulated_backends()
+    for backend in backends:  # load each runtime's libraries and plugins before measuring
         _Graph(backend, exported.graph_file("mask_decoder", "onnx"), "fp32", threads)
 
     def add(name, exported, backend, precision, why):
         network, held[name] = loaded(lambda: ExportedSam(exported, backend, precision, threads))
         out[name] = (network, precision, why)
 
-    for backend in ("onnxruntime", "openvino"):
+    for backend in backends:
         precision, why = runtime_precision(backend, amp, exported)
         name = f"ours, {backend}" + ("" if precision == "fp32" or backend == "onnxruntime" else f" {precision}")
         add(name, exported, backend, precision, why)
@@ -149,7 +169,7 @@ def exported_networks(folder: Path, amp, threads: int, held: dict,
         add("ours, openvino", exported, "openvino", "fp32", "fp32 (asked for)")
     if int8_folder is not None:
         quantised = read_export(int8_folder)
-        for backend in ("onnxruntime", "openvino"):
+        for backend in backends:
             add(f"ours, {backend} int8", quantised, backend, "int8", "int8 (explicit)")
     return out
 
@@ -320,6 +340,10 @@ def main() -> None:
           f"openvino {openvino.__version__}, load average {C.machine('cpu')['load_average']}")
     result = {"machine": C.machine("cpu"), "date": time.strftime("%Y-%m-%d"),
               "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}}
+    _, left_out = emulated_backends()
+    if left_out:
+        print(left_out)
+        result["left_out"] = left_out
     peak = {"fp32": C.matmul_peak("cpu", torch.float32), "bf16": C.matmul_peak("cpu", torch.bfloat16)}
     result["matmul_peak_gflops"] = peak
     if args.workdir:

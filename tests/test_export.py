@@ -435,3 +435,36 @@ def test_int8_is_explicit_and_its_accuracy_is_measured(tmp_path, phantom_factory
     assert "--int8 needs --calibration" in capsys.readouterr().err
     with pytest.raises(ExportError):
         read_export(tmp_path / "nowhere")
+
+
+@pytest.mark.slow  # importing the benchmark loads its reference models' modules (~5 s)
+@pytest.mark.timeout(60)
+def test_benchmark_emulates_avx2_only_where_a_runtime_can_be_capped(monkeypatch):
+    """benchmarks/export.py under an ISA cap: OpenVINO needs its own cap beside oneDNN's (else its kernels run the
+    CPU's full ISA under an "emulated" label); ONNX Runtime cannot be capped, so its rows are left out, with why."""
+    import sys
+
+    from cobot_med.engine import precision
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import export as bench
+    finally:
+        sys.path.pop(0)
+    for name in precision.ISA_LIMIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    precision.cpu_info.cache_clear()
+    try:
+        assert bench.emulated_backends() == (("onnxruntime", "openvino"), None)
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        precision.cpu_info.cache_clear()
+        with pytest.raises(SystemExit, match="OV_CPU_MAX_ISA and ONEDNN_MAX_CPU_ISA at the same value"):
+            bench.emulated_backends()
+        monkeypatch.setenv("OV_CPU_MAX_ISA", "avx2")
+        precision.cpu_info.cache_clear()
+        backends, why = bench.emulated_backends()
+        assert backends == ("openvino",) and why.startswith("ONNX Runtime left out")
+        assert "OV_CPU_MAX_ISA=avx2" in precision.cpu_info().cache_key()
+    finally:
+        monkeypatch.undo()
+        precision.cpu_info.cache_clear()

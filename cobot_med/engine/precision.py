@@ -46,7 +46,10 @@ AMP_SETTINGS = ("auto", "true", "false", "bf16", "bfloat16", "fp16", "float16", 
 FAST_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # Linux /proc/cpuinfo names
 MIN_BF16_SPEEDUP = 1.5  # measured bf16 matmul must beat fp32 by this much to be worth autocast's casts
 CACHE_FILE = "cpu_bf16.json"
-ISA_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+# OV_CPU_MAX_ISA caps OpenVINO's own CPU kernels (its oneDNN reads ONEDNN_MAX_CPU_ISA); ONNX Runtime has no such
+# switch (its MLAS kernels dispatch on the CPU's own features).
+ISA_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                       "OV_CPU_MAX_ISA")
 
 
 def parse_amp(value: Any) -> str:
