@@ -22,6 +22,7 @@ from monailabel.interfaces.datastore import Datastore
 import cobot_med
 
 from . import settings as app_settings
+from . import versions
 from .datastore import CheckedDatastore
 from .errors import RequestError, http_error
 from .folder import check_app_dir
@@ -39,6 +40,7 @@ class CobotMedApp(MONAILabelApp):
             raise app_settings.ConfError(str(err)) from None
         self.settings = app_settings.from_conf(conf or {}, studies)
         guard_requests(self)
+        versions.add_routes(self.settings)  # GET /cobot_med/versions/MODEL, POST .../serve?version=N (rollback)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="cobot-med",
                          description="SAM with PEFT adapters (SAM-COBOT), fine-tuned from the annotators' labels",
                          version=cobot_med.__version__, labels=dict(self.settings.organs))
