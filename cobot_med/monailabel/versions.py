@@ -37,6 +37,9 @@ FOLDER = "adapters"
 LOCK = ".versions.lock"
 HELD_OUT_FRACTION = 0.2  # of the images, by their id's draw; never changed for a study (it would move labels)
 HELD_OUT_SALT = "cobot-med held-out v1"
+RULE = (f"held out: the first 8 bytes of sha256('{HELD_OUT_SALT}/' + image id) / 2**64 < {HELD_OUT_FRACTION}, "
+        "or held out before; with >= 2 labelled images and none held out, the one no round trained on with the "
+        "smallest draw")
 KEPT, SWITCHED, NOT_JUDGED = "kept", "switched", "not judged"
 
 
@@ -155,9 +158,7 @@ def open_versions(model_dir: str | Path, start_adapter: str | None, version: int
         if not record:
             record.update({
                 "served": 0, "served_by": "start", "served_since": time.time(),
-                "held_out": {"rule": f"sha256('{HELD_OUT_SALT}/' + image id) < {HELD_OUT_FRACTION} of 2**256, "
-                                     "or held out before; with >= 2 labelled images and none held out, the "
-                                     "untrained one with the smallest draw", "ids": []},
+                "held_out": {"rule": RULE, "ids": []},
                 "versions": [{"version": 0, "adapter": start_adapter, "weights_sha256": _adapter_sha(start_adapter),
                               "source": "--conf adapter" if start_adapter else "the base model, zero-shot",
                               "created": time.time(), "mlflow": None, "scores": []}],
