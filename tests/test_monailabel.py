@@ -342,3 +342,95 @@ def test_the_base_alone_is_served_until_an_adapter_exists(phantom_factory, tmp_p
     same_geometry(label, nib.load(phantoms / "Image" / "Case_00001_0000.nii.gz"))
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, ORGANS["kidney"]}
     assert app.info()["train_stats"][MODEL] == {}
+
+
+def _organ_mean_dsc(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """The project's DSC policy, computed here with numpy: mean over the organs present in either volume."""
+    scores = [dice(predicted == v, truth == v) for v in ORGANS.values() if (predicted == v).any() or (truth == v).any()]
+    return float(np.mean(scores))
+
+
+def test_rounds_are_versions_served_only_when_they_score_at_least_the_served_one(phantom_factory, tmp_path):
+    """The app in-process (the server's own calls): a round trained with a learning rate that breaks the adapter
+    scores lower on the held-out label and is kept unserved; a round that changes the weights by ~1e-9 scores the
+    same and is served; rollback by ``--conf adapter_version`` serves an earlier version's weights, also after a
+    restart; nothing is overwritten; each version has its MLflow run with its judging."""
+    import mlflow
+
+    from cobot_med.files import file_sha256
+    from cobot_med.monailabel.app import CobotMedApp
+    from cobot_med.monailabel.settings import ConfError
+
+    phantoms = phantom_factory("adome", cases=3, seed=0, shape=(32, 32, 12))
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in ("Case_00001", "Case_00002", "Case_00003"):
+        shutil.copy(phantoms / "Image" / f"{case}_0000.nii.gz", studies)
+        shutil.copy(phantoms / "Mask" / f"{case}.nii.gz", studies / "labels" / "final" / f"{case}_0000.nii.gz")
+    torch.manual_seed(0)
+    start = save_adapter(build_model(ModelSpec(arch=MODEL, image_size=64, peft="lora+cobot")), tmp_path / "start")
+    conf = {"models": MODEL, "adapter": str(start), "amp": "false", "epochs": "1"}
+    app = CobotMedApp(str(tmp_path / "app"), str(studies), conf)
+    model_dir = studies / "cobot_med" / MODEL
+    start_hashes = {p.name: file_sha256(p) for p in start.iterdir()}
+    handle = Server("", phantoms, tmp_path, start, tmp_path / "log")
+    truth = phantom(handle, "Case_00003")[1]  # the held-out case
+    roi = slicer_roi(phantom(handle, "Case_00001")[1], ORGANS["liver"])
+
+    def round_(lr: float) -> dict:
+        return app.train({"model": MODEL, "max_epochs": 1, "lr": lr, "cobot_lr": lr, "device": "cpu"})
+
+    def served_sha() -> str:
+        result = app.infer({"model": MODEL, "image": "Case_00001_0000", "label": "liver", "roi": roi})
+        return result["params"]["cobot_med"]["model"]["adapter_weights_sha256"]
+
+    worse = round_(1.0)  # the largest learning rate the bundle takes: one step wrecks the tiny adapter
+    judged = worse["judged"]
+    assert worse["version"] == 1 and judged["decision"] == "kept"
+    assert judged["held_out"] == ["Case_00003_0000"] and worse["split"]["trained"] == ["Case_00001_0000",
+                                                                                       "Case_00002_0000"]
+    training = json.loads((Path(worse["round_dir"]) / "monailabel_datalist.json").read_text())["training"]
+    assert sorted(Path(c["image"]).name for c in training) == ["Case_00001_0000.nii.gz", "Case_00002_0000.nii.gz"]
+    assert judged["protocol"] == "tight" and judged["served_version"] == 0
+    assert judged["dsc"] < judged["served_dsc"]
+    assert judged["reason"] == f"kept version 0: version 1's held-out DSC {judged['dsc']:.4f} < {judged['served_dsc']:.4f}"
+    for evaluation, score in zip(judged["evaluations"], (judged["dsc"], judged["served_dsc"])):  # both DSCs, recomputed
+        written = Path(evaluation).parent / "test_predictions" / "tight" / "Case_00003_seg.nii.gz"
+        assert _organ_mean_dsc(np.asarray(nib.load(written).dataobj), truth) == pytest.approx(score, abs=1e-6)
+    info = app.info()
+    block = info["models"][MODEL]["cobot_med"]
+    assert (block["served_version"], block["latest_version"], block["served_adapter"]) == (0, 1, str(start))
+    assert block["last_decision"]["decision"] == "kept" and block["last_decision"]["dsc"] == judged["dsc"]
+    assert block["last_decision"]["served_dsc"] == judged["served_dsc"]
+    assert "serving adapter version 0" in info["models"][MODEL]["description"]
+    assert info["train_stats"][MODEL]["last_decision"] == block["last_decision"]
+    assert served_sha() == start_hashes["adapter_model.safetensors"]
+
+    same = round_(1e-9)  # Adam moves each weight by ~1e-9: the same predictions, DSC >= the served one's
+    assert same["version"] == 2 and same["started_from"] == 0 and same["judged"]["decision"] == "switched"
+    assert same["judged"]["dsc"] == same["judged"]["served_dsc"] and same["judged"]["held_out"] == ["Case_00003_0000"]
+    assert same["versions"]["served_version"] == 2
+    v1, v2 = (model_dir / "adapters" / f"v000{n}" / "adapter_model.safetensors" for n in (1, 2))
+    assert served_sha() == file_sha256(v2) != file_sha256(v1)
+
+    store = mlflow.MlflowClient(tracking_uri=app.settings.tracking_uri)
+    for result in (worse, same):
+        run = store.get_run(result["mlflow"]["run_id"])
+        assert run.data.metrics["heldout_dsc"] == pytest.approx(result["judged"]["dsc"])
+        assert run.data.metrics["heldout_dsc_served"] == pytest.approx(result["judged"]["served_dsc"])
+        assert run.data.tags["cobot_med.adapter_version"] == str(result["version"])
+        assert run.data.tags["cobot_med.decision"] == result["judged"]["decision"]
+    assert worse["mlflow"]["run_id"] != same["mlflow"]["run_id"]
+
+    adapters = {p: file_sha256(p) for p in (model_dir / "adapters").rglob("*") if p.is_file()}
+    restarted = CobotMedApp(str(tmp_path / "app"), str(studies), {**conf, "adapter_version": "1"})  # rollback
+    assert restarted.info()["models"][MODEL]["cobot_med"]["served_version"] == 1
+    app = restarted
+    assert served_sha() == file_sha256(v1)
+    app = CobotMedApp(str(tmp_path / "app"), str(studies), conf)  # a restart without the setting: still version 1
+    assert served_sha() == file_sha256(v1)
+    with pytest.raises(ConfError, match=r"no adapter version 7: this model has versions \[0, 1, 2\]"):
+        CobotMedApp(str(tmp_path / "app"), str(studies), {**conf, "adapter_version": "7"})
+    assert {p: file_sha256(p) for p in (model_dir / "adapters").rglob("*") if p.is_file()} == adapters
+    assert {p.name: file_sha256(p) for p in start.iterdir()} == start_hashes
+    assert sorted(p.name for p in (model_dir / "adapters").iterdir()) == ["v0001", "v0002"]
