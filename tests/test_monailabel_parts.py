@@ -139,6 +139,7 @@ def test_the_app_refuses_a_folder_next_to_the_code(tmp_path):
 
 
 def test_the_held_out_split_is_fixed_by_the_image_id_and_never_moves():
+    """Held out by the id's SHA-256 draw, or held out before; one more from the second label on; never moved."""
     import hashlib
 
     from cobot_med.monailabel import versions
@@ -168,6 +169,13 @@ def test_the_held_out_split_is_fixed_by_the_image_id_and_never_moves():
         assert count < 2 or held
         pinned |= set(held)
         trained |= set(training)
+
+    # a train request whose saved labels are all held out is refused before a round starts (the server's 422)
+    lone = sorted(by_rule)[0]
+    assert versions.image_id(f"/studies/{lone}.nii.gz") == lone
+    message = versions.nothing_to_train("/nowhere", [{"image": f"/studies/{lone}.nii.gz"}])
+    assert message == f"every saved label is held out to judge rounds ({lone}): save a label on another image to train on"
+    assert versions.nothing_to_train("/nowhere", [{"image": "/studies/Case_00001_0000.nii.gz"}]) is None
 
 
 def test_versions_are_written_once_and_served_by_number(tmp_path):

@@ -80,7 +80,8 @@ Check = Callable[[Any], Awaitable["tuple[int, str] | None"]]
 def guard_requests(app: "CobotMedApp") -> None:
     """In the server, check two requests before MONAI Label's endpoints take them: ``POST /infer/MODEL`` whose
     ``params`` form field is not a JSON object (the endpoint's ``json.loads`` would answer 500) and ``POST
-    /train/MODEL`` with no saved label yet (a training task would start, answer 200, and fail in its status).
+    /train/MODEL`` with no saved label yet, or only held-out ones (a training task would start, answer 200, and
+    fail in its status).
     Each gets 422 and the reason. The checks sit in front of the server's ASGI stack (Starlette's
     ``middleware_stack``), so they do not depend on how the endpoints are routed."""
     server = sys.modules.get("monailabel.app")
@@ -100,10 +101,13 @@ def guard_requests(app: "CobotMedApp") -> None:
             return 422, f"params must be a JSON object, got {type(params).__name__}"
         return None
 
-    async def labels_saved(_request: Any) -> "tuple[int, str] | None":
-        if not app.datastore().datalist():
+    async def labels_saved(request: Any) -> "tuple[int, str] | None":
+        datalist = app.datastore().datalist()
+        if not datalist:
             return 422, "no saved labels yet: save at least one label (final) before training"
-        return None
+        model = request.url.path.rstrip("/").rsplit("/", 1)[-1]  # every saved label held out: nothing to train on
+        problem = versions.nothing_to_train(app.settings.model_dir(model), datalist)
+        return None if problem is None else (422, problem)
 
     web = server.app
     stack = web.middleware_stack if web.middleware_stack is not None else web.build_middleware_stack()

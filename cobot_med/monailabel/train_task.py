@@ -83,11 +83,11 @@ class CobotMedTrain(TrainTask):
                  for item in datastore.datalist()}
         if not cases:
             raise RequestError("no saved labels yet: save at least one label (final) before training")
+        problem = versions.nothing_to_train(self.model_dir, list(cases.values()))
+        if problem:
+            raise RequestError(problem)
         record = versions.read(self.model_dir)
         held, trained = versions.split(cases, record["held_out"]["ids"], versions.trained_ids(record))
-        if not trained:
-            raise RequestError(f"every saved label is held out to judge rounds ({', '.join(held)}): save a label "
-                               "on another image to train on")
         versions.pin_held_out(self.model_dir, held)
         number = next_round(self.model_dir)
         round_dir = self.model_dir / "rounds" / f"{ROUND_PREFIX}{number:04d}"

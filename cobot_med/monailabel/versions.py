@@ -82,6 +82,17 @@ def split(labelled: Iterable[str], pinned: Iterable[str] = (), trained: Iterable
     return sorted(held), [i for i in ids if i not in held]
 
 
+def nothing_to_train(model_dir: str | Path, datalist: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a round could not train on the saved labels of ``datalist`` (every one of them held out), or None."""
+    record = read(model_dir)
+    labelled = [image_id(item["image"]) for item in datalist]
+    held, training = split(labelled, (record.get("held_out") or {}).get("ids", ()), trained_ids(record))
+    if labelled and not training:
+        return (f"every saved label is held out to judge rounds ({', '.join(held)}): save a label on another image "
+                "to train on")
+    return None
+
+
 # --- the record ------------------------------------------------------------------------------------------
 
 
