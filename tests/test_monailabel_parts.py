@@ -213,13 +213,27 @@ def test_versions_are_written_once_and_served_by_number(tmp_path):
     assert versions.serve(model_dir, "v3", "request")["served_version"] == 3
     assert versions.serve(model_dir, 0, "request")["served_adapter"] == str(start)
     assert [h["served"] for h in versions.read(model_dir)["history"]] == [0, 3, 0]
-    assert {p: file_sha256(p) for p in files} == hashes
+
+    # a round with no held-out label is not judged, and one judged against a version no longer served is kept
+    unjudged = versions.decide(model_dir, 1, {"held_out_count": 0, "served_version": 0, "dsc": None,
+                                             "served_dsc": None, "protocol": "tight", "held_out": []})
+    assert unjudged["judged"]["decision"] == "not judged" and versions.read(model_dir)["served"] == 0
+    assert unjudged["judged"]["reason"].startswith("not judged: no held-out labels yet (save labels on at least 2")
+    versions.serve(model_dir, 1, "request")  # chosen while version 3 was being judged against version 0
+    late = versions.decide(model_dir, 3, {"held_out_count": 1, "served_version": 0, "dsc": 0.5, "served_dsc": 0.4,
+                                          "protocol": "tight", "held_out": ["Case_00003_0000"]})
+    assert late["judged"]["decision"] == "kept" and versions.read(model_dir)["served"] == 1
+    assert late["judged"]["reason"] == ("kept version 1: it was chosen (request) while version 3 was judged "
+                                        "against version 0")
+    assert versions.summary(versions.read(model_dir))["last_decision"]["version"] == 3
+    versions.serve(model_dir, 0, "request")
 
     with pytest.raises(ValueError, match="grown from .*start.*, not from the base model"):
         versions.open_versions(model_dir, None)  # another start: these versions are not its
     with pytest.raises(ValueError, match="no adapter version 5"):
         versions.open_versions(model_dir, str(start), 5)
     assert versions.open_versions(model_dir, str(start), 1)["served"] == 1  # --conf adapter_version 1
+    assert {p: file_sha256(p) for p in files} == hashes  # nothing was written again
 
 
 @pytest.mark.parametrize("value, expected", [("2", {"tiny": 2}), ("tiny:v1", {"tiny": 1}), ("", {})])

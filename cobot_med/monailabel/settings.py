@@ -1,29 +1,29 @@
 """The app's settings: MONAI Label's ``--conf KEY VALUE`` pairs, checked once when the server starts.
 
-=================  ===========================  ==========================================================
-key                default                      meaning
-=================  ===========================  ==========================================================
-``models``         ``lite_medsam``              served models, comma-separated; each name is a base SAM arch
-``dataset``        ``adome``                    dataset layout: label names and ids, CT window
-``adapter``        (none)                       a trained adapter folder to serve from the start (its arch
-                                                must be one of ``models``): version 0
-``adapter_version`` (the record's)              serve this adapter version when the server starts (a
-                                                rollback): ``N`` for every model, or ``MODEL:N,...``
-``sam_checkpoint`` (none)                       the base's official weights (needed by ``vit_b/l/h``)
-``image_size``     the arch's default           model input size for a base without adapter
-``peft``           ``lora+cobot``               method of a new adapter (the first training round)
-``epochs``         ``5``                        epochs per training round (``max_epochs`` per request)
-``output_dir``     ``STUDIES/cobot_med``        training rounds, served adapters, MLflow store
-``tracking_uri``   ``$MLFLOW_TRACKING_URI``     MLflow store; else ``sqlite:///OUTPUT_DIR/mlflow.db``
-``propagation``    ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
-``amp``            ``auto``                     precision in inference and training, as the bundles' ``amp``
-                                                (``auto``: what the device runs fast; true/false, bf16, fp16)
-``batch_size``     ``auto``                     slices per forward pass in inference (``eval_batch_size``;
-                                                ``auto``: 1 for LiteMedSAM on a CPU, else 8)
-``backend``        ``torch``                    what runs the served model, as the bundles' ``backend``:
-                                                ``onnxruntime`` / ``openvino`` (each adapter exported on first
-                                                use into the cache) or ``auto`` (docs/export.md)
-=================  ===========================  ==========================================================
+===================  ===========================  ==========================================================
+key                  default                      meaning
+===================  ===========================  ==========================================================
+``models``           ``lite_medsam``              served models, comma-separated; each name is a base SAM arch
+``dataset``          ``adome``                    dataset layout: label names and ids, CT window
+``adapter``          (none)                       a trained adapter folder to serve from the start (its arch
+                                                  must be one of ``models``): version 0
+``adapter_version``  (the record's)               serve this adapter version when the server starts (a
+                                                  rollback): ``N`` for every model, or ``MODEL:N,...``
+``sam_checkpoint``   (none)                       the base's official weights (needed by ``vit_b/l/h``)
+``image_size``       the arch's default           model input size for a base without adapter
+``peft``             ``lora+cobot``               method of a new adapter (the first training round)
+``epochs``           ``5``                        epochs per training round (``max_epochs`` per request)
+``output_dir``       ``STUDIES/cobot_med``        training rounds, adapter versions, MLflow store
+``tracking_uri``     ``$MLFLOW_TRACKING_URI``     MLflow store; else ``sqlite:///OUTPUT_DIR/mlflow.db``
+``propagation``      ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
+``amp``              ``auto``                     precision in inference and training, as the bundles' ``amp``
+                                                  (``auto``: what the device runs fast; true/false, bf16, fp16)
+``batch_size``       ``auto``                     slices per forward pass in inference (``eval_batch_size``;
+                                                  ``auto``: 1 for LiteMedSAM on a CPU, else 8)
+``backend``          ``torch``                    what runs the served model, as the bundles' ``backend``:
+                                                  ``onnxruntime`` / ``openvino`` (each adapter exported on first
+                                                  use into the cache) or ``auto`` (docs/export.md)
+===================  ===========================  ==========================================================
 
 Each served model is one :class:`cobot_med.settings.RunSettings` of the dataset's bundle (its defaults,
 with the keys above), checked by the project's own checks: the same object ``cobot-med infer`` and the
