@@ -290,7 +290,9 @@ def evaluate_adapter(settings: RunSettings, datalist: str | Path, output_dir: st
                      device=device, amp=settings.amp, num_workers=0, seed=BASE_SEED)
     run_bundle(settings.dataset, "evaluate", **overrides)
     path = Path(output_dir) / "evaluation.json"
-    block = json.loads(path.read_text())["protocols"][protocol]
+    block = (json.loads(path.read_text()).get("protocols") or {}).get(protocol)
+    if block is None:
+        raise RuntimeError(f"{path} holds no {protocol} scores: no held-out case was scored")
 
     def number(value: Any) -> float | None:
         return None if value is None or not math.isfinite(float(value)) else float(value)

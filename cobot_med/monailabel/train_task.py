@@ -109,7 +109,12 @@ class CobotMedTrain(TrainTask):
             "epochs": epochs, "optimiser": optimiser, "split": {"trained": trained, "held_out": held},
             "mlflow": {"tracking_uri": self.settings.tracking_uri, **run},
         })
-        judged = self._judge(new, held, [cases[i] for i in held], training, round_dir, device)
+        try:
+            judged = self._judge(new, held, [cases[i] for i in held], training, round_dir, device)
+        except Exception as err:  # the version stays, recorded as not judged; the round's status says why
+            versions.decide(self.model_dir, new["version"], {"held_out": held, "held_out_count": len(held),
+                                                             "error": f"{type(err).__name__}: {err}"})
+            raise
         result = versions.decide(self.model_dir, new["version"], judged)
         if run.get("run_id"):
             project.record_judging(self.settings.tracking_uri, run["run_id"],

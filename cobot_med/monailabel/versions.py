@@ -251,7 +251,10 @@ def decide(model_dir: str | Path, number: int, judged: Mapping[str, Any]) -> dic
     with locked(model_dir) as record:
         item = entry(record, number)
         against, candidate, current = judged.get("served_version"), judged.get("dsc"), judged.get("served_dsc")
-        if judged.get("held_out_count", 0) == 0:
+        if judged.get("error"):
+            decision = NOT_JUDGED
+            reason = f"not judged: judging failed ({judged['error']}); version {record['served']} is still served"
+        elif judged.get("held_out_count", 0) == 0:
             decision = NOT_JUDGED
             reason = (f"not judged: no held-out labels yet (save labels on at least 2 images); version "
                       f"{record['served']} is still served, version {number} can be served on request")
