@@ -125,7 +125,10 @@ class CobotMedTrain(TrainTask):
         summary = versions.summary(versions.read(self.model_dir))
         print(f"cobot-med round {number}: adapter version {new['version']} -- {result['judged']['reason']}; "
               f"serving version {summary['served_version']}", flush=True)
-        return {**result, "labels": len(cases), "seconds": round(time.time() - started, 1), "versions": summary}
+        from ..redact import redact
+
+        # MONAI Label logs the result into the task's status (GET /train/): the store's credentials masked
+        return redact({**result, "labels": len(cases), "seconds": round(time.time() - started, 1), "versions": summary})
 
     def _judge(self, new: dict, held: list[str], held_cases: list[dict], training: list[dict], round_dir: Path,
                device: str) -> dict[str, Any]:
