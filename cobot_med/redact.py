@@ -1,8 +1,8 @@
 """The one redaction of credentials, for every URI the project writes or prints.
 
 A tracking store may be ``postgresql://user:password@host/db`` or ``http://user:token@server``; what the
-project writes (``resolved_settings.json``, ``resume.pt``, MLflow params and artifacts, ``served.json``,
-summaries) and prints (errors, logs) carries it as ``postgresql://user:***@host/db``. Query parameters
+project writes (``resolved_settings.json``, ``resume.pt``, MLflow params and artifacts, the MONAI Label app's
+``versions.json``, summaries) and prints (errors, logs) carries it as ``postgresql://user:***@host/db``. Query parameters
 that carry a secret (``?password=...``, ``token``, ``access_key``...) are masked the same way. The store
 itself is always reached with the URI as given; only what is recorded is redacted, so a record names the
 store without holding its key.

@@ -286,7 +286,9 @@ def test_saved_labels_train_a_round_that_is_served_without_a_restart(server, tmp
     response = save_label(server, "Case_00002_0000", server.phantoms / "Mask" / "Case_00002.nii.gz")
     assert response.status_code == 200, response.text
 
-    response = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 1, "lr": 2e-3, "cobot_lr": 2e-3},
+    # Adam moves each weight by ~lr: the round's adapter predicts the held-out label as the served one does, so its
+    # DSC is not lower and it is served (a round that scores lower is kept: the in-process test)
+    response = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 1, "lr": 1e-9, "cobot_lr": 1e-9},
                              timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 1200
@@ -296,31 +298,72 @@ def test_saved_labels_train_a_round_that_is_served_without_a_restart(server, tmp
             break
         assert time.monotonic() < deadline, f"training did not finish in 20 minutes: {task}"
         time.sleep(2)
-    assert task["status"] == "DONE", "\n".join(task.get("details", [])) + server.tail()
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "DONE", details + server.tail()
+    assert "cobot-med round 1: adapter version 1 -- switched to version 1: held-out DSC" in details  # Slicer shows it
 
-    stats = requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()["train_stats"][MODEL]
-    assert stats["round"] == 1 and stats["labels"] == 2 and stats["started_from"] == str(server.start_adapter)
-    assert stats["adapter"].endswith("round-0001/adapter_best")
-    assert stats["mlflow"]["status"] == "FINISHED" and "val_dsc" in stats["mlflow"]["metrics"]
+    info = requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()
+    block = info["models"][MODEL]["cobot_med"]
+    assert info["train_stats"][MODEL] == block and "serving adapter version 1" in info["models"][MODEL]["description"]
+    assert (block["served_version"], block["latest_version"], block["served_by"]) == (1, 1, "round 1: judged")
+    last = block["last_decision"]
+    assert (last["decision"], last["version"], last["served_version"], last["held_out"], last["protocol"]) == (
+        "switched", 1, 0, 1, "tight")
+    assert last["dsc"] == last["served_dsc"] and last["reason"].startswith("switched to version 1")
+    record = requests.get(f"{server.url}/cobot_med/versions/{MODEL}", timeout=TIMEOUT).json()["record"]
+    version = record["versions"][1]
+    assert version["split"] == {"trained": ["Case_00001_0000"], "held_out": ["Case_00002_0000"]}  # the smaller draw
+    assert record["held_out"]["ids"] == ["Case_00002_0000"]
+    assert version["adapter"] == str(server.studies / "cobot_med" / MODEL / "adapters" / "v0001")
+    assert version["round"] == 1 and version["started_from"] == 0
+    assert version["mlflow"]["status"] == "FINISHED" and "val_dsc" in version["mlflow"]["metrics"]
     import mlflow
 
     from cobot_med.adapter import read_adapter_config
     from cobot_med.engine import tracking
+    from cobot_med.files import file_sha256
 
-    run = mlflow.MlflowClient(tracking_uri=stats["mlflow"]["tracking_uri"]).get_run(stats["mlflow"]["run_id"])
-    key = read_adapter_config(stats["adapter"])["run_key"]  # the round's session names its run (tracking.run_name)
-    assert stats["mlflow"]["run_name"] == run.info.run_name == tracking.run_name("adome", "lora+cobot", MODEL, 64, 0, key)
-    assert stats["mlflow"]["experiment"] == tracking.experiment_name("adome") and run.data.params["peft"] == "lora+cobot"
-    assert run.data.tags[tracking.STATUS_TAG] == tracking.FINISHED
+    run = mlflow.MlflowClient(tracking_uri=version["mlflow"]["tracking_uri"]).get_run(version["mlflow"]["run_id"])
+    key = read_adapter_config(version["adapter"])["run_key"]  # the round's session names its run (tracking.run_name)
+    assert version["mlflow"]["run_name"] == run.info.run_name == tracking.run_name("adome", "lora+cobot", MODEL, 64, 0, key)
+    assert version["mlflow"]["experiment"] == tracking.experiment_name("adome") and run.data.params["peft"] == "lora+cobot"
+    assert run.data.tags[tracking.STATUS_TAG] == tracking.FINISHED and run.data.tags["cobot_med.decision"] == "switched"
+    assert run.data.metrics["heldout_dsc"] == pytest.approx(last["dsc"])
 
     _, truth = phantom(server, "Case_00002")
     roi = slicer_roi(truth, ORGANS["liver"])
     roi[0:2], roi[2:4] = roi[1::-1], roi[3:1:-1]
-    response, result, label = infer(server, "Case_00002_0000", {"label": "liver", "roi": roi})
-    assert response.status_code == 200, response.text
-    assert result["cobot_med"]["model"]["adapter"] == stats["adapter"] and result["cobot_med"]["model"]["round"] == 1
-    if "Case_00002" in server.seen:  # the same prompt, another adapter: another answer
-        assert not np.array_equal(np.asarray(label.dataobj), server.seen["Case_00002"])
+
+    def served() -> dict:
+        response, result, _ = infer(server, "Case_00002_0000", {"label": "liver", "roi": roi})
+        assert response.status_code == 200, response.text
+        return result["cobot_med"]["model"]
+
+    weights = {n: file_sha256(folder / "adapter_model.safetensors")
+               for n, folder in ((0, server.start_adapter), (1, Path(version["adapter"])))}
+    model = served()
+    assert (model["adapter"], model["round"], model["version"]) == (version["adapter"], 1, 1)
+    assert model["adapter_weights_sha256"] == weights[1] != weights[0]
+
+    # rollback by request: a bad one is answered 4xx with the reason, and the served version stays
+    url = f"{server.url}/cobot_med/versions"
+    for path, params, status, reason in [(MODEL, {"version": 9}, 404, "no adapter version 9: this model has versions [0, 1]"),
+                                         (MODEL, {"version": "latest"}, 422, "version must be a whole number"),
+                                         ("vit_b", {"version": 0}, 404, "unknown model 'vit_b'")]:
+        response = requests.post(f"{url}/{path}/serve", params=params, timeout=TIMEOUT)
+        assert response.status_code == status and reason in response.json()["detail"], response.text
+    assert served()["version"] == 1
+    response = requests.post(f"{url}/{MODEL}/serve", params={"version": 0}, timeout=TIMEOUT)
+    assert response.status_code == 200 and response.json()["served_version"] == 0, response.text
+    model = served()
+    assert (model["adapter"], model["version"], model["adapter_weights_sha256"]) == (str(server.start_adapter), 0,
+                                                                                      weights[0])
+    info = requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()["models"][MODEL]["cobot_med"]
+    assert (info["served_version"], info["served_by"], info["latest_version"]) == (0, "request", 1)
+    response = requests.post(f"{url}/{MODEL}/serve", params={"version": 1}, timeout=TIMEOUT)
+    assert response.status_code == 200 and served()["adapter_weights_sha256"] == weights[1]
+    assert {n: file_sha256(Path(a) / "adapter_model.safetensors")
+            for n, a in ((0, server.start_adapter), (1, version["adapter"]))} == weights  # nothing overwritten
 
 
 def test_the_base_alone_is_served_until_an_adapter_exists(phantom_factory, tmp_path):
@@ -341,4 +384,89 @@ def test_the_base_alone_is_served_until_an_adapter_exists(phantom_factory, tmp_p
     label = nib.load(result["file"])
     same_geometry(label, nib.load(phantoms / "Image" / "Case_00001_0000.nii.gz"))
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, ORGANS["kidney"]}
-    assert app.info()["train_stats"][MODEL] == {}
+    stats = app.info()["train_stats"][MODEL]  # version 0 is the base: no adapter
+    assert (stats["served_version"], stats["served_adapter"], stats["latest_version"]) == (0, None, 0)
+
+
+def _organ_mean_dsc(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """The project's DSC policy, computed here with numpy: mean over the organs present in either volume."""
+    scores = [dice(predicted == v, truth == v) for v in ORGANS.values() if (predicted == v).any() or (truth == v).any()]
+    return float(np.mean(scores))
+
+
+def test_a_round_that_scores_lower_is_kept_as_a_version_and_served_only_when_asked(phantom_factory, tmp_path):
+    """The app in-process (the server's own calls): a round trained with a learning rate that wrecks the adapter
+    scores lower on the held-out label and is kept unserved, saying so in its result, ``/info`` and its MLflow run;
+    ``--conf adapter_version`` serves it (its folder's weights), also after a restart without the setting;
+    nothing is overwritten. (A round that scores as well is served: the server test.)"""
+    import mlflow
+
+    from cobot_med.files import file_sha256
+    from cobot_med.monailabel.app import CobotMedApp
+    from cobot_med.monailabel.settings import ConfError
+
+    phantoms = phantom_factory("adome", cases=3, seed=0, shape=(32, 32, 12))
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in ("Case_00001", "Case_00002", "Case_00003"):
+        shutil.copy(phantoms / "Image" / f"{case}_0000.nii.gz", studies)
+        shutil.copy(phantoms / "Mask" / f"{case}.nii.gz", studies / "labels" / "final" / f"{case}_0000.nii.gz")
+    torch.manual_seed(0)
+    start = save_adapter(build_model(ModelSpec(arch=MODEL, image_size=64, peft="lora+cobot")), tmp_path / "start")
+    conf = {"models": MODEL, "adapter": str(start), "amp": "false", "epochs": "1"}
+    app = CobotMedApp(str(tmp_path / "app"), str(studies), conf)
+    model_dir = studies / "cobot_med" / MODEL
+    start_hashes = {p.name: file_sha256(p) for p in start.iterdir()}
+    handle = Server("", phantoms, tmp_path, start, tmp_path / "log")
+    truth = phantom(handle, "Case_00003")[1]  # the held-out case
+    roi = slicer_roi(phantom(handle, "Case_00001")[1], ORGANS["liver"])
+
+    def round_(lr: float) -> dict:
+        return app.train({"model": MODEL, "max_epochs": 1, "lr": lr, "cobot_lr": lr, "device": "cpu"})
+
+    def served_sha() -> str:
+        result = app.infer({"model": MODEL, "image": "Case_00001_0000", "label": "liver", "roi": roi})
+        return result["params"]["cobot_med"]["model"]["adapter_weights_sha256"]
+
+    worse = round_(1.0)  # the largest learning rate the bundle takes: one step wrecks the tiny adapter
+    judged = worse["judged"]
+    assert worse["version"] == 1 and judged["decision"] == "kept"
+    assert judged["held_out"] == ["Case_00003_0000"] and worse["split"]["trained"] == ["Case_00001_0000",
+                                                                                       "Case_00002_0000"]
+    training = json.loads((Path(worse["round_dir"]) / "monailabel_datalist.json").read_text())["training"]
+    assert sorted(Path(c["image"]).name for c in training) == ["Case_00001_0000.nii.gz", "Case_00002_0000.nii.gz"]
+    assert judged["protocol"] == "tight" and judged["served_version"] == 0
+    assert judged["dsc"] < judged["served_dsc"]
+    assert judged["reason"] == f"kept version 0: version 1's held-out DSC {judged['dsc']:.4f} < {judged['served_dsc']:.4f}"
+    for evaluation, score in zip(judged["evaluations"], (judged["dsc"], judged["served_dsc"])):  # both DSCs, recomputed
+        written = Path(evaluation).parent / "test_predictions" / "tight" / "Case_00003_seg.nii.gz"
+        assert _organ_mean_dsc(np.asarray(nib.load(written).dataobj), truth) == pytest.approx(score, abs=1e-6)
+    info = app.info()
+    block = info["models"][MODEL]["cobot_med"]
+    assert (block["served_version"], block["latest_version"], block["served_adapter"]) == (0, 1, str(start))
+    assert block["last_decision"]["decision"] == "kept" and block["last_decision"]["dsc"] == judged["dsc"]
+    assert block["last_decision"]["served_dsc"] == judged["served_dsc"]
+    assert "serving adapter version 0" in info["models"][MODEL]["description"]
+    assert info["train_stats"][MODEL]["last_decision"] == block["last_decision"]
+    assert served_sha() == start_hashes["adapter_model.safetensors"]
+
+    v1 = model_dir / "adapters" / "v0001" / "adapter_model.safetensors"
+    assert file_sha256(v1) == worse["weights_sha256"] != start_hashes["adapter_model.safetensors"]
+    store = mlflow.MlflowClient(tracking_uri=app.settings.tracking_uri)
+    run = store.get_run(worse["mlflow"]["run_id"])  # the round's training run, with its judging
+    assert run.data.metrics["heldout_dsc"] == pytest.approx(judged["dsc"])
+    assert run.data.metrics["heldout_dsc_served"] == pytest.approx(judged["served_dsc"])
+    assert run.data.tags["cobot_med.adapter_version"] == "1" and run.data.tags["cobot_med.decision"] == "kept"
+
+    adapters = {p: file_sha256(p) for p in (model_dir / "adapters").rglob("*") if p.is_file()}
+    restarted = CobotMedApp(str(tmp_path / "app"), str(studies), {**conf, "adapter_version": "1"})
+    assert restarted.info()["models"][MODEL]["cobot_med"]["served_version"] == 1
+    app = restarted
+    assert served_sha() == file_sha256(v1)
+    app = CobotMedApp(str(tmp_path / "app"), str(studies), conf)  # a restart without the setting: still version 1
+    assert served_sha() == file_sha256(v1)
+    with pytest.raises(ConfError, match=r"no adapter version 7: this model has versions \[0, 1\]"):
+        CobotMedApp(str(tmp_path / "app"), str(studies), {**conf, "adapter_version": "7"})
+    assert {p: file_sha256(p) for p in (model_dir / "adapters").rglob("*") if p.is_file()} == adapters
+    assert {p.name: file_sha256(p) for p in start.iterdir()} == start_hashes
+    assert sorted(p.name for p in (model_dir / "adapters").iterdir()) == ["v0001"]

@@ -133,3 +133,117 @@ def test_the_app_refuses_a_folder_next_to_the_code(tmp_path):
     for inside in (repository_root() / "apps" / "cobot_med", Path(cobot_med.__file__).parent / "monailabel"):
         with pytest.raises(settings.ConfError, match="inside .*python -m cobot_med.monailabel DIR"):
             CobotMedApp(str(inside), str(tmp_path / "studies"), {"models": "tiny"})
+
+
+# --- adapter versions (issue 24, item 5) ------------------------------------------------------------
+
+
+def test_the_held_out_split_is_fixed_by_the_image_id_and_never_moves():
+    """Held out by the id's SHA-256 draw, or held out before; one more from the second label on; never moved."""
+    import hashlib
+
+    from cobot_med.monailabel import versions
+
+    ids = [f"Case_{n:05d}_0000" for n in range(1, 41)]
+    for image in ids[:5]:  # the draw, computed independently
+        expected = int(hashlib.sha256(f"cobot-med held-out v1/{image}".encode()).hexdigest()[:16], 16) / 2 ** 64
+        assert versions.held_out_draw(image) == expected
+    by_rule = {i for i in ids if versions.held_out_draw(i) < versions.HELD_OUT_FRACTION}
+    assert 0 < len(by_rule) < len(ids)
+
+    assert versions.split(["Case_00001_0000"]) == ([], ["Case_00001_0000"])  # one label: nothing to judge with
+    pair = ["Case_00001_0000", "Case_00002_0000"]  # both draw above the fraction (0.961, 0.960)
+    assert versions.split(pair) == (["Case_00002_0000"], ["Case_00001_0000"])  # the smaller draw
+    assert versions.split(pair, trained=["Case_00002_0000"]) == (["Case_00001_0000"], ["Case_00002_0000"])
+    assert versions.split(pair, trained=pair) == ([], pair)  # a label a round learnt never judges
+
+    # labels saved one by one, a round after each, as the train task records them: an id once held out stays
+    # held out, an id once trained on is never held out, and from the second label on one is held out
+    pinned: set[str] = set()
+    trained: set[str] = set()
+    for count in range(1, len(ids) + 1):
+        held, training = versions.split(ids[:count], pinned, trained)
+        assert pinned <= set(held) and not (set(held) & trained) and not (set(held) & set(training))
+        assert set(held) | set(training) == set(ids[:count])
+        assert by_rule & set(ids[:count]) <= set(held)
+        assert count < 2 or held
+        pinned |= set(held)
+        trained |= set(training)
+
+    # a train request whose saved labels are all held out is refused before a round starts (the server's 422)
+    lone = sorted(by_rule)[0]
+    assert versions.image_id(f"/studies/{lone}.nii.gz") == lone
+    message = versions.nothing_to_train("/nowhere", [{"image": f"/studies/{lone}.nii.gz"}])
+    assert message == f"every saved label is held out to judge rounds ({lone}): save a label on another image to train on"
+    assert versions.nothing_to_train("/nowhere", [{"image": "/studies/Case_00001_0000.nii.gz"}]) is None
+
+
+def test_versions_are_written_once_and_served_by_number(tmp_path):
+    from cobot_med.files import file_sha256
+    from cobot_med.monailabel import versions
+
+    torch.manual_seed(0)
+    start = save_adapter(build_model(ModelSpec(arch="tiny", image_size=64, peft="lora")), tmp_path / "start")
+    round_best = save_adapter(build_model(ModelSpec(arch="tiny", image_size=64, peft="lora")), tmp_path / "best")
+    model_dir = tmp_path / "out" / "tiny"
+    record = versions.open_versions(model_dir, str(start))
+    assert record["served"] == 0 and record["versions"][0]["adapter"] == str(start)
+    assert record["versions"][0]["weights_sha256"] == file_sha256(start / "adapter_model.safetensors")
+
+    first = versions.add_version(model_dir, round_best, {"round": 1})
+    assert first["version"] == 1 and first["adapter"] == str(model_dir / "adapters" / "v0001")
+    (model_dir / "adapters" / "v0002").mkdir()  # a folder of that name already there: never written into
+    second = versions.add_version(model_dir, round_best, {"round": 2})
+    assert second["version"] == 3 and not any((model_dir / "adapters" / "v0002").iterdir())
+    files = sorted(p for p in (model_dir / "adapters").rglob("*") if p.is_file())
+    assert [p.relative_to(model_dir).as_posix() for p in files] == [
+        "adapters/v0001/adapter_config.json", "adapters/v0001/adapter_model.safetensors",
+        "adapters/v0003/adapter_config.json", "adapters/v0003/adapter_model.safetensors"]
+    hashes = {p: file_sha256(p) for p in files}
+    assert hashes[model_dir / "adapters/v0003/adapter_model.safetensors"] == file_sha256(
+        round_best / "adapter_model.safetensors")
+    assert versions.read(model_dir)["served"] == 0  # a new version is not served until judged
+
+    for bad, status, message in [(7, 404, r"no adapter version 7: this model has versions \[0, 1, 3\]"),
+                                 ("two", 422, "whole number"), (2, 404, "no adapter version 2")]:
+        with pytest.raises(versions.VersionError, match=message) as caught:
+            versions.serve(model_dir, bad, "request")
+        assert caught.value.status == status
+    assert versions.read(model_dir)["served"] == 0
+    assert versions.serve(model_dir, "v3", "request")["served_version"] == 3
+    assert versions.serve(model_dir, 0, "request")["served_adapter"] == str(start)
+    assert [h["served"] for h in versions.read(model_dir)["history"]] == [0, 3, 0]
+
+    # a round with no held-out label is not judged, and one judged against a version no longer served is kept
+    unjudged = versions.decide(model_dir, 1, {"held_out_count": 0, "served_version": 0, "dsc": None,
+                                             "served_dsc": None, "protocol": "tight", "held_out": []})
+    assert unjudged["judged"]["decision"] == "not judged" and versions.read(model_dir)["served"] == 0
+    assert unjudged["judged"]["reason"].startswith("not judged: no held-out labels yet (save labels on at least 2")
+    versions.serve(model_dir, 1, "request")  # chosen while version 3 was being judged against version 0
+    late = versions.decide(model_dir, 3, {"held_out_count": 1, "served_version": 0, "dsc": 0.5, "served_dsc": 0.4,
+                                          "protocol": "tight", "held_out": ["Case_00003_0000"]})
+    assert late["judged"]["decision"] == "kept" and versions.read(model_dir)["served"] == 1
+    assert late["judged"]["reason"] == ("kept version 1: it was chosen (request) while version 3 was judged "
+                                        "against version 0")
+    assert versions.summary(versions.read(model_dir))["last_decision"]["version"] == 3
+    versions.serve(model_dir, 0, "request")
+
+    with pytest.raises(ValueError, match="grown from .*start.*, not from the base model"):
+        versions.open_versions(model_dir, None)  # another start: these versions are not its
+    with pytest.raises(ValueError, match="no adapter version 5"):
+        versions.open_versions(model_dir, str(start), 5)
+    assert versions.open_versions(model_dir, str(start), 1)["served"] == 1  # --conf adapter_version 1
+    assert {p: file_sha256(p) for p in files} == hashes  # nothing was written again
+
+
+@pytest.mark.parametrize("value, expected", [("2", {"tiny": 2}), ("tiny:v1", {"tiny": 1}), ("", {})])
+def test_the_adapter_version_setting(tmp_path, value, expected):
+    app = settings.from_conf({"models": "tiny", "adapter_version": value}, str(tmp_path))
+    assert {m.name: m.version for m in app.models if m.version is not None} == expected
+
+
+@pytest.mark.parametrize("value, message", [("latest", "expected a version number"),
+                                            ("vit_b:1", "'vit_b' is not a served model"), ("-1", "version number")])
+def test_a_bad_adapter_version_setting_is_refused(tmp_path, value, message):
+    with pytest.raises(settings.ConfError, match=f"--conf adapter_version: .*{message}"):
+        settings.from_conf({"models": "tiny", "adapter_version": value}, str(tmp_path))

@@ -759,7 +759,7 @@ def test_no_record_or_log_holds_a_tracking_stores_password(tmp_path, dataset, ca
     from cobot_med.engine.network import make_optimizer
     from cobot_med.engine.workflow import write_resolved_settings
     from cobot_med.handlers import ResumeCheckpoint
-    from cobot_med.monailabel.served import publish
+    from cobot_med.monailabel import versions
     from cobot_med.redact import mask_logs
 
     settings = settings_for(tmp_path, dataset_dir=str(dataset), tracking_uri=SECRET)
@@ -769,8 +769,11 @@ def test_no_record_or_log_holds_a_tracking_stores_password(tmp_path, dataset, ca
     engine = Engine(lambda e, b: {"loss": torch.tensor(0.0)})
     ResumeCheckpoint(session, network, make_optimizer(network, settings)).attach(engine)
     engine.run([0], max_epochs=1)
+    versions.open_versions(tmp_path / "label-app" / "tiny", None)
+    with versions.locked(tmp_path / "label-app" / "tiny") as record:  # the app's record of its rounds' runs
+        record["versions"][0]["mlflow"] = {"tracking_uri": SECRET}
     written = [settings.output_path / CHECKPOINT_NAME, write_resolved_settings(settings, session),
-               publish(tmp_path / "label-app" / "tiny", {"adapter": "x", "mlflow": {"tracking_uri": SECRET}})]
+               tmp_path / "label-app" / "tiny" / versions.RECORD]
     for path in map(str, written):
         content = open(path, "rb").read()
         assert b"s3cr3t" not in content and b"bob:***@db.example" in content, path

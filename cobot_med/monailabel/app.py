@@ -22,6 +22,7 @@ from monailabel.interfaces.datastore import Datastore
 import cobot_med
 
 from . import settings as app_settings
+from . import versions
 from .datastore import CheckedDatastore
 from .errors import RequestError, http_error
 from .folder import check_app_dir
@@ -39,6 +40,7 @@ class CobotMedApp(MONAILabelApp):
             raise app_settings.ConfError(str(err)) from None
         self.settings = app_settings.from_conf(conf or {}, studies)
         guard_requests(self)
+        versions.add_routes(self.settings)  # GET /cobot_med/versions/MODEL, POST .../serve?version=N (rollback)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="cobot-med",
                          description="SAM with PEFT adapters (SAM-COBOT), fine-tuned from the annotators' labels",
                          version=cobot_med.__version__, labels=dict(self.settings.organs))
@@ -78,7 +80,8 @@ Check = Callable[[Any], Awaitable["tuple[int, str] | None"]]
 def guard_requests(app: "CobotMedApp") -> None:
     """In the server, check two requests before MONAI Label's endpoints take them: ``POST /infer/MODEL`` whose
     ``params`` form field is not a JSON object (the endpoint's ``json.loads`` would answer 500) and ``POST
-    /train/MODEL`` with no saved label yet (a training task would start, answer 200, and fail in its status).
+    /train/MODEL`` with no saved label yet, or only held-out ones (a training task would start, answer 200, and
+    fail in its status).
     Each gets 422 and the reason. The checks sit in front of the server's ASGI stack (Starlette's
     ``middleware_stack``), so they do not depend on how the endpoints are routed."""
     server = sys.modules.get("monailabel.app")
@@ -98,10 +101,13 @@ def guard_requests(app: "CobotMedApp") -> None:
             return 422, f"params must be a JSON object, got {type(params).__name__}"
         return None
 
-    async def labels_saved(_request: Any) -> "tuple[int, str] | None":
-        if not app.datastore().datalist():
+    async def labels_saved(request: Any) -> "tuple[int, str] | None":
+        datalist = app.datastore().datalist()
+        if not datalist:
             return 422, "no saved labels yet: save at least one label (final) before training"
-        return None
+        model = request.url.path.rstrip("/").rsplit("/", 1)[-1]  # every saved label held out: nothing to train on
+        problem = versions.nothing_to_train(app.settings.model_dir(model), datalist)
+        return None if problem is None else (422, problem)
 
     web = server.app
     stack = web.middleware_stack if web.middleware_stack is not None else web.build_middleware_stack()

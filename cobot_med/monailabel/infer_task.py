@@ -16,10 +16,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 
-from . import clicks, project
+from . import clicks, project, versions
 from .errors import RequestError
 from .served import ServedModel
-from .settings import PROPAGATIONS, AppSettings, ModelSettings
+from .settings import PROPAGATIONS, AppSettings, ConfError, ModelSettings
 
 NIFTI = (".nii.gz", ".nii")
 
@@ -72,7 +72,10 @@ class CobotMedInfer(BasicInferTask):
             description=f"SAM ({model.name}) with the served PEFT adapter: ROI box and clicks -> 3D segmentation",
             config={"propagation": choices},
         )
-        self.served = ServedModel(settings.model_dir(model.name), model.adapter, self._load)
+        try:
+            self.served = ServedModel(settings.model_dir(model.name), model.adapter, self._load, model.version)
+        except ValueError as err:  # another start adapter's versions, or an adapter_version that is not one
+            raise ConfError(f"--conf adapter / adapter_version / output_dir: {err}") from None
 
     def _load(self, adapter: str | None, device: str) -> tuple[Any, dict]:
         """(network, precision, volume chain) of the model serving ``adapter`` (None: the base) on ``device``."""
@@ -86,6 +89,8 @@ class CobotMedInfer(BasicInferTask):
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["served"] = self.served.current()
+        info["cobot_med"] = versions.summary(versions.read(self.served.model_dir))  # versions, last decision
+        info["description"] += f" (serving adapter version {info['served']['version']})"
         return info
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:

@@ -36,6 +36,7 @@ __all__ = [
     "AdapterError", "SettingsError", "RunSettings", "BASE_SEED", "base_settings", "with_settings",
     "check_model_files", "check_tracking", "adapter_spec", "load_model", "volume_chain", "load_volume",
     "Interaction", "BadPrompt", "segment", "to_file", "read_volume", "write_label", "train_round", "finished_run",
+    "adapter_weights_sha256", "evaluate_adapter", "record_judging",
 ]
 
 
@@ -69,6 +70,11 @@ def check_tracking(settings: RunSettings) -> str:
 def adapter_spec(path: str | Path) -> ModelSpec:
     """The model an adapter was trained as (arch, peft, image_size, ...); ``AdapterError`` if unusable."""
     return read_adapter_config(path)["spec"]
+
+
+def adapter_weights_sha256(path: str | Path) -> str | None:
+    """The SHA-256 of an adapter's weights, as its config records it (what ``load_network`` checks and reports)."""
+    return read_adapter_config(path).get("weights_sha256")
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -265,3 +271,43 @@ def finished_run(round_dir: str | Path, tracking_uri: str) -> dict[str, Any]:
     return {"run_name": name, "run_key": resolved.get("run_key"), "run_id": run.info.run_id,
             "status": run.info.status, "experiment": experiment,
             "metrics": {k: float(v) for k, v in run.data.metrics.items()}}
+
+
+def evaluate_adapter(settings: RunSettings, datalist: str | Path, output_dir: str | Path, *, adapter: str | None,
+                     protocol: str, device: str) -> dict[str, Any]:
+    """Score ``adapter`` (None: the base zero-shot) on ``datalist``'s test split with the dataset's bundle
+    (``evaluate`` run id: the predictor, prompts and DSC of every test score, :mod:`cobot_med.engine.evaluation`)
+    under ``protocol``; ``{"dsc": mean over the counted (case, organ) pairs or None, "organs": {...}, "cases":
+    counted, "evaluation": evaluation.json}``."""
+    import math
+
+    from ..bundle import run_bundle
+
+    overrides = dict(datalist=str(datalist), dataset_dir="", output_dir=str(output_dir), arch=settings.arch,
+                     image_size=None if adapter else settings.image_size,
+                     peft=settings.peft if adapter else "frozen", adapter=str(adapter or ""),
+                     sam_checkpoint=settings.sam_checkpoint, prompts=protocol, tracking_uri=check_tracking(settings),
+                     device=device, amp=settings.amp, num_workers=0, seed=BASE_SEED)
+    run_bundle(settings.dataset, "evaluate", **overrides)
+    path = Path(output_dir) / "evaluation.json"
+    block = (json.loads(path.read_text()).get("protocols") or {}).get(protocol)
+    if block is None:
+        raise RuntimeError(f"{path} holds no {protocol} scores: no held-out case was scored")
+
+    def number(value: Any) -> float | None:
+        return None if value is None or not math.isfinite(float(value)) else float(value)
+
+    return {"dsc": number(block["dsc"]), "cases": block.get("cases_counted"),
+            "organs": {organ: number(scores.get("dsc")) for organ, scores in block["organs"].items()},
+            "evaluation": str(path)}
+
+
+def record_judging(tracking_uri: str, run_id: str, metrics: Mapping[str, float | None],
+                   tags: Mapping[str, Any]) -> None:
+    """Add a round's judging to its MLflow run (metrics that are numbers, tags as text)."""
+    store = tracking.client(tracking_uri)
+    for key, value in metrics.items():
+        if value is not None:
+            store.log_metric(run_id, key, float(value))
+    for key, value in tags.items():
+        store.set_tag(run_id, key, str(value))

@@ -1,27 +1,29 @@
 """The app's settings: MONAI Label's ``--conf KEY VALUE`` pairs, checked once when the server starts.
 
-=================  ===========================  ==========================================================
-key                default                      meaning
-=================  ===========================  ==========================================================
-``models``         ``lite_medsam``              served models, comma-separated; each name is a base SAM arch
-``dataset``        ``adome``                    dataset layout: label names and ids, CT window
-``adapter``        (none)                       a trained adapter folder to serve from the start (its arch
-                                                must be one of ``models``)
-``sam_checkpoint`` (none)                       the base's official weights (needed by ``vit_b/l/h``)
-``image_size``     the arch's default           model input size for a base without adapter
-``peft``           ``lora+cobot``               method of a new adapter (the first training round)
-``epochs``         ``5``                        epochs per training round (``max_epochs`` per request)
-``output_dir``     ``STUDIES/cobot_med``        training rounds, served adapters, MLflow store
-``tracking_uri``   ``$MLFLOW_TRACKING_URI``     MLflow store; else ``sqlite:///OUTPUT_DIR/mlflow.db``
-``propagation``    ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
-``amp``            ``auto``                     precision in inference and training, as the bundles' ``amp``
-                                                (``auto``: what the device runs fast; true/false, bf16, fp16)
-``batch_size``     ``auto``                     slices per forward pass in inference (``eval_batch_size``;
-                                                ``auto``: 1 for LiteMedSAM on a CPU, else 8)
-``backend``        ``torch``                    what runs the served model, as the bundles' ``backend``:
-                                                ``onnxruntime`` / ``openvino`` (each adapter exported on first
-                                                use into the cache) or ``auto`` (docs/export.md)
-=================  ===========================  ==========================================================
+===================  ===========================  ==========================================================
+key                  default                      meaning
+===================  ===========================  ==========================================================
+``models``           ``lite_medsam``              served models, comma-separated; each name is a base SAM arch
+``dataset``          ``adome``                    dataset layout: label names and ids, CT window
+``adapter``          (none)                       a trained adapter folder to serve from the start (its arch
+                                                  must be one of ``models``): version 0
+``adapter_version``  (the record's)               serve this adapter version when the server starts (a
+                                                  rollback): ``N`` for every model, or ``MODEL:N,...``
+``sam_checkpoint``   (none)                       the base's official weights (needed by ``vit_b/l/h``)
+``image_size``       the arch's default           model input size for a base without adapter
+``peft``             ``lora+cobot``               method of a new adapter (the first training round)
+``epochs``           ``5``                        epochs per training round (``max_epochs`` per request)
+``output_dir``       ``STUDIES/cobot_med``        training rounds, adapter versions, MLflow store
+``tracking_uri``     ``$MLFLOW_TRACKING_URI``     MLflow store; else ``sqlite:///OUTPUT_DIR/mlflow.db``
+``propagation``      ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
+``amp``              ``auto``                     precision in inference and training, as the bundles' ``amp``
+                                                  (``auto``: what the device runs fast; true/false, bf16, fp16)
+``batch_size``       ``auto``                     slices per forward pass in inference (``eval_batch_size``;
+                                                  ``auto``: 1 for LiteMedSAM on a CPU, else 8)
+``backend``          ``torch``                    what runs the served model, as the bundles' ``backend``:
+                                                  ``onnxruntime`` / ``openvino`` (each adapter exported on first
+                                                  use into the cache) or ``auto`` (docs/export.md)
+===================  ===========================  ==========================================================
 
 Each served model is one :class:`cobot_med.settings.RunSettings` of the dataset's bundle (its defaults,
 with the keys above), checked by the project's own checks: the same object ``cobot-med infer`` and the
@@ -38,7 +40,7 @@ from . import project
 from .project import RunSettings
 
 PROPAGATIONS = ("box3d", "key_slice")
-KEYS = ("models", "dataset", "adapter", "sam_checkpoint", "image_size", "peft", "epochs", "output_dir",
+KEYS = ("models", "dataset", "adapter", "adapter_version", "sam_checkpoint", "image_size", "peft", "epochs", "output_dir",
         "tracking_uri", "propagation", "amp", "batch_size", "backend")
 # MONAI Label's own keys that may share the --conf dictionary
 PASSED_THROUGH = ("server_mode", "preload", "skip_trainers", "skip_strategies", "skip_scoring")
@@ -55,6 +57,7 @@ class ModelSettings:
     name: str  # the base arch it serves
     adapter: str | None
     run: RunSettings = dataclasses.field(repr=False, compare=False)  # the bundle's settings of this model
+    version: int | None = None  # the adapter version to serve from the start (--conf adapter_version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,7 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
             raise ConfError(f"--conf adapter: {adapter} was trained on {adapter_arch}, which is not among the "
                             f"served models {names}; add it to --conf models")
         adapter = str(Path(adapter).resolve())
+    wanted = _versions(get("adapter_version"), names)
     models = []
     for name in names:
         start = adapter if name == adapter_arch else None
@@ -135,9 +139,28 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
             project.check_model_files(run)
         except project.SettingsError as err:
             raise ConfError(f"--conf models / sam_checkpoint / adapter: {err}") from None
-        models.append(ModelSettings(name, start, run))
+        models.append(ModelSettings(name, start, run, wanted.get(name)))
 
     return AppSettings(
         models=tuple(models), dataset=base.dataset, organs=base.organs, peft=base.peft, epochs=base.epochs,
         output_dir=output_dir, tracking_uri=tracking, propagation=propagation,
     )
+
+
+def _versions(text: str, names: list[str]) -> dict[str, int]:
+    """``--conf adapter_version``: ``N`` (every served model) or ``MODEL:N,...`` -> {model: N}."""
+    if not text:
+        return {}
+    wanted: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        model, _, number = part.rpartition(":")
+        model = model.strip()
+        if model and model not in names:
+            raise ConfError(f"--conf adapter_version: {model!r} is not a served model ({', '.join(names)})")
+        number = number.strip().lstrip("v")
+        if not number.isdigit():
+            raise ConfError(f"--conf adapter_version: expected a version number (0 is the starting adapter) or "
+                            f"MODEL:N, got {part!r}")
+        for name in [model] if model else names:
+            wanted[name] = int(number)
+    return wanted
