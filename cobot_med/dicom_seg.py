@@ -5,9 +5,10 @@ MONAI Label app's saved labels. A SEG written here
 
 - references the source series: every frame names the source instance (SOP Instance UID) it lies on, and the
   SEG is a new series of the source's study (highdicom copies the patient and study modules from the source);
-- is BINARY, with one segment per organ **present** in the label map (an organ with no voxel gets no segment: a
-  segment without frames is legal DICOM but shows in viewers as an empty entry, and an empty prediction is not a
-  finding), numbered 1.. in the label map's order; a label map holding no organ is refused (a SEG needs a segment);
+- is BINARY, with one segment per organ of ``organs`` (all of them, in their order: segment ``k`` is the ``k``-th
+  organ whatever a case holds, and an organ looked for but not found is an empty segment, which says so to a
+  viewer; highdicom writes no frame for it, and dcmqi reads it as an empty mask), or with ``keep_empty=False``
+  one per organ present (a label map holding none is then refused: a SEG needs a segment);
 - names each segment with the organ's name (SegmentLabel) and codes it with SNOMED-CT (:func:`organ_code`):
   category ``Anatomical Structure`` (SCT 91723000), type the organ, and for a sided organ (``Parotid_L``) a
   type modifier ``Left``/``Right``; the algorithm that made it is identified (cobot-med, its version, the model
@@ -149,12 +150,13 @@ def label_values_to_names(organs: Mapping[Any, Any]) -> dict[int, str]:
 def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organs: Mapping[Any, Any],
                     path: str | Path, *, algorithm_type: str = "AUTOMATIC", algorithm: str = "cobot-med",
                     parameters: Mapping[str, str] | None = None, series_description: str = "cobot-med segmentation",
-                    series_number: int = 900, content_creator: str | None = None) -> Path:
+                    series_number: int = 900, content_creator: str | None = None, keep_empty: bool = True) -> Path:
     """Write ``label_map`` (``(len(source_datasets), Rows, Columns)``, integer labels; frame ``i`` lies on
     ``source_datasets[i]``) as a BINARY DICOM-SEG at ``path``, atomically.
 
     ``organs`` is ``{label value: organ name}`` (or the layouts' ``{name: value}``); every non-zero value in the
-    label map must be one of them. ``algorithm_type``: ``AUTOMATIC`` or ``SEMIAUTOMATIC`` (identified as
+    label map must be one of them; each is a segment, also when empty, unless ``keep_empty=False``.
+    ``algorithm_type``: ``AUTOMATIC`` or ``SEMIAUTOMATIC`` (identified as
     ``algorithm``, cobot-med's version, ``parameters`` such as the model and method) or ``MANUAL`` (no algorithm).
     Returns ``path``."""
     hd, _ = _pydicom_code()
@@ -169,7 +171,7 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
     unknown = sorted(set(np.unique(label_map).tolist()) - set(names) - {0})
     if unknown:
         raise DicomSegError(f"the label map holds values {unknown} that name no organ (organs: {names})")
-    present = [value for value in names if np.any(label_map == value)]
+    present = [value for value in names if keep_empty or np.any(label_map == value)]
     if not present:
         raise DicomSegError("the label map holds no organ: a DICOM-SEG needs at least one segment")
     algorithm_type = algorithm_type.upper()
