@@ -108,7 +108,7 @@ class OrganCode:
 def dictionary_code(keyword: str, value: str) -> Any:
     """The SNOMED-CT concept ``keyword``/``value`` from pydicom's DICOM code dictionary (its meaning as listed
     there); a pair the dictionary lacks is a :class:`DicomSegError`."""
-    _, Code = _pydicom_code()
+    _, Code = require_highdicom()
     from pydicom.sr._concepts_dict import concepts
 
     entry = concepts.get("SCT", {}).get(keyword, {}).get(value)
@@ -128,7 +128,8 @@ def organ_code(name: str) -> OrganCode:
                      dictionary_code(*SIDES[side]) if side else None)
 
 
-def _pydicom_code() -> tuple[Any, Any]:
+def require_highdicom() -> tuple[Any, Any]:
+    """highdicom and pydicom's ``Code``, or the :class:`DicomSegError` that names the extra to install."""
     try:
         import highdicom
         from pydicom.sr.coding import Code
@@ -159,7 +160,7 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
     ``algorithm_type``: ``AUTOMATIC`` or ``SEMIAUTOMATIC`` (identified as
     ``algorithm``, cobot-med's version, ``parameters`` such as the model and method) or ``MANUAL`` (no algorithm).
     Returns ``path``."""
-    hd, _ = _pydicom_code()
+    hd, _ = require_highdicom()
     from pydicom.sr.codedict import codes
 
     from . import __version__
@@ -230,7 +231,7 @@ def read_dicom_seg(path: str | Path, source_uids: Sequence[str] | None = None,
 
     Values are the segment numbers, unless ``organs`` (``{value: name}`` or ``{name: value}``) is given: then each
     segment takes the value of the organ its SegmentLabel names (a label not among them is an error)."""
-    hd, _ = _pydicom_code()
+    hd, _ = require_highdicom()
     try:
         seg = hd.seg.segread(str(path))
     except (OSError, ValueError, AttributeError, KeyError) as err:

@@ -61,6 +61,8 @@ def test_every_organ_of_every_layout_has_its_snomed_code_from_pydicom():
     assert organ_code("Cochlea_L").type.value == "91723000" and organ_code("heart").coded is False
 
 
+@pytest.mark.slow  # about 0.6 s (highdicom's first writes and reads in the process)
+@pytest.mark.timeout(10)
 def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path):
     folder, datasets = series
     label = segrap_labels()
@@ -105,6 +107,8 @@ def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path)
     assert np.array_equal(reordered, label[order])
 
 
+@pytest.mark.slow  # about 0.5 s when it is the process's first SEG
+@pytest.mark.timeout(10)
 def test_a_manual_label_has_no_algorithm_and_the_layout_mapping_works(series, tmp_path):
     _, datasets = series
     label = np.zeros((6, 12, 14), np.uint8)
