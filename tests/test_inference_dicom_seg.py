@@ -75,28 +75,7 @@ def dicom_run(phantom_factory, tmp_path_factory):
     assert first.exit_code == 0 and not list(out.glob("*.dcm"))
     messages = []
     second = infer(inputs, out, network=network, labels_dir=refs, dicom_seg=True, log=messages.append)
-    return inputs, out, first, second, messages
-
-
-# the three tests on dicom_run: the run is about 14 s (the first test to ask for it pays it), each check under 1 s
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_a_rerun_with_dicom_seg_writes_a_seg_beside_each_series_nifti(dicom_run):
-    inputs, out, _, second, messages = dicom_run
-    assert second.exit_code == 0
-    assert sorted(c.case_id for c in second.done) == ["flipped", "oblique"]  # the record asks for the SEG now
-    assert [c.case_id for c in second.skipped] == ["Case_00001_0000"]
-    assert "flipped: redone, other outputs were asked for (+dicom_seg)" in messages
-    assert sorted(p.name for p in out.glob("*.dcm")) == ["flipped_seg.dcm", "oblique_seg.dcm"]
-    nifti = next(c for c in second.cases if c.case_id == "Case_00001_0000")
-    assert nifti.note.startswith("no DICOM-SEG: a NIfTI input has no DICOM series")
-    assert "notes:\n  Case_00001_0000: no DICOM-SEG: a NIfTI input has no DICOM series to reference" in messages[-1]
-    record = json.loads((out / "flipped_prompts.json").read_text())["record"]
-    assert "dicom_seg" in record["outputs"]
-    assert json.loads((out / "summary.json").read_text())["settings"]["dicom_seg"] is True
-    stamp = (out / "flipped_seg.dcm").stat().st_mtime_ns
-    third = infer(inputs, out, network=PerfectSam([], ADOME.values()), labels_dir=inputs.parent / "labels")
-    assert len(third.skipped) == 3 and (out / "flipped_seg.dcm").stat().st_mtime_ns == stamp  # still its own
+    return inputs, out, first, second, messages, network
 
 
 def instance_slices(nifti_path, series_folder):
@@ -119,6 +98,7 @@ def instance_slices(nifti_path, series_folder):
     return slices
 
 
+# the tests on dicom_run: the run is about 14 s (the first test to ask for it pays it), each check under 3 s
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["flipped", "oblique"])
@@ -183,6 +163,37 @@ def test_dcmqi_reads_each_segment_back_onto_the_nifti_voxel_for_voxel(dicom_run,
             assert (labels == label_id).any()
 
 
+def test_frames_follow_the_instances_and_a_grid_that_does_not_fit_is_refused(tmp_path):
+    """frames_on_instances against ITK's own reading of an oblique series: instance k's frame is ITK's slice at
+    that instance's position; half a voxel off, or a grid too small, is a DicomSegError naming the instance."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from cobot_med.inference.dicom_output import frames_on_instances
+
+    volume_zyx = np.random.default_rng(1).integers(0, 5, (5, 9, 11))
+    write_dicom_series(volume_zyx, tmp_path / "s", (0.8, 0.75, 2.5), (-12.5, 30.0, 100.0), rotation(20, 10))
+    image = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
+    array = sitk.GetArrayFromImage(image)  # (slices, rows, columns), ITK's order
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    volume = np.transpose(array, (2, 1, 0))  # (X, Y, Z) as MONAI holds it
+    datasets = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in sorted((tmp_path / "s").iterdir())][::-1]
+    frames = frames_on_instances(volume, ras, datasets)
+    for ds, frame in zip(datasets, frames):
+        k = image.TransformPhysicalPointToIndex([float(v) for v in ds.ImagePositionPatient])[2]
+        assert np.array_equal(frame, array[k])
+    assert np.array_equal(frames_on_instances(volume, lps, datasets, space="LPS"), frames)
+    shifted = ras.copy()
+    shifted[:3, 3] += 0.5 * ras[:3, 0]
+    with pytest.raises(DicomSegError, match=r"instance .*: its pixels fall 0\.50 voxels from the segmentation's grid"):
+        frames_on_instances(volume, shifted, datasets)
+    with pytest.raises(DicomSegError, match=r"its pixels fall outside the segmentation's grid \(11, 9, 4\)"):
+        frames_on_instances(volume[..., :4], ras, datasets)
+
+
 def test_dicom_seg_without_the_extra_is_one_named_line(tmp_path, monkeypatch):
     """Refused when the settings are checked, before any work (the output folder is not made)."""
     (tmp_path / "in").mkdir()
@@ -203,3 +214,32 @@ def test_the_flag_reaches_the_bundle_setting():
     assert bundle_overrides(args)["dicom_seg"] is True
     args = build_parser().parse_args(["infer", "--config", "adome", "--input", "a", "--output", "b", "--labels", "c"])
     assert bundle_overrides(args)["dicom_seg"] is False
+
+
+# last: its later runs change the output folder the tests above read
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_rerun_with_dicom_seg_writes_a_seg_beside_each_series_nifti(dicom_run):
+    inputs, out, _, second, messages, network = dicom_run
+    assert second.exit_code == 0
+    assert sorted(c.case_id for c in second.done) == ["flipped", "oblique"]  # the record asks for the SEG now
+    assert [c.case_id for c in second.skipped] == ["Case_00001_0000"]
+    assert "flipped: redone, other outputs were asked for (+dicom_seg)" in messages
+    assert sorted(p.name for p in out.glob("*.dcm")) == ["flipped_seg.dcm", "oblique_seg.dcm"]
+    nifti = next(c for c in second.cases if c.case_id == "Case_00001_0000")
+    assert nifti.note.startswith("no DICOM-SEG: a NIfTI input has no DICOM series")
+    assert "notes:\n  Case_00001_0000: no DICOM-SEG: a NIfTI input has no DICOM series to reference" in messages[-1]
+    record = json.loads((out / "flipped_prompts.json").read_text())["record"]
+    assert "dicom_seg" in record["outputs"]
+    assert json.loads((out / "summary.json").read_text())["settings"]["dicom_seg"] is True
+    stamp = (out / "flipped_seg.dcm").stat().st_mtime_ns
+    refs = inputs.parent / "labels"
+    third = infer(inputs, out, network=network, labels_dir=refs)
+    assert len(third.skipped) == 3 and (out / "flipped_seg.dcm").stat().st_mtime_ns == stamp  # still its own
+    (out / "oblique_seg.dcm").unlink()
+    messages.clear()
+    fourth = infer(inputs, out, network=network, labels_dir=refs, dicom_seg=True, log=messages.append)
+    assert [c.case_id for c in fourth.done] == ["oblique"] and (out / "oblique_seg.dcm").is_file()
+    assert "oblique: redone, oblique_seg.dcm missing" in messages
+    fifth = infer(inputs, out, network=network, labels_dir=refs, overwrite=True, infer_organs="liver")
+    assert len(fifth.done) == 3 and not list(out.glob("*.dcm"))  # redone without it: the old SEGs would not match
