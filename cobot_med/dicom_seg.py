@@ -12,7 +12,10 @@ MONAI Label app's saved labels. A SEG written here
 - names each segment with the organ's name (SegmentLabel) and codes it with SNOMED-CT (:func:`organ_code`):
   category ``Anatomical Structure`` (SCT 91723000), type the organ, and for a sided organ (``Parotid_L``) a
   type modifier ``Left``/``Right``; the algorithm that made it is identified (cobot-med, its version, the model
-  and method as parameters), or none for a label drawn by hand (``algorithm_type="MANUAL"``).
+  and method as parameters), or none for a label drawn by hand (``algorithm_type="MANUAL"``);
+- gives each segment its recommended display colour (RecommendedDisplayCIELabValue): by default the colour the
+  project draws the organ in (overlays, ``labels.ctbl``, ``labels.itksnap.txt``:
+  :func:`cobot_med.inference.outputs.organ_colours`), so a viewer shows the SEG as the NIfTI's label tables do.
 
 The codes are taken from pydicom's copy of the DICOM code dictionary, never typed in: the table below names each
 organ's SNOMED-CT keyword and value and :func:`organ_code` reads the concept from the dictionary (a value missing
@@ -151,12 +154,14 @@ def label_values_to_names(organs: Mapping[Any, Any]) -> dict[int, str]:
 def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organs: Mapping[Any, Any],
                     path: str | Path, *, algorithm_type: str = "AUTOMATIC", algorithm: str = "cobot-med",
                     parameters: Mapping[str, str] | None = None, series_description: str = "cobot-med segmentation",
-                    series_number: int = 900, content_creator: str | None = None, keep_empty: bool = True) -> Path:
+                    series_number: int = 900, content_creator: str | None = None, keep_empty: bool = True,
+                    colours: Mapping[str, Sequence[int]] | None = None) -> Path:
     """Write ``label_map`` (``(len(source_datasets), Rows, Columns)``, integer labels; frame ``i`` lies on
     ``source_datasets[i]``) as a BINARY DICOM-SEG at ``path``, atomically.
 
     ``organs`` is ``{label value: organ name}`` (or the layouts' ``{name: value}``); every non-zero value in the
-    label map must be one of them; each is a segment, also when empty, unless ``keep_empty=False``.
+    label map must be one of them; each is a segment, also when empty, unless ``keep_empty=False``. ``colours``:
+    ``{organ: (r, g, b)}`` (0-255, sRGB), by default the project's palette in the order of ``organs``.
     ``algorithm_type``: ``AUTOMATIC`` or ``SEMIAUTOMATIC`` (identified as
     ``algorithm``, cobot-med's version, ``parameters`` such as the model and method) or ``MANUAL`` (no algorithm).
     Returns ``path``."""
@@ -181,6 +186,10 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
         identification = hd.AlgorithmIdentificationSequence(
             name=algorithm, family=codes.DCM.ArtificialIntelligence, version=__version__,
             parameters=dict(parameters) if parameters else None)
+    if colours is None:
+        from .inference.outputs import organ_colours
+
+        colours = organ_colours({name: value for value, name in names.items()})
     descriptions, segments = [], np.zeros(label_map.shape, dtype=np.uint16 if len(present) > 255 else np.uint8)
     for number, value in enumerate(present, start=1):
         code = organ_code(names[value])
@@ -190,6 +199,8 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
             algorithm_identification=identification)
         if code.modifier is not None:
             description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(code.modifier)]
+        if names[value] in colours:
+            description.RecommendedDisplayCIELabValue = list(cielab_value(colours[names[value]]))
         descriptions.append(description)
         segments[label_map == value] = number
     try:
@@ -207,6 +218,26 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     return path
+
+
+D65_WHITE = (0.95047, 1.0, 1.08883)  # sRGB's white point in CIE XYZ (Y = 1)
+SRGB_TO_XYZ = ((0.4124, 0.3576, 0.1805), (0.2126, 0.7152, 0.0722), (0.0193, 0.1192, 0.9505))  # IEC 61966-2-1
+
+
+def cielab_value(rgb: Sequence[float]) -> tuple[int, int, int]:
+    """An sRGB colour (0-255) as DICOM's RecommendedDisplayCIELabValue: CIE 1976 L*a*b* (D65 white), each of L*
+    (0-100) and a*, b* (-128-127) scaled to 0-65535 (PS3.3 C.10.7.1.1)."""
+    unit = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(unit <= 0.04045, unit / 12.92, ((unit + 0.055) / 1.055) ** 2.4)
+    x, y, z = (np.asarray(SRGB_TO_XYZ) @ linear) / np.asarray(D65_WHITE)
+    edge = (6 / 29) ** 3
+
+    def f(t: float) -> float:
+        return t ** (1 / 3) if t > edge else t / (3 * (6 / 29) ** 2) + 4 / 29
+
+    lightness, a, b = 116 * f(y) - 16, 500 * (f(x) - f(y)), 200 * (f(y) - f(z))
+    return (int(round(lightness * 0xFFFF / 100)), int(round((a + 128) * 0xFFFF / 255)),
+            int(round((b + 128) * 0xFFFF / 255)))
 
 
 def _check_fits(label_map: np.ndarray, sources: list) -> None:

@@ -14,8 +14,9 @@ import pydicom
 import pytest
 
 from cobot_med.data.layouts import LAYOUTS, SEGRAP_OARS
-from cobot_med.dicom_seg import (FALLBACK_ORGANS, ORGAN_CODES, DicomSegError, organ_code, read_dicom_seg,
-                                 write_dicom_seg)
+from cobot_med.dicom_seg import (FALLBACK_ORGANS, ORGAN_CODES, DicomSegError, cielab_value, organ_code,
+                                 read_dicom_seg, write_dicom_seg)
+from cobot_med.inference.outputs import organ_colours
 from test_inference import write_dicom_series
 
 
@@ -63,6 +64,17 @@ def test_every_organ_of_every_layout_has_its_snomed_code_from_pydicom():
 
 @pytest.mark.slow  # about 0.6 s (highdicom's first writes and reads in the process)
 @pytest.mark.timeout(10)
+def test_display_colours_in_cielab():
+    np.testing.assert_allclose(cielab_value((255, 255, 255)), (65535, 32896, 32896), atol=5)  # L* 100, a* = b* = 0
+    assert cielab_value((0, 0, 0)) == (0, 32896, 32896)
+    red = cielab_value((255, 0, 0))  # CIE L*a*b* of sRGB red (D65): 53.24, 80.09, 67.20
+    np.testing.assert_allclose(red, (53.24 * 655.35, (80.09 + 128) * 257, (67.20 + 128) * 257), atol=60)
+    reference = getattr(highdicom.color.CIELabColor, "from_rgb", None)  # highdicom >= 0.23 has its own
+    if reference is not None:
+        for rgb in organ_colours({f"o{k}": k for k in range(8)}).values():
+            np.testing.assert_allclose(cielab_value(rgb), reference(*rgb).value, atol=2)
+
+
 def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path):
     folder, datasets = series
     label = segrap_labels()
@@ -85,6 +97,9 @@ def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path)
     assert [s.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning for s in segments[2:]] == \
         ["Left", "Left", "Right"]
     assert "SegmentedPropertyTypeModifierCodeSequence" not in segments[1]
+    colours = organ_colours({name: value for value, name in SEGRAP.items()})  # the label tables' colours
+    assert [list(s.RecommendedDisplayCIELabValue) for s in segments] == \
+        [list(cielab_value(colours[name])) for name in SEGRAP.values()]
     identification = segments[0].SegmentationAlgorithmIdentificationSequence[0]
     assert identification.AlgorithmName == "cobot-med" and "method=lora+cobot" in identification.AlgorithmParameters
     # every frame on the source instance whose mask it holds, at that instance's position

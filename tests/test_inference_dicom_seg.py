@@ -150,8 +150,10 @@ def test_dcmqi_reads_each_segment_back_onto_the_nifti_voxel_for_voxel(dicom_run,
         nifti = sitk.ReadImage(str(out / f"{name}_seg.nii.gz"))
         labels = sitk.GetArrayFromImage(nifti)
         assert len(segments) == len(ADOME)
+        colours = json.loads((out / "labels.json").read_text())["colours"]
         for number, (organ, label_id) in enumerate(ADOME.items(), start=1):
             assert segments[number]["SegmentLabel"] == organ
+            np.testing.assert_allclose(segments[number]["recommendedDisplayRGBValue"], colours[organ], atol=2)
             assert segments[number]["SegmentedPropertyTypeCodeSequence"]["CodeValue"] == \
                 {"liver": "10200004", "kidney": "64033007", "spleen": "78961009", "pancreas": "15776009"}[organ]
             image = sitk.ReadImage(str(folder / f"{number}.nrrd"))
