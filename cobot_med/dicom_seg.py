@@ -112,6 +112,8 @@ def dictionary_code(keyword: str, value: str) -> Any:
     """The SNOMED-CT concept ``keyword``/``value`` from pydicom's DICOM code dictionary (its meaning as listed
     there); a pair the dictionary lacks is a :class:`DicomSegError`."""
     _, Code = require_highdicom()
+    # the dictionary behind pydicom's ``codes`` (a private module, the same shape in pydicom 2.4 and 3.0): by
+    # keyword and value, as ``codes.SCT.<keyword>`` cannot choose where pydicom 2.4 lists two values
     from pydicom.sr._concepts_dict import concepts
 
     entry = concepts.get("SCT", {}).get(keyword, {}).get(value)
@@ -279,8 +281,11 @@ def read_dicom_seg(path: str | Path, source_uids: Sequence[str] | None = None,
         if missing:
             raise DicomSegError(f"{path}: segments {missing} name no organ of {sorted(by_name)}")
         values = {n: by_name[labels[n]] for n in numbers}
-    masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_uids), segment_numbers=numbers,
-                                              assert_missing_frames_are_empty=True)
+    try:
+        masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_uids),
+                                                  segment_numbers=numbers, assert_missing_frames_are_empty=True)
+    except (ValueError, KeyError, IndexError) as err:
+        raise DicomSegError(f"{path}: its frames cannot be read onto the source instances given ({err})") from None
     label_map = np.zeros(masks.shape[:3], dtype=np.uint16 if max(values.values()) > 255 else np.uint8)
     for index, number in enumerate(numbers):
         overlap = (label_map > 0) & (masks[..., index] > 0)

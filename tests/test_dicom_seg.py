@@ -147,6 +147,8 @@ def test_a_label_map_that_does_not_fit_is_one_named_error(series, tmp_path, monk
         write_dicom_seg(np.where(label == 2, 7, label), datasets, SEGRAP, tmp_path / "a.dcm")
     with pytest.raises(DicomSegError, match=r"shape \(5, 12, 14\) does not fit the series"):
         write_dicom_seg(label[:5], datasets, SEGRAP, tmp_path / "a.dcm")
+    with pytest.raises(DicomSegError, match="not a readable DICOM-SEG"):
+        read_dicom_seg(datasets[0].filename)  # a CT slice
     with pytest.raises(DicomSegError, match="holds no organ"):
         write_dicom_seg(np.zeros_like(label), datasets, SEGRAP, tmp_path / "a.dcm", keep_empty=False)
     assert not list(tmp_path.iterdir())

@@ -42,28 +42,39 @@ def series_datasets(folder: str | Path) -> list[Any]:
 
 def frames_on_instances(volume: np.ndarray, affine: np.ndarray, datasets: list[Any], space: str = "RAS") -> np.ndarray:
     """The ``(len(datasets), Rows, Columns)`` frames of ``volume`` (X, Y, Z; voxel-to-world ``affine`` in
-    ``space``, RAS or LPS) that lie on each instance, in ``datasets``' order."""
+    ``space``, RAS or LPS) that lie on each instance, in ``datasets``' order.
+
+    An instance's pixel grid is affine in the volume's voxels: voxel(r, c) = v0 + c * dc + r * dr. Rounded to
+    integers, the error is largest at a corner, so the four corners decide whether every pixel lands on a voxel
+    and inside the grid; the frame is then gathered with integer index arithmetic."""
     inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     to_space = np.array([-1.0, -1.0, 1.0]) if str(space).upper() == "RAS" else np.ones(3)
+    shape = np.asarray(volume.shape[:3])
+    flat = np.ascontiguousarray(volume).ravel()
+    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
     frames = []
     for ds in datasets:
         rows, columns = int(ds.Rows), int(ds.Columns)
         position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
         orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
         spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)  # between rows, between columns
-        r, c = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
-        world = (position[None, None] + c[..., None] * spacing[1] * orientation[None, None, :3]
-                 + r[..., None] * spacing[0] * orientation[None, None, 3:]) * to_space
-        voxel = world @ inverse[:3, :3].T + inverse[:3, 3]
-        index = np.rint(voxel).astype(np.int64)
-        off = float(np.abs(voxel - index).max())
+        v0 = inverse[:3, :3] @ (position * to_space) + inverse[:3, 3]
+        dc = inverse[:3, :3] @ (orientation[:3] * spacing[1] * to_space)  # one column to the right
+        dr = inverse[:3, :3] @ (orientation[3:] * spacing[0] * to_space)  # one row down
+        steps = [np.rint(v) for v in (v0, dc, dr)]
+        corners = np.array([[0, 0], [0, columns - 1], [rows - 1, 0], [rows - 1, columns - 1]], dtype=np.float64)
+        exact = v0 + corners[:, 1:] * dc + corners[:, :1] * dr
+        rounded = steps[0] + corners[:, 1:] * steps[1] + corners[:, :1] * steps[2]
+        off = float(np.abs(exact - rounded).max())
         if off > ON_VOXEL:
             raise DicomSegError(f"instance {ds.SOPInstanceUID}: its pixels fall {off:.2f} voxels from the "
                                 "segmentation's grid; the series does not match the volume it was read as")
-        if (index < 0).any() or (index >= np.asarray(volume.shape[:3])).any():
+        if (rounded < 0).any() or (rounded >= shape).any():
             raise DicomSegError(f"instance {ds.SOPInstanceUID}: its pixels fall outside the segmentation's grid "
-                                f"{tuple(volume.shape[:3])}")
-        frames.append(volume[index[..., 0], index[..., 1], index[..., 2]])
+                                f"{tuple(int(n) for n in shape)}")
+        start, column, row = (int(v.astype(np.int64) @ strides) for v in steps)  # in the flattened volume
+        flat_index = start + np.arange(columns)[None, :] * column + np.arange(rows)[:, None] * row
+        frames.append(np.take(flat, flat_index))
     return np.stack(frames)
 
 
