@@ -27,7 +27,9 @@ fallback: type ``Anatomical Structure`` (SCT 91723000), the organ's name only in
 (:data:`FALLBACK_ORGANS` lists the SegRap organs at risk that fall back, for want of a dictionary concept).
 
 Frames follow the source instances one to one: ``label_map[i]`` is the mask on ``source_datasets[i]``, whatever
-order they come in (the caller maps its volume onto the instances, :mod:`cobot_med.inference.dicom_output`).
+order they come in. :func:`frames_on_instances` gives those frames from a volume and its affine (a label map read
+by ITK / MONAI / nibabel), finding each instance by its own position, orientation and pixel spacing
+(``cobot-med infer --dicom_seg``: :mod:`cobot_med.inference.dicom_output`).
 :func:`read_dicom_seg` reads one back into a label map, frames in the order the SEG lists its source instances
 (the writer's order) or in a given order of SOP Instance UIDs.
 
@@ -47,6 +49,7 @@ from .errors import CobotMedError
 from .files import atomic_path
 
 INSTALL = "pip install 'cobot-med[dicom]'"
+ON_VOXEL = 0.1  # how far (in voxels) a source pixel's centre may be from the voxel it is given
 CONTENT_LABEL = "COBOT_MED"
 
 
@@ -255,6 +258,44 @@ def _check_fits(label_map: np.ndarray, sources: list) -> None:
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in sources}
     if len(series) != 1:
         raise DicomSegError(f"the source instances come from {len(series)} series; a SEG references one")
+
+
+def frames_on_instances(volume: np.ndarray, affine: np.ndarray, datasets: list[Any], space: str = "RAS") -> np.ndarray:
+    """The ``(len(datasets), Rows, Columns)`` frames of ``volume`` (X, Y, Z; voxel-to-world ``affine`` in
+    ``space``, RAS or LPS) that lie on each instance, in ``datasets``' order.
+
+    An instance's pixel grid is affine in the volume's voxels: voxel(r, c) = v0 + c * dc + r * dr. Rounded to
+    integers, the error is largest at a corner, so the four corners decide whether every pixel lands on a voxel
+    and inside the grid; the frame is then gathered with integer index arithmetic."""
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    to_space = np.array([-1.0, -1.0, 1.0]) if str(space).upper() == "RAS" else np.ones(3)
+    shape = np.asarray(volume.shape[:3])
+    flat = np.ascontiguousarray(volume).ravel()
+    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
+    frames = []
+    for ds in datasets:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)  # between rows, between columns
+        v0 = inverse[:3, :3] @ (position * to_space) + inverse[:3, 3]
+        dc = inverse[:3, :3] @ (orientation[:3] * spacing[1] * to_space)  # one column to the right
+        dr = inverse[:3, :3] @ (orientation[3:] * spacing[0] * to_space)  # one row down
+        steps = [np.rint(v) for v in (v0, dc, dr)]
+        corners = np.array([[0, 0], [0, columns - 1], [rows - 1, 0], [rows - 1, columns - 1]], dtype=np.float64)
+        exact = v0 + corners[:, 1:] * dc + corners[:, :1] * dr
+        rounded = steps[0] + corners[:, 1:] * steps[1] + corners[:, :1] * steps[2]
+        off = float(np.abs(exact - rounded).max())
+        if off > ON_VOXEL:
+            raise DicomSegError(f"instance {ds.SOPInstanceUID}: its pixels fall {off:.2f} voxels from the "
+                                "segmentation's grid; the series does not match the volume it was read as")
+        if (rounded < 0).any() or (rounded >= shape).any():
+            raise DicomSegError(f"instance {ds.SOPInstanceUID}: its pixels fall outside the segmentation's grid "
+                                f"{tuple(int(n) for n in shape)}")
+        start, column, row = (int(v.astype(np.int64) @ strides) for v in steps)  # in the flattened volume
+        flat_index = start + np.arange(columns)[None, :] * column + np.arange(rows)[:, None] * row
+        frames.append(np.take(flat, flat_index))
+    return np.stack(frames)
 
 
 def read_dicom_seg(path: str | Path, source_uids: Sequence[str] | None = None,

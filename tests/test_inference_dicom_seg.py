@@ -171,7 +171,7 @@ def test_frames_follow_the_instances_and_a_grid_that_does_not_fit_is_refused(tmp
     import pydicom
     import SimpleITK as sitk
 
-    from cobot_med.inference.dicom_output import frames_on_instances
+    from cobot_med.dicom_seg import frames_on_instances
 
     volume_zyx = np.random.default_rng(1).integers(0, 5, (5, 9, 11))
     write_dicom_series(volume_zyx, tmp_path / "s", (0.8, 0.75, 2.5), (-12.5, 30.0, 100.0), rotation(20, 10))
