@@ -130,6 +130,34 @@ def test_the_seg_equals_the_nifti_on_every_source_instance_read_by_highdicom(dic
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_command_with_a_tiny_sam_writes_what_its_nifti_holds(dicom_run, tmp_path, capsys):
+    """``cobot-med infer --dicom-seg`` end to end with a real (tiny, zero-shot) SAM: its SEG is its NIfTI."""
+    import pydicom
+
+    from cobot_med.cli import main
+    from cobot_med.dicom_seg import read_dicom_seg
+
+    inputs, *_ = dicom_run
+    out = tmp_path / "out"
+    code = main(["infer", "--config", "bundles/adome.json", "--input", str(inputs), "--output", str(out),
+                 "--labels", str(inputs.parent / "labels"), "--arch", "tiny", "--device", "cpu", "--no-amp",
+                 "--organs", "liver,kidney", "--dicom-seg"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "3 done, 0 skipped (already done), 0 failed" in printed
+    assert "Case_00001_0000: no DICOM-SEG: a NIfTI input has no DICOM series to reference" in printed
+    for name in ("flipped", "oblique"):
+        slices = instance_slices(out / f"{name}_seg.nii.gz", inputs / name)
+        assert sum(int((s > 0).sum()) for s in slices.values()) > 100  # the tiny SAM does segment something
+        label_map, organs = read_dicom_seg(out / f"{name}_seg.dcm", source_uids=list(slices), organs=ADOME)
+        assert organs == {1: "liver", 2: "kidney"}
+        assert np.array_equal(label_map, np.stack(list(slices.values())))
+        parameters = pydicom.dcmread(str(out / f"{name}_seg.dcm")).SegmentSequence[0] \
+            .SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+        assert parameters.startswith("arch=tiny,peft=frozen,image_size=")
+
+
 def test_dcmqi_reads_each_segment_back_onto_the_nifti_voxel_for_voxel(dicom_run, tmp_path):
     """dcmqi's segimage2itkimage writes one image per segment (its own reconstruction of the volume from the
     frames' positions); each, resampled onto the NIfTI's grid, is that organ's mask of the NIfTI."""
