@@ -98,7 +98,8 @@ def instance_slices(nifti_path, series_folder):
     return slices
 
 
-# the tests on dicom_run: the run is about 14 s (the first test to ask for it pays it), each check under 3 s
+# the tests on dicom_run: its runs take 5-14 s (the first test to ask for it pays them), the checks under 1 s, the
+# tiny SAM run 5-7 s
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["flipped", "oblique"])
