@@ -109,7 +109,7 @@ def test_lora_writes_q_and_v_rows_of_hieras_fused_qkv_and_merges(base, inputs):
     unmerged = run(sam, inputs)
     assert merge_adapters(sam) == 12
     assert torch.allclose(run(sam, inputs), unmerged, atol=1e-5)
-    for (i, o), block, original in zip(HIERA_T, sam.image_encoder.trunk.blocks, base.image_encoder.trunk.blocks):
+    for (_, o), block, original in zip(HIERA_T, sam.image_encoder.trunk.blocks, base.image_encoder.trunk.blocks):
         changed = (block.attn.qkv.base_layer.weight != original.attn.qkv.weight).any(dim=1)
         # sam2's reshape(B, HW, 3, heads, -1): q rows [0, o), k [o, 2o), v [2o, 3o)
         assert changed[:o].all() and not changed[o:2 * o].any() and changed[2 * o:].all()
