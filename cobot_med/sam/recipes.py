@@ -64,6 +64,16 @@ def _as_slices(slices: Any) -> torch.Tensor:
     return slices.float()
 
 
+def _each_slice(slices: Any, size: int, step: Any) -> torch.Tensor:
+    """(N, 3, S, S) from ``step(slice (X, Y) float32 array, S) -> (S, S)`` run on each slice in numpy (the
+    recipes that follow their authors' numpy / PIL code slice by slice)."""
+    slices = _as_slices(slices)
+    out = np.empty((len(slices), size, size), dtype=np.float32)
+    for n, image in enumerate(slices.cpu().numpy()):
+        out[n] = step(image, size)
+    return _three_channels(torch.from_numpy(out).to(slices.device))
+
+
 def _three_channels(images: torch.Tensor) -> torch.Tensor:
     return images[:, None].expand(-1, 3, -1, -1).contiguous()
 
@@ -221,15 +231,12 @@ class MedSamRecipe(InputRecipe):
         super().__init__(image_size, ct_window)
 
     def prepare(self, slices: Any) -> tuple[torch.Tensor, SliceGeometry]:
-        slices = _as_slices(slices)
-        S = self.image_size
-        out = np.empty((len(slices), S, S), dtype=np.float32)
-        for n, image in enumerate(slices.cpu().numpy()):
+        def medsam(image: np.ndarray, S: int) -> np.ndarray:
             resized = np.floor(resize_spline_skimage(image, (S, S)))  # .astype(np.uint8): values are >= 0
             span = max(resized.max() - resized.min(), 1e-8)
-            out[n] = (resized - resized.min()) / span
-        images = torch.from_numpy(out).to(slices.device)
-        return _three_channels(images), self.geometry(slices.shape[-2:])
+            return (resized - resized.min()) / span
+
+        return _each_slice(slices, self.image_size, medsam), self.geometry(_as_slices(slices).shape[-2:])
 
     def boxes_to_model(self, boxes: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         X, Y = geometry.slice_size
@@ -360,13 +367,11 @@ class MedSam2Recipe(Sam2Recipe):
     def prepare(self, slices: Any) -> tuple[torch.Tensor, SliceGeometry]:
         from PIL import Image
 
-        slices = _as_slices(slices)
-        S = self.image_size
-        out = np.empty((len(slices), S, S), dtype=np.float32)
-        for n, image in enumerate(slices.cpu().numpy()):
+        def medsam2(image: np.ndarray, S: int) -> np.ndarray:
             pixels = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))  # np.uint8(...): truncation
-            out[n] = np.asarray(pixels.resize((S, S), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-        return _three_channels(torch.from_numpy(out).to(slices.device)), self.geometry(slices.shape[-2:])
+            return np.asarray(pixels.resize((S, S), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+
+        return _each_slice(slices, self.image_size, medsam2), self.geometry(_as_slices(slices).shape[-2:])
 
 
 RECIPES: dict[str, type[InputRecipe]] = {

@@ -27,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from ..sam.decoding import check_prompts, pack_decoded
 from ..sam.promptable import PromptableSam
 from ..sam.recipes import InputRecipe, Sam2Recipe
 
@@ -91,16 +92,7 @@ class PromptableSam2(PromptableSam):
         """As :meth:`PromptableSam.decode` (same shapes, ``valid`` and ``points``), on :meth:`encode`'s features."""
         image_embed = embeddings.image_embed
         B = image_embed.shape[0]
-        if boxes is None and points is None:
-            raise ValueError("give boxes, points or both")
-        if boxes is not None and (boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != B):
-            raise ValueError(f"boxes must be (B, K, 4) with B={B}, got {tuple(boxes.shape)}")
-        if points is not None:
-            coords, labels = points
-            if coords.dim() != 4 or coords.shape[-1] != 2 or labels.shape != coords.shape[:-1] or (
-                    coords.shape[0] != B) or (boxes is not None and coords.shape[1] != boxes.shape[1]):
-                raise ValueError(f"points must be coordinates (B, K, P, 2) and labels (B, K, P) with B={B}, got "
-                                 f"{tuple(coords.shape)} and {tuple(labels.shape)}")
+        check_prompts(B, boxes, points)
         model = self.sam
         image_pe = model.sam_prompt_encoder.get_dense_pe()
         logits, ious = [], []
@@ -128,12 +120,7 @@ class PromptableSam2(PromptableSam):
             )
             logits.append(masks)
             ious.append(iou[:, 0])
-        if valid is not None:
-            if not logits:
-                side = image_embed.shape[-1] * 4
-                return image_embed.new_zeros(0, 1, side, side), image_embed.new_zeros(0)
-            return torch.cat(logits), torch.cat(ious)
-        return torch.stack([m[:, 0] for m in logits]), torch.stack(ious)
+        return pack_decoded(logits, ious, valid, image_embed)
 
     @torch.no_grad()
     def predict_slice(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray | torch.Tensor,
