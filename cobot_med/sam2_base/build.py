@@ -19,8 +19,12 @@ one sam2's own predictors run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..sam.build import check_image_size, get_architecture
+
+if TYPE_CHECKING:  # importing sam2 starts hydra's config module: only when a model is built
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 
 def sam2_config(arch: str, image_size: int) -> tuple[str, list[str]]:
@@ -38,7 +42,7 @@ def sam2_config(arch: str, image_size: int) -> tuple[str, list[str]]:
     return spec.sam2_config, overrides
 
 
-def build_sam2(arch: str, image_size: int | None = None, checkpoint: str | Path | None = None):
+def build_sam2(arch: str, image_size: int | None = None, checkpoint: str | Path | None = None) -> SAM2VideoPredictor:
     """sam2's ``SAM2VideoPredictor`` for ``arch`` at ``image_size`` (the arch's default when None), in eval
     mode on the CPU; randomly initialised, or ``checkpoint`` (Meta's / MedSAM2's ``{"model": state_dict}``)
     loaded strictly with ``weights_only=True`` (:class:`~cobot_med.sam.checkpoint.CheckpointError` otherwise)."""
