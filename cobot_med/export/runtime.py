@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sam.decoding import check_prompts, pack_decoded
 from .manifest import ExportCorrupted, ExportedModel, RuntimeMissing
 
 RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # backend -> the package it needs
@@ -151,11 +152,8 @@ class ExportedSam(nn.Module):
                points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`cobot_med.sam.PromptableSam.decode`: (B,K,4h,4w) logits and (B,K) IoU, or packed (N,1,4h,4w)
         and (N,) for the ``valid`` prompts; ``points`` (coordinates (B,K,P,2), labels (B,K,P)) add clicks."""
-        if boxes is None and points is None:
-            raise ValueError("give boxes, points or both")
         B = embeddings.shape[0]
-        if boxes is not None and (boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != B):
-            raise ValueError(f"boxes must be (B, K, 4) with B={B}, got {tuple(boxes.shape)}")
+        check_prompts(B, boxes, points)
         logits, ious = [], []
         arrays = embeddings.detach().float().cpu().numpy()
         for b in range(B):
@@ -178,12 +176,7 @@ class ExportedSam(nn.Module):
             masks, iou = self._decode_one(arrays[b:b + 1], coords.numpy(), labels.numpy())
             logits.append(masks)
             ious.append(iou)
-        if valid is not None:
-            if not logits:
-                side = embeddings.shape[-1] * 4
-                return embeddings.new_zeros(0, 1, side, side), embeddings.new_zeros(0)
-            return torch.cat(logits), torch.cat(ious)
-        return torch.stack([m[:, 0] for m in logits]), torch.stack(ious)
+        return pack_decoded(logits, ious, valid, embeddings)
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor | None, valid: torch.Tensor | None = None,
                 output_size: int | tuple[int, int] | None = None,

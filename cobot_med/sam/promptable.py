@@ -17,6 +17,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from .decoding import check_prompts, pack_decoded
 from .recipes import InputRecipe, SamRecipe
 
 
@@ -140,16 +141,7 @@ class PromptableSam(nn.Module):
         -1 no point (SAM's own padding token, for prompts with fewer than P clicks). ``boxes`` may be
         None when ``points`` is given (clicks only).
         """
-        if boxes is None and points is None:
-            raise ValueError("give boxes, points or both")
-        if boxes is not None and (boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != embeddings.shape[0]):
-            raise ValueError(f"boxes must be (B, K, 4) with B={embeddings.shape[0]}, got {tuple(boxes.shape)}")
-        if points is not None:
-            coords, labels = points
-            if coords.dim() != 4 or coords.shape[-1] != 2 or labels.shape != coords.shape[:-1] or (
-                    coords.shape[0] != embeddings.shape[0]) or (boxes is not None and coords.shape[1] != boxes.shape[1]):
-                raise ValueError(f"points must be coordinates (B, K, P, 2) and labels (B, K, P) with B="
-                                 f"{embeddings.shape[0]}, got {tuple(coords.shape)} and {tuple(labels.shape)}")
+        check_prompts(embeddings.shape[0], boxes, points)
         image_pe = self.sam.prompt_encoder.get_dense_pe()
         logits, ious = [], []
         for b in range(embeddings.shape[0]):  # MaskDecoder repeats its image embedding per prompt: decode per image
@@ -168,12 +160,7 @@ class PromptableSam(nn.Module):
             )
             logits.append(masks)
             ious.append(iou[:, 0])
-        if valid is not None:
-            if not logits:
-                side = embeddings.shape[-1] * 4
-                return embeddings.new_zeros(0, 1, side, side), embeddings.new_zeros(0)
-            return torch.cat(logits), torch.cat(ious)
-        return torch.stack([m[:, 0] for m in logits]), torch.stack(ious)
+        return pack_decoded(logits, ious, valid, embeddings)
 
     def forward(
         self,
@@ -206,7 +193,7 @@ class PromptableSam(nn.Module):
         bilinear resize to S x S, ``longest_side`` segment-anything's own preprocessing (as
         ``SamPredictor``: resize the longest side, pad, crop back).
         """
-        device = self.sam.pixel_mean.device
+        device = next(self.sam.parameters()).device
         image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         if image.dim() == 2:
             image = image[..., None].expand(*image.shape, 3)
