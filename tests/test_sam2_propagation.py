@@ -1,0 +1,133 @@
+"""Key-slice propagation by SAM 2's memory (``propagator: sam2_memory``, cobot_med/sam2_base/propagation.py)
+against SAM 2's own video predictor, and the propagator setting's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cobot_med.errors import SettingsError
+from cobot_med.predict import SlicePredictor, predict_volume
+from cobot_med.predict.protocols import case_prompts, parse_protocol
+
+SIZE = 64  # the model's input size: the phantom's slices are cut to it, so no side resizes them
+ORGANS = {"spleen": 1}
+
+
+def _video_predictor(size: int = SIZE):
+    """SAM 2.1 Hiera-T as Meta's builder makes it (random weights, eval mode) at ``size`` px."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(0)
+    return build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
+                                      hydra_overrides_extra=[f"++model.image_size={size}"])
+
+
+class _Sam2Base(torch.nn.Module):
+    """A SAM 2 base as the propagator reaches it: ``sam2`` (the video predictor) and ``recipe``."""
+
+    def __init__(self, sam2, recipe) -> None:
+        super().__init__()
+        self.sam2, self.recipe, self.image_size = sam2, recipe, recipe.image_size
+
+
+def _phantom(phantom_factory, tmp_path):
+    """A spleen phantom through the project's volume chain (RAS, CT window to [0, 255]), cut to SIZE x SIZE,
+    rounded to uint8 and written as one grayscale JPEG per axial slice (``<z>.jpg``, SAM 2's frame folder);
+    returns the folder, the volume read back from those JPEGs with PIL (X, Y, Z) and the prompts the
+    ``key_slice`` protocol gives from the cut label."""
+    from PIL import Image
+
+    from cobot_med.data.chains import volume_chain
+    from cobot_med.metrics import spacing_of
+
+    folder = phantom_factory("spleen", cases=1, seed=0, shape=(72, 72, 12))
+    name = "spleen_1.nii.gz"
+    data = volume_chain(list(ORGANS.values()))({"image": str(folder / "imagesTr" / name),
+                                               "label": str(folder / "labelsTr" / name)})
+    image, label = data["image"][0], data["label"][0]
+    X, Y, _ = image.shape
+    x0, y0 = (X - SIZE) // 2, (Y - SIZE) // 2
+    slices = np.round(image.numpy()[x0 : x0 + SIZE, y0 : y0 + SIZE]).astype(np.uint8)
+    label = label[x0 : x0 + SIZE, y0 : y0 + SIZE]
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for z in range(slices.shape[-1]):
+        Image.fromarray(slices[..., z], mode="L").save(frames / f"{z:05d}.jpg", quality=95)
+    volume = np.stack([np.asarray(Image.open(frames / f"{z:05d}.jpg")) for z in range(slices.shape[-1])], axis=-1)
+    prompts = case_prompts(parse_protocol("key_slice"), label, ORGANS, spacing_of(data["image"].affine))
+    return frames, torch.from_numpy(volume).float(), prompts
+
+
+def _reference(sam2, frames, z: int, box, threshold: float) -> dict[int, torch.Tensor]:
+    """SAM 2's own way: ``init_state`` on the JPEG folder, the box on frame ``z`` in pixels
+    (``normalize_coords``), ``propagate_in_video`` forward then reverse from ``z``, each direction stopped after
+    its first frame with no probability above ``threshold``; {frame: logits at the frame's size}."""
+    state = sam2.init_state(str(frames))
+    sam2.add_new_points_or_box(state, frame_idx=z, obj_id=1, box=list(box))
+    out = {}
+    for reverse in (False, True):
+        for frame, _, masks in sam2.propagate_in_video(state, start_frame_idx=z, reverse=reverse):
+            out[frame] = masks[0, 0].float()
+            if not (masks.sigmoid() > threshold).any():
+                break
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_memory_propagation_matches_sam2_video_predictor(phantom_factory, tmp_path):
+    """The same masks as SAM 2's ``SAM2VideoPredictor`` (init_state / add_new_points_or_box / propagate_in_video,
+    forward then reverse), random weights, one key-slice box on a phantom volume.
+
+    Identical inputs on both sides: the phantom's prepared uint8 slices (volume chain, CT window, cut to the
+    model's 64 px) are written as grayscale JPEGs; SAM 2 reads that folder its own way (PIL, RGB, /255, ImageNet
+    mean/std) and our side reads the same JPEGs back with PIL into the volume that ``predict_volume`` gets, whose
+    slices go through the base's input recipe and its pixel mean/std (the same statistics on [0, 255]). At 64 px
+    neither side resizes. The box is the ``key_slice`` protocol's (the label's largest slice), in pixels for SAM 2
+    and in the slice grid for ours (the same numbers: x along the JPEG's width). Run twice: with the usual
+    threshold (0.5), and with one at which a direction stops early (both sides stop after the first slice with
+    no probability above it; the reverse pass then remembers fewer slices above the key)."""
+    from cobot_med.sam.recipes import SamRecipe
+
+    sam2 = _video_predictor()
+    frames, volume, prompts = _phantom(phantom_factory, tmp_path)
+    X, Y, Z = volume.shape
+    z, box = prompts.prompts[0].key
+    full = _reference(sam2, frames, z, box, 0.5)
+    assert sorted(full) == list(range(Z))  # on random weights the mask never vanishes: every slice is compared
+    peaks = {f: float(full[f].sigmoid().max()) for f in full}
+    above = [f for f in range(z + 1, Z) if peaks[f] < min(peaks[g] for g in range(z, f))]
+    assert above, "no slice above the key is less sure than the ones before it: pick another phantom"
+    stop = above[0]  # at its own peak as the threshold, the forward pass stops here
+    for threshold in (0.5, peaks[stop]):
+        expected = _reference(sam2, frames, z, box, threshold)
+        network = _Sam2Base(sam2, SamRecipe(SIZE)).eval()
+        predictor = SlicePredictor(network, "cpu", amp=False, propagator="sam2_memory")
+        probs, used = predict_volume(predictor, volume, prompts, threshold=threshold)
+        assert used == [{z: box}]
+        assert predictor.images_sent == len(expected)  # each slice SAM 2 segmented, once
+        for f in range(Z):
+            if f not in expected:
+                assert not probs[0, ..., f].any(), f"slice {f} lies beyond where propagation stopped"
+                continue
+            assert torch.equal(probs[0, ..., f] > 0.5, expected[f] > 0), f"slice {f}"
+            torch.testing.assert_close(probs[0, ..., f], expected[f].sigmoid(), atol=1e-5, rtol=0)
+        masks = probs[0] > 0.5
+        assert 0 < int(masks.sum()) < X * Y * Z  # neither nothing nor everything
+        if threshold != 0.5:
+            assert max(expected) == stop and min(expected) < z
+            assert not torch.equal(expected[z - 1], full[z - 1])  # the shorter forward pass changed the reverse one
+
+
+class _NotSam2(torch.nn.Module):
+    image_size = SIZE
+
+
+def test_memory_propagator_refuses_a_base_without_sam2():
+    with pytest.raises(SettingsError, match="propagator sam2_memory needs a SAM 2 base .*this model is _NotSam2"):
+        SlicePredictor(_NotSam2(), "cpu", propagator="sam2_memory")
+    with pytest.raises(SettingsError, match=r"unknown propagator 'memory'; choose one of \['boxes', 'sam2_memory'\]"):
+        SlicePredictor(_NotSam2(), "cpu", propagator="memory")
+    assert SlicePredictor(_NotSam2(), "cpu").propagator == "boxes"
