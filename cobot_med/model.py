@@ -51,6 +51,7 @@ def build_model(spec: ModelSpec, sam_checkpoint: str | Path | None = None, *, ba
     Without ``sam_checkpoint``, an arch whose weights ship with a package (``lite_medsam``) loads
     those; the others stay randomly initialised. ``base=False`` loads no base weights at all (for a
     full-weights adapter, which brings every tensor). ``base_sha256`` is the loaded file's SHA-256.
+    A SAM 2 arch gives :class:`~cobot_med.sam2_base.promptable.PromptableSam2` (sam2's model as ``.sam2``).
     """
     sam = build_sam(spec.arch, spec.image_size)
     set_attention(sam.image_encoder, spec.attention)
@@ -60,4 +61,7 @@ def build_model(spec: ModelSpec, sam_checkpoint: str | Path | None = None, *, ba
     spec = dataclasses.replace(spec, peft_options=config.to_dict())
     # --- speed switches (issue #7): one place, see cobot_med.sam.speed ---
     apply_speed_switches(sam, spec.skip_window_padding, spec.gradient_checkpointing)
-    return PromptableSam(sam, spec=spec, adapter_keys=adapter_keys, base_sha256=sha256)
+    promptable = PromptableSam
+    if get_architecture(spec.arch).encoder == "hiera":
+        from .sam2_base.promptable import PromptableSam2 as promptable
+    return promptable(sam, spec=spec, adapter_keys=adapter_keys, base_sha256=sha256)

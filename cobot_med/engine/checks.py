@@ -58,6 +58,8 @@ def check_model_files(settings: "RunSettings") -> None:
     arch = get_architecture(settings.arch)
     if arch.official_checkpoint and not arch.packaged_checkpoint and not settings.adapter:
         owner, where = ("MedSAM's", MEDSAM_DOWNLOADS) if arch.recipe == "medsam" else ("Meta's", SAM_DOWNLOADS)
+        if arch.downloads:  # SAM 2.1, MedSAM2
+            owner, where = ("MedSAM2's" if arch.recipe == "medsam2" else "Meta's"), arch.downloads
         raise SettingsError(
             f"sam_checkpoint is empty, but arch {settings.arch} needs {owner} weights: download "
             f"{arch.official_checkpoint} ({where}) and pass --sam_checkpoint PATH, or pass --arch lite_medsam for "

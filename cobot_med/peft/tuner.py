@@ -92,7 +92,7 @@ def apply_peft(sam: nn.Module, name: str, options: Mapping[str, Any] | None = No
     if method.trainable is not None:
         trains.extend(method.trainable(sam, config))
     if method.trains_decoder:
-        trains.extend(sam.mask_decoder.parameters())
+        trains.extend(mask_decoder(sam).parameters())
     for p in trains:
         p.requires_grad_(True)
     state = sam.state_dict(keep_vars=True)
@@ -109,16 +109,27 @@ def trains_statistics(module: nn.Module) -> bool:
         module.weight.requires_grad)
 
 
+def mask_decoder(sam: nn.Module) -> nn.Module:
+    """segment-anything's ``Sam.mask_decoder``, or SAM 2's ``sam_mask_decoder`` (``SAM2Base``)."""
+    return sam.mask_decoder if hasattr(sam, "mask_decoder") else sam.sam_mask_decoder
+
+
+def prompt_encoder(sam: nn.Module) -> nn.Module:
+    """segment-anything's ``Sam.prompt_encoder``, or SAM 2's ``sam_prompt_encoder`` (``SAM2Base``)."""
+    return sam.prompt_encoder if hasattr(sam, "prompt_encoder") else sam.sam_prompt_encoder
+
+
 def count_parameters(sam: nn.Module) -> dict[str, int]:
-    """Trainable counts as the papers report them (image encoder) and for the whole model."""
+    """Trainable counts as the papers report them (image encoder) and for the whole model (for SAM 2 ``total``
+    includes the memory attention and memory encoder, which stay frozen)."""
 
     def trainable(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     return {
         "image_encoder_trainable": trainable(sam.image_encoder),
-        "mask_decoder_trainable": trainable(sam.mask_decoder),
-        "prompt_encoder_trainable": trainable(sam.prompt_encoder),
+        "mask_decoder_trainable": trainable(mask_decoder(sam)),
+        "prompt_encoder_trainable": trainable(prompt_encoder(sam)),
         "total_trainable": trainable(sam),
         "total": sum(p.numel() for p in sam.parameters()),
     }

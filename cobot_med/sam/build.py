@@ -1,5 +1,6 @@
-"""The base models: SAM from segment-anything's own classes at any input size, MedSAM ViT-B, and
-LiteMedSAM (TinyViT encoder, :mod:`cobot_med.sam.lite_medsam`) at 256 px.
+"""The base models: SAM from segment-anything's own classes at any input size, MedSAM ViT-B,
+LiteMedSAM (TinyViT encoder, :mod:`cobot_med.sam.lite_medsam`) at 256 px, and SAM 2.1 / MedSAM2 (Hiera
+encoder, built by sam2's own classes in :mod:`cobot_med.sam2_base`).
 
 segment-anything's ``_build_sam`` hard-codes 1024 px and loads checkpoints without
 ``weights_only``; here the same classes are assembled for any input size (a multiple of
@@ -24,12 +25,16 @@ from .recipes import RECIPES
 class SamArchitecture:
     """The hyper-parameters that distinguish one SAM variant from another.
 
-    ``encoder`` is ``"vit"`` (segment-anything's ``ImageEncoderViT``, the fields below) or
+    ``encoder`` is ``"vit"`` (segment-anything's ``ImageEncoderViT``, the fields below),
     ``"tiny_vit"`` (LiteMedSAM's, built by :mod:`cobot_med.sam.lite_medsam`; there the encoder
     fields give its last stage's width and heads and its number of attention blocks, and
-    ``patch_size`` its output stride). ``recipe`` names the input recipe. ``fixed_image_size``: the
+    ``patch_size`` its output stride) or ``"hiera"`` (SAM 2's, built from sam2's own config yaml
+    ``sam2_config`` by :mod:`cobot_med.sam2_base`; the encoder fields give its first stage's width and
+    heads, its number of blocks and its global-attention blocks, ``patch_size`` the stride of its last
+    stage, which an input must tile into). ``recipe`` names the input recipe. ``fixed_image_size``: the
     encoder takes ``default_image_size`` only. ``packaged_checkpoint``: the weights ship with an
-    installed package (:func:`default_checkpoint`); ``official_checkpoint``: a file the user downloads.
+    installed package (:func:`default_checkpoint`); ``official_checkpoint``: a file the user downloads,
+    from ``downloads``.
     """
 
     name: str
@@ -49,6 +54,8 @@ class SamArchitecture:
     recipe: str = "sam"
     fixed_image_size: bool = False
     packaged_checkpoint: bool = False
+    sam2_config: str | None = None  # hiera: the yaml inside the sam2 package
+    downloads: str | None = None  # where official_checkpoint comes from (one line for "weights missing")
 
 
 ARCHITECTURES: dict[str, SamArchitecture] = {
@@ -91,6 +98,34 @@ ARCHITECTURES: dict[str, SamArchitecture] = {
 }
 
 
+def _sam2(name: str, width: int, depth: int, heads: int, global_blocks: tuple[int, ...], config: str,
+          checkpoint: str, **fields) -> SamArchitecture:
+    return SamArchitecture(name, width, depth, heads, global_blocks, patch_size=32, encoder="hiera",
+                           recipe="sam2", sam2_config=config, official_checkpoint=checkpoint,
+                           downloads=SAM2_DOWNLOADS, **fields)
+
+
+SAM2_DOWNLOADS = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/ (facebookresearch/sam2#model-description)"
+MEDSAM2_DOWNLOADS = "https://huggingface.co/wanglab/MedSAM2 (bowang-lab/MedSAM2, checkpoints/README.md)"
+# SAM 2.1 (Meta, 2024-09-28 release) and MedSAM2 (bowang-lab, 2025: SAM 2.1 Hiera-T fine-tuned at 512 px);
+# the yaml files are the sam2 package's own (configs/sam2.1/), MedSAM2's sam2.1_hiera_t512.yaml being the
+# tiny one at image_size 512 (cobot_med.sam2_base.build)
+ARCHITECTURES.update({
+    "sam2.1_hiera_t": _sam2("sam2.1_hiera_t", 96, 12, 1, (5, 7, 9), "configs/sam2.1/sam2.1_hiera_t.yaml",
+                            "sam2.1_hiera_tiny.pt"),
+    "sam2.1_hiera_s": _sam2("sam2.1_hiera_s", 96, 16, 1, (7, 10, 13), "configs/sam2.1/sam2.1_hiera_s.yaml",
+                            "sam2.1_hiera_small.pt"),
+    "sam2.1_hiera_b+": _sam2("sam2.1_hiera_b+", 112, 24, 2, (12, 16, 20), "configs/sam2.1/sam2.1_hiera_b+.yaml",
+                             "sam2.1_hiera_base_plus.pt"),
+    "sam2.1_hiera_l": _sam2("sam2.1_hiera_l", 144, 48, 2, (23, 33, 43), "configs/sam2.1/sam2.1_hiera_l.yaml",
+                            "sam2.1_hiera_large.pt"),
+    "medsam2": SamArchitecture(
+        "medsam2", 96, 12, 1, (5, 7, 9), patch_size=32, default_image_size=512, encoder="hiera", recipe="medsam2",
+        sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml", official_checkpoint="MedSAM2_latest.pt",
+        downloads=MEDSAM2_DOWNLOADS),
+})
+
+
 def get_architecture(arch: str) -> SamArchitecture:
     try:
         return ARCHITECTURES[arch]
@@ -109,6 +144,14 @@ def check_image_size(arch: SamArchitecture, image_size: int) -> None:
                 f"embedding grid); leave image_size unset or use {arch.default_image_size}"
             )
         return
+    if arch.encoder == "hiera":
+        if not isinstance(image_size, int) or image_size < arch.patch_size * 4 or image_size % arch.patch_size:
+            raise ValueError(
+                f"image_size {image_size!r} is not usable for {arch.name}: Hiera's last stage has stride "
+                f"{arch.patch_size}, so it must be a multiple of {arch.patch_size} and at least "
+                f"{arch.patch_size * 4} (e.g. 256, 512, 1024)"
+            )
+        return
     if not isinstance(image_size, int) or image_size < arch.patch_size * 4 or image_size % arch.patch_size:
         raise ValueError(
             f"image_size {image_size!r} is not usable for {arch.name}: it must be a multiple of the "
@@ -121,10 +164,15 @@ def build_sam(arch: str = "vit_b", image_size: int | None = None) -> Sam:
 
     The prompt encoder's embedding grid and input size follow ``image_size``; the absolute
     position embedding and the global blocks' relative position tables are sized for it.
+    For a Hiera arch it is sam2's ``SAM2VideoPredictor`` (:func:`cobot_med.sam2_base.build.build_sam2`).
     """
     spec = get_architecture(arch)
     image_size = spec.default_image_size if image_size is None else int(image_size)
     check_image_size(spec, image_size)
+    if spec.encoder == "hiera":
+        from ..sam2_base.build import build_sam2
+
+        return build_sam2(arch, image_size)
     if spec.encoder == "tiny_vit":
         from .lite_medsam import build_lite_medsam_sam
 

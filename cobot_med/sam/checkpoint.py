@@ -1,4 +1,4 @@
-"""Load Meta's official SAM checkpoints strictly, at any input size.
+"""Load Meta's official SAM checkpoints (and SAM 2's, MedSAM2's: ``{"model": state_dict}``) strictly, at any input size.
 
 Official files are plain state dicts, so ``torch.load(..., weights_only=True)`` reads
 them. The only shapes allowed to differ from the model are the absolute position
@@ -58,14 +58,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def describe_architecture(state: Mapping[str, torch.Tensor]) -> str:
     """A short guess of which SAM variant a state dict holds, for error messages."""
+    from .build import ARCHITECTURES
+
+    hiera = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if hiera is not None:  # SAM 2: Hiera trunk; SAM 2.1 Hiera-T and MedSAM2 share a shape
+        depth = len({k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")})
+        names = [spec.name for spec in ARCHITECTURES.values() if spec.encoder == "hiera"
+                 and spec.encoder_embed_dim == hiera.shape[0] and spec.encoder_depth == depth]
+        what = " or ".join(names) if names else "an unknown SAM 2 variant"
+        return f"{what} (Hiera, width {hiera.shape[0]}, {depth} blocks)"
     weight = state.get("image_encoder.patch_embed.proj.weight")
     if weight is None:
         if "image_encoder.layers.1.blocks.0.attn.qkv.weight" in state:
             return "a TinyViT encoder (LiteMedSAM)"
         return "no SAM image encoder"
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
-    from .build import ARCHITECTURES
-
     for spec in ARCHITECTURES.values():
         if spec.encoder == "vit" and spec.encoder_embed_dim == weight.shape[0] and spec.encoder_depth == depth:
             return f"{spec.name} (width {weight.shape[0]}, {depth} blocks)"
@@ -115,7 +122,8 @@ def adapt_state_dict(
 
 
 def load_sam_checkpoint(sam: Sam, path: str | Path) -> str:
-    """Load an official SAM checkpoint strictly into ``sam``; returns the file's SHA-256."""
+    """Load an official SAM checkpoint strictly into ``sam`` (a ``Sam``, or SAM 2's ``SAM2Base``); returns the
+    file's SHA-256."""
     state = read_state_dict(path)
     adapted = adapt_state_dict(state, sam.state_dict(), str(path))
     sam.load_state_dict(adapted, strict=True)

@@ -206,7 +206,7 @@ class PromptableSam(nn.Module):
         bilinear resize to S x S, ``longest_side`` segment-anything's own preprocessing (as
         ``SamPredictor``: resize the longest side, pad, crop back).
         """
-        device = self.sam.pixel_mean.device
+        device = next(self.sam.parameters()).device
         image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         if image.dim() == 2:
             image = image[..., None].expand(*image.shape, 3)

@@ -295,7 +295,83 @@ class LiteMedSamRecipe(InputRecipe):
         return F.pad(resize_nearest_opencv(masks, (h, w)), (0, S - w, 0, S - h))
 
 
-RECIPES: dict[str, type[InputRecipe]] = {r.name: r for r in (SamRecipe, MedSamRecipe, LiteMedSamRecipe)}
+class Sam2Recipe(InputRecipe):
+    """SAM 2.1 (Hiera-T/S/B+/L), after sam2's ``SAM2ImagePredictor`` and ``SAM2Transforms`` (sam2 1.1.0).
+
+    ``ToTensor`` (the [0, 255] slice to [0, 1]), ``Resize((S, S))`` on the tensor (square, bilinear,
+    antialiased: ``F.interpolate(..., antialias=True)``), ``Normalize`` with the ImageNet mean/std in [0, 1]
+    units (inside the model, :class:`~cobot_med.sam2_base.promptable.PromptableSam2`); boxes
+    ``transform_boxes(normalize=True)``: ``box / [W, H, W, H] * S``; masks ``postprocess_masks``: the low-res
+    logits bilinear to the slice, ``> 0`` (sigmoid > 0.5). The CT window is the dataset's (SAM 2 has none).
+    Training targets: nearest, square (as the SAM chain; not from SAM 2's code).
+    """
+
+    name = "sam2"
+    pixel_mean = (0.485, 0.456, 0.406)
+    pixel_std = (0.229, 0.224, 0.225)
+    description = {
+        "resize": "square, bilinear, antialiased (torchvision Resize on the tensor)",
+        "intensity": "[0, 1] (ToTensor), ImageNet mean/std in the model",
+        "masks": "bilinear logits to the slice, sigmoid > 0.5",
+    }
+
+    def prepare(self, slices: Any) -> tuple[torch.Tensor, SliceGeometry]:
+        slices = _as_slices(slices)
+        S = self.image_size
+        images = slices / 255.0
+        if tuple(images.shape[-2:]) != (S, S):  # torchvision's Resize on a tensor is this call
+            images = F.interpolate(images[:, None], size=(S, S), mode="bilinear", align_corners=False,
+                                   antialias=True)[:, 0]
+        return _three_channels(images), self.geometry(slices.shape[-2:])
+
+    def boxes_to_model(self, boxes: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
+        X, Y = geometry.slice_size
+        size = torch.tensor([Y, X, Y, X], dtype=boxes.dtype, device=boxes.device)
+        return boxes / size * self.image_size
+
+    def logits_to_slices(self, logits: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
+        return _upsample(logits, geometry.slice_size)
+
+    predict = SamRecipe.predict
+    masks_to_model = SamRecipe.masks_to_model
+
+
+class MedSam2Recipe(Sam2Recipe):
+    """MedSAM2 (bowang-lab/MedSAM2, SAM 2.1 Hiera-T at 512 px), after ``medsam2_infer_3D_CT.py`` (main, 332f30d).
+
+    The CT clipped to the window and min-max scaled to [0, 255] over the volume, then ``np.uint8`` (truncated);
+    ``resize_grayscale_to_rgb_and_resize``: ``PIL.Image.fromarray(...).convert("RGB").resize((512, 512))``
+    (Pillow's default filter, bicubic); ``/ 255``; ImageNet mean/std (in the model); boxes and masks as SAM 2's
+    (``add_new_points_or_box``: ``box / [W, H] * 512``; the logits bilinear to the slice, ``> 0``). The window is
+    the data's: the script reads each DeepLesion image's own DICOM window (LUNA25: level -750, width 1500), so here
+    it is the dataset's unless ``ct_window`` says otherwise.
+    """
+
+    name = "medsam2"
+    description = {
+        "resize": "square, PIL bicubic on the uint8 slice (Image.resize default)",
+        "intensity": "uint8 (truncated), [0, 1], ImageNet mean/std in the model",
+        "masks": "bilinear logits to the slice, sigmoid > 0.5",
+    }
+
+    def __init__(self, image_size: int = 512, ct_window: tuple[float, float] | None = None) -> None:
+        super().__init__(image_size, ct_window)
+
+    def prepare(self, slices: Any) -> tuple[torch.Tensor, SliceGeometry]:
+        from PIL import Image
+
+        slices = _as_slices(slices)
+        S = self.image_size
+        out = np.empty((len(slices), S, S), dtype=np.float32)
+        for n, image in enumerate(slices.cpu().numpy()):
+            pixels = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))  # np.uint8(...): truncation
+            out[n] = np.asarray(pixels.resize((S, S), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+        return _three_channels(torch.from_numpy(out).to(slices.device)), self.geometry(slices.shape[-2:])
+
+
+RECIPES: dict[str, type[InputRecipe]] = {
+    r.name: r for r in (SamRecipe, MedSamRecipe, LiteMedSamRecipe, Sam2Recipe, MedSam2Recipe)
+}
 
 
 def make_recipe(name: str, image_size: int, overrides: Mapping[str, Any] | None = None) -> InputRecipe:
