@@ -11,25 +11,16 @@ from cobot_med.errors import SettingsError
 from cobot_med.predict import SlicePredictor, predict_volume
 from cobot_med.predict.protocols import case_prompts, parse_protocol
 
-SIZE = 64  # the model's input size: the phantom's slices are cut to it, so no side resizes them
+SIZE = 128  # the model's input size (Hiera's smallest): the phantom's slices are cut to it, so no side resizes
 ORGANS = {"spleen": 1}
 
 
-def _video_predictor(size: int = SIZE):
-    """SAM 2.1 Hiera-T as Meta's builder makes it (random weights, eval mode) at ``size`` px."""
-    from sam2.build_sam import build_sam2_video_predictor
+def _sam2_base():
+    """The SAM 2.1 Hiera-T base at SIZE px, random weights (sam2's own builder), zero-shot, in eval mode."""
+    from cobot_med.model import ModelSpec, build_model
 
     torch.manual_seed(0)
-    return build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
-                                      hydra_overrides_extra=[f"++model.image_size={size}"])
-
-
-class _Sam2Base(torch.nn.Module):
-    """A SAM 2 base as the propagator reaches it: ``sam2`` (the video predictor) and ``recipe``."""
-
-    def __init__(self, sam2, recipe) -> None:
-        super().__init__()
-        self.sam2, self.recipe, self.image_size = sam2, recipe, recipe.image_size
+    return build_model(ModelSpec(arch="sam2.1_hiera_t", image_size=SIZE, peft="frozen")).eval()
 
 
 def _phantom(phantom_factory, tmp_path):
@@ -42,7 +33,7 @@ def _phantom(phantom_factory, tmp_path):
     from cobot_med.data.chains import volume_chain
     from cobot_med.metrics import spacing_of
 
-    folder = phantom_factory("spleen", cases=1, seed=0, shape=(72, 72, 12))
+    folder = phantom_factory("spleen", cases=1, seed=0, shape=(136, 136, 12))
     name = "spleen_1.nii.gz"
     data = volume_chain(list(ORGANS.values()))({"image": str(folder / "imagesTr" / name),
                                                "label": str(folder / "labelsTr" / name)})
@@ -82,16 +73,16 @@ def test_memory_propagation_matches_sam2_video_predictor(phantom_factory, tmp_pa
     forward then reverse), random weights, one key-slice box on a phantom volume.
 
     Identical inputs on both sides: the phantom's prepared uint8 slices (volume chain, CT window, cut to the
-    model's 64 px) are written as grayscale JPEGs; SAM 2 reads that folder its own way (PIL, RGB, /255, ImageNet
+    model's 128 px) are written as grayscale JPEGs; SAM 2 reads that folder its own way (PIL, RGB, /255, ImageNet
     mean/std) and our side reads the same JPEGs back with PIL into the volume that ``predict_volume`` gets, whose
-    slices go through the base's input recipe and its pixel mean/std (the same statistics on [0, 255]). At 64 px
-    neither side resizes. The box is the ``key_slice`` protocol's (the label's largest slice), in pixels for SAM 2
+    slices go through the base's input recipe (``sam2``: /255, then its ImageNet mean/std). At the model's size
+    neither side resizes. Both sides run the one ``SAM2VideoPredictor`` (the base's ``.sam2``), each with its own
+    inference state. The box is the ``key_slice`` protocol's (the label's largest slice), in pixels for SAM 2
     and in the slice grid for ours (the same numbers: x along the JPEG's width). Run twice: with the usual
     threshold (0.5), and with one at which a direction stops early (both sides stop after the first slice with
     no probability above it; the reverse pass then remembers fewer slices above the key)."""
-    from cobot_med.sam.recipes import SamRecipe
-
-    sam2 = _video_predictor()
+    network = _sam2_base()
+    sam2 = network.sam2
     frames, volume, prompts = _phantom(phantom_factory, tmp_path)
     X, Y, Z = volume.shape
     z, box = prompts.prompts[0].key
@@ -102,8 +93,7 @@ def test_memory_propagation_matches_sam2_video_predictor(phantom_factory, tmp_pa
     assert above, "no slice above the key is less sure than the ones before it: pick another phantom"
     stop = above[0]  # at its own peak as the threshold, the forward pass stops here
     for threshold in (0.5, peaks[stop]):
-        expected = _reference(sam2, frames, z, box, threshold)
-        network = _Sam2Base(sam2, SamRecipe(SIZE)).eval()
+        expected = full if threshold == 0.5 else _reference(sam2, frames, z, box, threshold)
         predictor = SlicePredictor(network, "cpu", amp=False, propagator="sam2_memory")
         probs, used = predict_volume(predictor, volume, prompts, threshold=threshold)
         assert used == [{z: box}]
