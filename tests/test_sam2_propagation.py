@@ -121,3 +121,78 @@ def test_memory_propagator_refuses_a_base_without_sam2():
     with pytest.raises(SettingsError, match=r"unknown propagator 'memory'; choose one of \['boxes', 'sam2_memory'\]"):
         SlicePredictor(_NotSam2(), "cpu", propagator="memory")
     assert SlicePredictor(_NotSam2(), "cpu").propagator == "boxes"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_key_slice_under_sam2_memory_is_the_same_in_evaluate_and_infer(phantom_factory, tmp_path, capsys):
+    """The real paths as a user runs them on a SAM 2.1 Hiera-T base (its random weights saved as Meta's checkpoint
+    format): ``evaluate --prompts tight,key_slice --propagator sam2_memory`` and ``cobot-med infer --boxes`` (a
+    key-slice boxes file written from the test label) ``--propagator sam2_memory`` give the same label map and
+    scores; evaluation.json, the protocol's block, its prompts record and infer's record name the propagator; the
+    mask reaches slices that no box was sent to."""
+    import json
+    from pathlib import Path
+
+    import nibabel as nib
+    from test_evaluation_protocols import write_key_slice_boxes
+
+    from cobot_med.bundle import run_bundle
+    from cobot_med.cli import main
+    from cobot_med.sam2_base.build import build_sam2
+
+    data = phantom_factory("spleen", cases=3, seed=0, shape=(40, 40, 10))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "sam2.1_hiera_t_random.pt"
+    torch.save({"model": build_sam2("sam2.1_hiera_t", SIZE).state_dict()}, checkpoint)
+    base = {"arch": "sam2.1_hiera_t", "image_size": SIZE, "sam_checkpoint": str(checkpoint), "device": "cpu",
+            "amp": "false", "propagator": "sam2_memory"}
+    out = tmp_path / "evaluate"
+    run_bundle("spleen", "evaluate", dataset_dir=str(data), output_dir=str(out), peft="frozen",
+               prompts="tight,key_slice", val_fraction=0.34, test_fraction=0.34, **base)
+    assert "key_slice (sam2_memory)" in capsys.readouterr().out
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    block = evaluation["protocols"]["key_slice"]
+    assert evaluation["propagator"] == "sam2_memory" and block["propagator"] == "sam2_memory"
+    assert evaluation["protocols"]["tight"]["propagator"] is None  # tight prompts every slice: nothing propagates
+
+    (test,) = json.loads((out / "datalist.json").read_text())["test"]
+    inputs, refs = tmp_path / "images", tmp_path / "labels"
+    inputs.mkdir(), refs.mkdir()
+    (inputs / Path(test["image"]).name).symlink_to(test["image"])
+    (refs / Path(test["label"]).name).symlink_to(test["label"])
+    name = Path(test["image"]).name[: -len(".nii.gz")]
+    boxes = write_key_slice_boxes(tmp_path / "boxes.json", {name: test["label"]}, ORGANS)
+    assert main(["infer", "--config", "spleen", "--input", str(inputs), "--output", str(tmp_path / "infer"),
+                 "--boxes", str(boxes), "--labels", str(refs), "--arch", "sam2.1_hiera_t", "--image_size", str(SIZE),
+                 "--sam_checkpoint", str(checkpoint), "--device", "cpu", "--no_amp",
+                 "--propagator", "sam2_memory"]) == 0
+    ours = np.asarray(nib.load(str(out / "test_predictions" / "key_slice" / f"{test['case_id']}_seg.nii.gz")).dataobj)
+    theirs = np.asarray(nib.load(str(tmp_path / "infer" / f"{name}_seg.nii.gz")).dataobj)
+    assert np.array_equal(ours, theirs)
+    inferred = json.loads((tmp_path / "infer" / "metrics.json").read_text())
+    assert inferred["cases"][name]["spleen"]["dsc"] == block["cases"][test["case_id"]]["spleen"]["dsc"]
+    record = json.loads((tmp_path / "infer" / f"{name}_prompts.json").read_text())
+    assert record["record"]["settings"]["propagator"] == "sam2_memory"
+    sent = json.loads((out / "test_predictions" / "key_slice" / f"{test['case_id']}_prompts.json").read_text())
+    assert sent["propagator"] == "sam2_memory"
+    assert len(sent["organs"]["spleen"]["slices"]) == 1 == len(record["organs"]["spleen"]["slices"])  # one box
+    axial = [code in "SI" for code in nib.aff2axcodes(nib.load(test["image"]).affine)].index(True)
+    assert int(np.any(np.moveaxis(theirs, axial, -1) > 0, axis=(0, 1)).sum()) > 1  # the mask went beyond it
+
+
+def test_the_propagator_setting_is_checked_against_the_base(tmp_path):
+    """``sam2_memory`` on a base without SAM 2's memory, or on an exported model, is one named error before any
+    work; an unknown propagator names the choices."""
+    from cobot_med.settings import load_settings
+
+    with pytest.raises(SettingsError, match=r"unknown propagator 'memory'; choose one of \['boxes', 'sam2_memory'\]"):
+        load_settings("spleen", propagator="memory")
+    settings = load_settings("spleen", propagator="sam2_memory", arch="tiny", input_dir=str(tmp_path),
+                             output_dir=str(tmp_path / "out"), device="cpu")
+    with pytest.raises(SettingsError, match="propagator sam2_memory needs a SAM 2 base .*arch tiny has no memory"):
+        settings.check("inference")
+    settings = load_settings("spleen", propagator="sam2_memory", backend="onnxruntime", input_dir=str(tmp_path),
+                             output_dir=str(tmp_path / "out2"), device="cpu")
+    with pytest.raises(SettingsError, match="propagator sam2_memory runs SAM 2's video predictor in torch"):
+        settings.check("inference")
