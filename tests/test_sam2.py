@@ -104,6 +104,8 @@ def test_medsam2_recipe_is_its_inference_script():
 @pytest.mark.slow
 @pytest.mark.timeout(40)  # 6 s alone
 def test_checkpoints_load_strictly_and_a_wrong_size_is_one_named_error(tmp_path):
+    """Meta's format loads strictly at another input size; another variant's file is one named error; and the
+    loaded model is refused by the exporter in one line (SAM 2 is not exported)."""
     from cobot_med.sam2_base.build import build_sam2
 
     small = build_sam2("sam2.1_hiera_s", 128)
@@ -113,6 +115,12 @@ def test_checkpoints_load_strictly_and_a_wrong_size_is_one_named_error(tmp_path)
     state = loaded.sam2.state_dict()
     assert all(torch.equal(state[k], v) for k, v in small.state_dict().items())
     assert loaded.base_sha256 and loaded.image_size == 256
+    from cobot_med.export.exporter import export_model
+    from cobot_med.export.manifest import ExportError
+
+    with pytest.raises(ExportError, match="sam2.1_hiera_s: exporting SAM 2 bases is not implemented"):
+        export_model(loaded, tmp_path / "exported")  # refused in one line, nothing written
+    assert not (tmp_path / "exported").exists()
     with pytest.raises(CheckpointError, match=r"does not match the model \(checkpoint holds sam2.1_hiera_s "
                                               r"\(Hiera, width 96, 16 blocks\)\)") as err:
         build_model(ModelSpec(arch="sam2.1_hiera_t", image_size=128, peft="frozen"), path)

@@ -274,6 +274,14 @@ def load_backend(settings: Any, device: Any, log: Callable[[str], None] = _say) 
     if backend == "torch":
         return None
     auto = backend == "auto"
+    if _is_sam2(settings):  # not exported (docs/sam2.md): torch runs it, or the explicit choice is refused
+        if auto:
+            settings.backend_reason = "torch: SAM 2 bases are not exported (docs/sam2.md)"
+            return None
+        from .manifest import ExportError
+
+        raise ExportError(f"backend {backend}: SAM 2 bases ({settings.arch}) are not exported (their decoder also "
+                          "reads the encoder's high-resolution levels; docs/sam2.md); use --backend torch")
     if auto and torch.device(device).type != "cpu":
         return None  # the runtimes here run on the CPU
     candidates = ([] if settings.exported_model else ["torch"]) + [b for b in RUNTIMES if runtime_available(b)]
@@ -319,6 +327,13 @@ def load_backend(settings: Any, device: Any, log: Callable[[str], None] = _say) 
     log(f"model: exported {exported.arch}/{exported.peft} at {exported.image_size} px from {exported.folder}; "
         f"backend {backend_reason}; precision {precision_reason}; {threads} threads")
     return network, info
+
+
+def _is_sam2(settings: Any) -> bool:
+    from ..sam.build import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(getattr(settings, "arch", None))
+    return arch is not None and arch.encoder == "hiera" and not settings.exported_model
 
 
 def _exported_model_kind(settings: Any) -> dict[str, Any]:

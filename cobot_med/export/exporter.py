@@ -115,6 +115,9 @@ def export_model(model: Any, output: str | Path, formats: Sequence[str] = ("onnx
     and ``dataset``: the organs the export is for (None: any). ``adapter``: ``{"path", "weights_sha256"}`` of the
     adapter it holds. Returns the folder.
     """
+    if hasattr(model, "sam2"):
+        raise ExportError(f"{model.spec.arch if model.spec else 'SAM 2'}: exporting SAM 2 bases is not implemented (their "
+                          "decoder also reads the encoder's high-resolution levels; docs/sam2.md); run them with torch")
     formats = list(dict.fromkeys(["onnx", *formats]))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

@@ -164,9 +164,10 @@ class LadderMerge(AdapterLayer):
 
 
 def inject(sam: nn.Module, config: LstConfig) -> None:
-    require_vit(sam.image_encoder, "lst", (
-        "the ladder side network reads every block's output at one width and resolution; TinyViT's stages change both"
-    ))
+    require_vit(sam.image_encoder, "lst", {
+        "tiny_vit": "the ladder side network reads every block's output at one width and resolution; TinyViT's stages change both",
+        "hiera": "the ladder side network reads every block's output at one width and resolution; Hiera's stages change both",
+    })
     encoder = sam.image_encoder
     side = encoder.lst = LadderSideNetwork(encoder, config)
     for index, block in enumerate(encoder.blocks):

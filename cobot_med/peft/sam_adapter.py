@@ -150,9 +150,10 @@ class PromptedBlock(AdapterLayer):
 
 
 def inject(sam: nn.Module, config: SamAdapterConfig) -> None:
-    require_vit(sam.image_encoder, "sam_adapter", (
-        "SAM-Adapter feeds patch-embedding and high-frequency features of one width into every block of a single-resolution ViT; TinyViT's stages change width (128, 160, 320) and resolution"
-    ))
+    require_vit(sam.image_encoder, "sam_adapter", {
+        "tiny_vit": "SAM-Adapter feeds patch-embedding and high-frequency features of one width into every block of a single-resolution ViT; TinyViT's stages change width (128, 160, 320) and resolution",
+        "hiera": "SAM-Adapter feeds patch-embedding and high-frequency features of one width into every block of a single-resolution ViT; Hiera's stages change width (T: 96, 192, 384, 768) and resolution",
+    })
     encoder = sam.image_encoder
     prompts = encoder.sam_adapter = SamAdapterPrompts(encoder, config)
     encoder.patch_embed = PatchFeatures(encoder.patch_embed, prompts)

@@ -124,9 +124,10 @@ def _channels(module: nn.Module) -> int:
 
 
 def inject(sam: nn.Module, config: SsfConfig) -> None:
-    require_vit(sam.image_encoder, "ssf", (
-        "SSF's sites are a plain ViT's operations (patch embedding, norm1, qkv, proj, norm2, the two MLP Linears, the neck); TinyViT adds BatchNorm convolutions (stage 1, every block's local_conv, patch merging) that SSF's definition does not place, so it is not implemented there"
-    ))
+    require_vit(sam.image_encoder, "ssf", {
+        "tiny_vit": "SSF's sites are a plain ViT's operations (patch embedding, norm1, qkv, proj, norm2, the two MLP Linears, the neck); TinyViT adds BatchNorm convolutions (stage 1, every block's local_conv, patch merging) that SSF's definition does not place, so it is not implemented there",
+        "hiera": "SSF's sites are a plain ViT's operations and its neck; Hiera adds pooled-query stage changes with their shortcut projections and an FPN neck of four levels that SSF's definition does not place, so it is not implemented there",
+    })
     encoder = sam.image_encoder
     sites: list[tuple[str, int, int]] = []  # (path in the encoder, channels, channel dim of its output)
     if config.patch_embed:

@@ -111,9 +111,10 @@ class PromptedAttention(AdapterLayer):
 
 
 def inject(sam: nn.Module, config: VptConfig) -> None:
-    require_vit(sam.image_encoder, "vpt", (
-        "prompt tokens have no place in TinyViT's attention: its bias table is indexed by the fixed window's token offsets and every block reshapes its tokens to the H x W grid for local_conv"
-    ))
+    require_vit(sam.image_encoder, "vpt", {
+        "tiny_vit": "prompt tokens have no place in TinyViT's attention: its bias table is indexed by the fixed window's token offsets and every block reshapes its tokens to the H x W grid for local_conv",
+        "hiera": "Hiera's blocks run on a token grid cut into mask-unit windows, and the first block of each stage pools its queries and changes the width; VPT's prompt tokens of one width joining one token sequence have no place there that VPT's definition fixes, so it is not implemented there",
+    })
     encoder = sam.image_encoder
     kh, kw = encoder.patch_embed.proj.kernel_size
     for block in encoder.blocks:

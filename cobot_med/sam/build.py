@@ -105,8 +105,8 @@ def _sam2(name: str, width: int, depth: int, heads: int, global_blocks: tuple[in
                            downloads=SAM2_DOWNLOADS, **fields)
 
 
-SAM2_DOWNLOADS = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/ (facebookresearch/sam2#model-description)"
-MEDSAM2_DOWNLOADS = "https://huggingface.co/wanglab/MedSAM2 (bowang-lab/MedSAM2, checkpoints/README.md)"
+SAM2_DOWNLOADS = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/, as facebookresearch/sam2's README lists"
+MEDSAM2_DOWNLOADS = "https://huggingface.co/wanglab/MedSAM2, as bowang-lab/MedSAM2's download.sh fetches it"
 # SAM 2.1 (Meta, 2024-09-28 release) and MedSAM2 (bowang-lab, 2025: SAM 2.1 Hiera-T fine-tuned at 512 px);
 # the yaml files are the sam2 package's own (configs/sam2.1/), MedSAM2's sam2.1_hiera_t512.yaml being the
 # tiny one at image_size 512 (cobot_med.sam2_base.build)
@@ -145,11 +145,11 @@ def check_image_size(arch: SamArchitecture, image_size: int) -> None:
             )
         return
     if arch.encoder == "hiera":
-        if not isinstance(image_size, int) or image_size < arch.patch_size * 4 or image_size % arch.patch_size:
+        if not isinstance(image_size, int) or image_size < arch.patch_size * 2 or image_size % arch.patch_size:
             raise ValueError(
                 f"image_size {image_size!r} is not usable for {arch.name}: Hiera's last stage has stride "
                 f"{arch.patch_size}, so it must be a multiple of {arch.patch_size} and at least "
-                f"{arch.patch_size * 4} (e.g. 256, 512, 1024)"
+                f"{arch.patch_size * 2} (e.g. 256, 512, 1024)"
             )
         return
     if not isinstance(image_size, int) or image_size < arch.patch_size * 4 or image_size % arch.patch_size:
