@@ -67,7 +67,7 @@ def _reference(sam2, frames, z: int, box, threshold: float) -> dict[int, torch.T
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(250)  # ~40 s on a shared 2-core CPU
+@pytest.mark.timeout(250)  # 40-90 s on a 2-core CPU shared with other jobs
 def test_memory_propagation_matches_sam2_video_predictor(phantom_factory, tmp_path):
     """The same masks as SAM 2's ``SAM2VideoPredictor`` (init_state / add_new_points_or_box / propagate_in_video,
     forward then reverse), random weights, one key-slice box on a phantom volume.
@@ -124,7 +124,7 @@ def test_memory_propagator_refuses_a_base_without_sam2():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # 18-56 s on a shared 2-core CPU
+@pytest.mark.timeout(300)  # 18-71 s on a 2-core CPU shared with other jobs
 def test_key_slice_under_sam2_memory_is_the_same_in_evaluate_and_infer(phantom_factory, tmp_path, capsys):
     """The real paths as a user runs them on a SAM 2.1 Hiera-T base (its random weights saved as Meta's checkpoint
     format): ``evaluate --prompts tight,key_slice --propagator sam2_memory`` and ``cobot-med infer --boxes`` (a
