@@ -164,6 +164,8 @@ class RunSettings:
     backend: str = "torch"
     exported_model: str = ""
     dicom_seg: bool = False  # inference: also a DICOM-SEG of each DICOM series' segmentation (cobot_med.dicom_seg)
+    # how a key slice reaches the rest of the volume (cobot_med.predict.volume.PROPAGATORS, docs/inference.md)
+    propagator: str = "boxes"
 
     def __post_init__(self) -> None:
         from .data.layouts import LAYOUTS
@@ -264,6 +266,9 @@ class RunSettings:
         from .export.backend import BACKENDS
 
         self.backend = _choice("backend", self.backend or "torch", BACKENDS)
+        from .predict.volume import PROPAGATORS
+
+        self.propagator = _choice("propagator", self.propagator or "boxes", PROPAGATORS)
         wanted = [n for n in self.infer_organs.replace(" ", ",").split(",") if n]
         unknown = [n for n in wanted if n not in self.organs]
         if unknown:
@@ -277,6 +282,21 @@ class RunSettings:
                 check_image_size(get_architecture(self.arch), self.image_size)
             except ValueError as err:
                 raise SettingsError(str(err)) from None
+
+    def _check_propagator(self) -> None:
+        """``sam2_memory`` runs SAM 2's video predictor: a SAM 2 base (a Hiera arch) on torch, nothing else."""
+        from .predict.volume import MEMORY
+
+        if self.propagator != MEMORY:
+            return
+        if self.exported_model or self.backend != "torch":
+            raise SettingsError(f"propagator {MEMORY} runs SAM 2's video predictor in torch; an exported model "
+                                f"(backend {self.backend}) has no memory path: use backend torch, or propagator boxes")
+        from .sam.build import get_architecture
+
+        if self.arch != AUTO_ARCH and get_architecture(self.arch).encoder != "hiera":
+            raise SettingsError(f"propagator {MEMORY} needs a SAM 2 base (arch sam2.1_hiera_t/s/b+/l or medsam2); "
+                                f"arch {self.arch} has no memory: use propagator boxes")
 
     def resolve_arch(self, run_id: str) -> str:
         """Settle ``arch=auto`` for ``run_id`` (:func:`resolve_arch`); says so in one line when it picks the
@@ -434,6 +454,7 @@ class RunSettings:
         else:
             self.resolve_arch(run_id)
             checks.check_model_files(self)
+        self._check_propagator()
         if run_id == "training":
             if self.peft == "frozen":
                 raise SettingsError(f"peft frozen trains nothing (the base model as it is): score it with the evaluate "

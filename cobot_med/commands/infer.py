@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what runs the model (default: torch; auto: the fastest here, measured once and cached; "
                         "onnxruntime / openvino: the model exported on first use into the cache, or --model; "
                         "docs/export.md)")
+    parser.add_argument("--propagator", default=None, choices=["boxes", "sam2_memory"],
+                        help="how a key_slice box reaches the other slices (default: boxes, the mask's box prompts the "
+                        "next slice; sam2_memory: SAM 2's video predictor carries the mask by memory attention, SAM 2 "
+                        "bases only; docs/inference.md)")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="an exported model (cobot-med export): runs on onnxruntime or openvino (default: auto) "
                         "without the training stack")
@@ -82,7 +86,7 @@ def bundle_overrides(args: argparse.Namespace) -> dict:
                 "arch": args.arch, "image_size": args.image_size, "amp": "false" if args.no_amp else args.amp,
                 "attention": args.attention, "merge_adapters": False if args.no_merge else None,
                 "backend": args.backend or ("auto" if args.model else None),
-                "exported_model": full(args.model) or None}
+                "exported_model": full(args.model) or None, "propagator": args.propagator}
     overrides.update({k: v for k, v in optional.items() if v is not None})
     return overrides
 

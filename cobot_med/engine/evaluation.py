@@ -31,18 +31,20 @@ class VolumeSliceInferer(Inferer):
     """``__call__(image (1,1,X,Y,Z) in [0,255], network, label (1,1,X,Y,Z))`` -> label map (1,1,X,Y,Z) uint8
     as a MetaTensor carrying the image's metadata; prompts are the label's under ``protocol`` (``tight`` by
     default: the label's tight boxes per slice, the papers' oracle, whose score is ``val_dsc`` / ``test_dsc``;
-    :mod:`cobot_med.predict.protocols`), drawn with ``seed`` and the case id where the protocol is random."""
+    :mod:`cobot_med.predict.protocols`), drawn with ``seed`` and the case id where the protocol is random;
+    ``propagator``: how key slices (``key_slice``, ``clicks``) reach the rest of the volume, ``boxes`` or
+    ``sam2_memory`` (:mod:`cobot_med.predict.volume`)."""
 
     def __init__(self, organs: Mapping[str, int], batch_size: int = 8, amp: Precision | bool | str = False,
-                 protocol: Protocol | str = TIGHT, seed: int = 0) -> None:
+                 protocol: Protocol | str = TIGHT, seed: int = 0, propagator: str = "boxes") -> None:
         super().__init__()
         self.organs, self.batch_size, self.amp = dict(organs), int(batch_size), amp
         self.protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
-        self.seed = int(seed)
+        self.seed, self.propagator = int(seed), propagator
 
     def for_protocol(self, protocol: Protocol | str) -> "VolumeSliceInferer":
-        """The same inferer (organs, batch size, precision, seed) under another protocol."""
-        return VolumeSliceInferer(self.organs, self.batch_size, self.amp, protocol, self.seed)
+        """The same inferer (organs, batch size, precision, seed, propagator) under another protocol."""
+        return VolumeSliceInferer(self.organs, self.batch_size, self.amp, protocol, self.seed, self.propagator)
 
     def __call__(self, inputs: torch.Tensor, network: Any, label: torch.Tensor, *args: Any, case_id: str = "",
                  **kwargs: Any):
@@ -56,7 +58,7 @@ class VolumeSliceInferer(Inferer):
         spacing = spacing_of(affine.reshape(-1, 4, 4)[0].cpu().numpy()) if affine is not None else [1.0, 1.0, 1.0]
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         label = label.as_tensor() if isinstance(label, MetaTensor) else label
-        predictor = SlicePredictor(network, volume.device, self.batch_size, self.amp)
+        predictor = SlicePredictor(network, volume.device, self.batch_size, self.amp, propagator=self.propagator)
         # progress inside the volume (a CT volume takes minutes on a CPU): slice images sent, under this protocol
         with tqdm(desc=f"{case_id or _name_of(inputs)} ({self.protocol.name}) slices", unit="slice", leave=False,
                   disable=rank() > 0) as bar:

@@ -288,6 +288,7 @@ def run_params(network: Any, settings: Any, speed: Mapping[str, Any] | None = No
         "seed": settings.seed, "epochs": settings.epochs, "lr": settings.lr, "cobot_lr": settings.cobot_lr,
         "jitter": settings.jitter, "batch_size": settings.batch_size,
         "prompts": json.dumps(list(settings.prompts)), "select_prompts": settings.select_prompts,
+        "propagator": settings.propagator,
         "ct_window": json.dumps(ct_window_in_force(settings, model.recipe)),
         "recipe": json.dumps(spec.recipe, sort_keys=True),
         "peft_options": json.dumps(spec.peft_options, sort_keys=True),

@@ -68,7 +68,7 @@ def evaluate_adapter(network: torch.nn.Module, settings: Any, evaluator: Any) ->
     protocols = getattr(evaluator.state, "protocol_scores", None) or {}
     if is_rank0():
         write_json(out, {"adapter": scored, "metrics": metrics, **metrics, "prompts": list(protocols),
-                         "protocols": protocols})
+                         "propagator": settings.propagator, "protocols": protocols})
         model = f"{scored['path'] or 'the base model, zero-shot'} ({scored['peft']}, {scored['arch']} at " \
                 f"{scored['image_size']} px)"
         print(run_summary("evaluate", model, scores_table(settings.organs, metrics, protocols),
@@ -177,7 +177,10 @@ def scores_table(organs: Any, metrics: dict[str, float], protocols: dict[str, di
     columns: list[tuple[str, dict[str, float]]] = []
     for name, block in (protocols or {}).items():
         values = {organ: number(block["organs"][organ]["dsc"]) for organ in organs}
-        columns.append((parse_protocol(name).label, {**values, "mean": number(block["dsc"])}))
+        label = parse_protocol(name).label
+        if block.get("propagator") not in (None, "boxes"):  # key slices carried by SAM 2's memory: say so
+            label += f" ({block['propagator']})"
+        columns.append((label, {**values, "mean": number(block["dsc"])}))
     if not columns:  # no protocol blocks: the evaluator's own (tight) metrics
         columns = [("tight (oracle)", {**{o: metrics.get(f"test_dsc_{o}", nan) for o in organs},
                                        "mean": metrics.get("test_dsc", nan)})]

@@ -8,7 +8,9 @@ positive on a slice without the organ counts), and writes the label maps, the pr
 each protocol into ``<output_dir>/<protocol>/`` (the names exactly as given). MLflow gets one metric per protocol
 and organ under :func:`cobot_med.engine.tracking.protocol_metric`'s rule; the evaluator's state gets the blocks
 of ``evaluation.json`` (``engine.state.protocol_scores``); ``curve_path`` gets the robustness curve (DSC against
-the ``jitter`` protocols' px, ``tight`` at 0).
+the ``jitter`` protocols' px, ``tight`` at 0). The block and the prompts record of a protocol that propagates a key
+slice (``key_slice``, ``clicks``) name the inferer's ``propagator`` (``boxes`` or ``sam2_memory``): the same
+protocol scores differently under each.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class ProtocolScores:
                  surface: bool = True, curve_path: str | Path | None = None) -> None:
         self.protocols = [p if isinstance(p, Protocol) else parse_protocol(p) for p in protocols]
         self.organs = dict(inferer.organs)
+        self.propagator = getattr(inferer, "propagator", "boxes")
         self.inferers = {p.name: inferer.for_protocol(p) for p in self.protocols if p.kind != TIGHT}
         self.metric_name, self.chain = metric_name, chain
         self.output_dir = Path(output_dir) if output_dir else None
@@ -56,6 +59,10 @@ class ProtocolScores:
 
     def reset(self, _engine: Engine | None = None) -> None:
         self.cases = {p.name: {} for p in self.protocols}
+
+    def propagator_of(self, protocol: Protocol) -> str | None:
+        """What carried ``protocol``'s key slices through the volume (None: it prompts every slice it predicts)."""
+        return self.propagator if protocol.propagates else None
 
     def folder(self, protocol: Protocol) -> Path | None:
         return None if self.output_dir is None else self.output_dir / protocol.name
@@ -95,7 +102,8 @@ class ProtocolScores:
             folder = self.folder(protocol)
             if folder is not None:
                 record = prompts_record(case_id, protocol.name, self.organs, prompts.prompts, used, image)
-                write_json(folder / f"{case_id}_prompts.json", {**record, "protocol": protocol.describe()})
+                write_json(folder / f"{case_id}_prompts.json", {**record, "protocol": protocol.describe(),
+                                                                 "propagator": self.propagator_of(protocol)})
                 write_label_map(seg, image, self.chain, segmentation_path(folder, case_id))
         return scored
 
@@ -120,6 +128,7 @@ class ProtocolScores:
             folder = self.folder(protocol)
             results[protocol.name] = {
                 "protocol": protocol.canonical, "oracle": protocol.oracle, "description": protocol.describe(),
+                "propagator": self.propagator_of(protocol),
                 "dsc": means["all"]["dsc"], "nsd": means["all"]["nsd"], "hd95_mm": means["all"]["hd95_mm"],
                 "cases_counted": means["all"]["cases"],
                 "metric": protocol_metric(self.metric_name, protocol),

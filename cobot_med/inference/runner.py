@@ -111,6 +111,7 @@ def model_identity(info: Mapping[str, Any], settings: Any, recipe: Any) -> dict[
 
 
 RECORD_VERSION = 2  # 2: inputs' digests, settings and outputs in the record
+RECORDED_LATER = {"propagator": "boxes"}  # settings added to version 2's record since, with the value they had
 
 
 class CaseJob:
@@ -335,6 +336,7 @@ def record_changes(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> 
         elif old_prompts.get("file") != now["prompts"]["file"]:
             reasons.append("another boxes file was given")
     old_settings, new_settings = before.get("settings") or {}, now["settings"]
+    old_settings = {**RECORDED_LATER, **old_settings}  # a record from before a setting was recorded had its default
     for key in sorted(set(new_settings)):  # a setting of an output this run does not ask for (NSD) does not count
         if old_settings.get(key) != new_settings.get(key):
             reasons.append(f"{key} {old_settings.get(key)} -> {new_settings.get(key)}")
@@ -415,11 +417,11 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
     chain = run_volume_chain(settings, recipe)
     exported = model_info.get("backend", "torch") != "torch"  # its arch is the settings' (check_run settled it)
     slice_batch = settings.slice_batch(device, None if exported else network)
-    predictor = SlicePredictor(network, device, slice_batch, speed.precision)
+    predictor = SlicePredictor(network, device, slice_batch, speed.precision, propagator=settings.propagator)
     digests = Digests(out / DIGESTS_NAME)
     merged = bool(model_info.get("merged_layers"))
     job = CaseJob(settings, organs, chain, predictor, boxes, identity, progress, digests,
-                  {"precision": speed.precision.name, "merged_adapters": merged})
+                  {"precision": speed.precision.name, "merged_adapters": merged, "propagator": settings.propagator})
     status = {c.case_id: job.status(c) for c in cases if not c.error}
     foreign = {case_id: what for case_id, (state, what) in status.items() if state == "foreign"}
     if foreign:
@@ -503,7 +505,8 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
         "model": model_info,
         "model_identity": identity,
         "processes": processes,
-        "settings": {"batch_size": slice_batch, "eval_batch_size": settings.eval_batch_size, "device": str(device), **speed.describe(),
+        "settings": {"batch_size": slice_batch, "eval_batch_size": settings.eval_batch_size, "device": str(device),
+                     "propagator": settings.propagator, **speed.describe(),
                      "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps,
                      "dicom_seg": settings.dicom_seg},
         "cases": [dataclasses.asdict(c) for c in outcomes],

@@ -83,6 +83,11 @@ class Protocol:
         return self.kind in ("tight", "jitter")
 
     @property
+    def propagates(self) -> bool:
+        """Prompts on one slice that the ``propagator`` carries through the volume (``key_slice``, ``clicks``)."""
+        return self.kind in ("key_slice", "clicks")
+
+    @property
     def label(self) -> str:
         """The name as tables print it: ``tight (oracle)``."""
         return f"{self.name} (oracle)" if self.kind == TIGHT else self.name

@@ -11,16 +11,18 @@ slices into model inputs and boxes into the model grid exactly as the training c
 logits back into probabilities at the slice's own (X, Y) grid. Each slice is sent once with all the
 organs prompted on it; slices with no prompt never reach the model. :meth:`SlicePredictor.clicked` predicts
 one slice from clicks (SAM point prompts, the MONAI Label app's foreground / background points), through the
-same recipe.
+same recipe. :meth:`SlicePredictor.propagate` carries key slices through a volume by SAM 2's memory when the
+predictor's ``propagator`` is ``sam2_memory`` (:mod:`cobot_med.sam2_base.propagation`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from ..engine.amp import autocast
+from ..errors import SettingsError
 from ..sam.recipes import InputRecipe, SamRecipe
 
 if TYPE_CHECKING:
@@ -45,15 +47,48 @@ class SlicePredictor:
     """Runs the network on lists of (slice, prompts) in batches; returns probabilities at the slice grid.
 
     ``amp``: what :func:`cobot_med.engine.amp.autocast` takes, usually the run's resolved
-    :class:`~cobot_med.engine.precision.Precision` (or an ``amp`` setting, resolved for the device)."""
+    :class:`~cobot_med.engine.precision.Precision` (or an ``amp`` setting, resolved for the device).
+    ``propagator``: how :func:`~cobot_med.predict.volume.predict_volume` carries a key slice through the volume,
+    ``boxes`` or ``sam2_memory`` (a SAM 2 base only: refused here, by name, for any other network)."""
 
     def __init__(self, network: Any, device: torch.device | str = "cpu", batch_size: int = 8,
-                 amp: Precision | bool | str = False, on_slices: Callable[[int], None] | None = None) -> None:
+                 amp: Precision | bool | str = False, on_slices: Callable[[int], None] | None = None,
+                 propagator: str = "boxes") -> None:
+        from .volume import MEMORY, PROPAGATORS
+
         self.network, self.device = network, torch.device(device)
         self.batch_size, self.amp = max(int(batch_size), 1), amp
         self.recipe = recipe_of(network)
         self.on_slices = on_slices  # called with the number of slice images sent (progress)
         self.images_sent = 0
+        if propagator not in PROPAGATORS:
+            raise SettingsError(f"unknown propagator {propagator!r}; choose one of {list(PROPAGATORS)}")
+        self.propagator = propagator
+        self._memory = None
+        if propagator == MEMORY:
+            from ..sam2_base.propagation import MemoryPropagator
+
+            self._memory = MemoryPropagator(network, self.device, amp, on_slice=self._sent_one)
+
+    def _sent_one(self) -> None:
+        self.images_sent += 1
+        if self.on_slices:
+            self.on_slices(1)
+
+    def propagate(self, volume: torch.Tensor, keys: Mapping[int, tuple[int, Any]],
+                  threshold: float) -> dict[int, torch.Tensor]:
+        """``propagator`` ``sam2_memory``: {organ index: (key slice, box)} on an oriented (X, Y, Z) volume ->
+        {organ index: probabilities (X, Y, Z)} (:class:`cobot_med.sam2_base.propagation.MemoryPropagator`)."""
+        if self._memory is None:
+            raise SettingsError(f"propagate: this predictor's propagator is {self.propagator}, not sam2_memory")
+        was_training = getattr(self.network, "training", False)
+        if hasattr(self.network, "eval"):
+            self.network.eval()
+        try:
+            return self._memory(volume, keys, threshold)
+        finally:
+            if was_training:
+                self.network.train()
 
     @torch.no_grad()
     def __call__(self, volume: torch.Tensor, zs: list[int], boxes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

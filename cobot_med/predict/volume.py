@@ -4,6 +4,10 @@
 (fixed boxes in batches, key slices propagated both ways) through the one
 :class:`~cobot_med.predict.slices.SlicePredictor`; :func:`to_label_map` turns the K organ probabilities
 into the label map that is written and scored (overlaps go to the most probable organ).
+
+The predictor's ``propagator`` says how a key slice reaches the rest of the volume: ``boxes`` (every base: the
+mask's bounding box on one slice prompts the next) or ``sam2_memory`` (SAM 2 bases: SAM 2's video predictor
+carries the key slice's mask by memory attention, :mod:`cobot_med.sam2_base.propagation`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from .prompts import CasePrompts
 from .slices import SlicePredictor
 
 THRESHOLD = 0.5  # probability above which a pixel belongs to an organ (also where propagation stops)
+BOXES, MEMORY = "boxes", "sam2_memory"
+PROPAGATORS = (BOXES, MEMORY)  # the ``propagator`` setting: how a key slice reaches the rest of the volume
 
 
 def to_label_map(probs: torch.Tensor, organ_ids: Sequence[int], threshold: float = THRESHOLD) -> torch.Tensor:
@@ -41,7 +47,9 @@ def predict_volume(predictor: SlicePredictor, volume: torch.Tensor, prompts: Cas
     slice per step, all fronts of a step in one batch, each prompted with the bounding box of the
     organ's mask on the slice before; a front stops where the mask (probability > ``threshold``)
     vanishes or the volume ends. Fixed prompts on a slice a step visits travel with it; the
-    remaining fixed slices go last.
+    remaining fixed slices go last. With the predictor's ``propagator`` ``sam2_memory``, each key slice's
+    box goes to SAM 2's video predictor instead, which segments the key slice and carries its mask up and down
+    by memory (:meth:`SlicePredictor.propagate`; the same stopping rule); the fixed prompts then go in batches.
     """
     volume = torch.as_tensor(volume).float()
     X, Y, Z = volume.shape
@@ -69,7 +77,12 @@ def predict_volume(predictor: SlicePredictor, volume: torch.Tensor, prompts: Cas
                 used[k][z] = boxes[n, k].tolist()
 
     keys = prompts.keys()
-    if keys:
+    if keys and predictor.propagator == MEMORY:
+        for k, organ_probs in predictor.propagate(volume, keys, threshold).items():
+            probs[k] = organ_probs
+            z, box = keys[k]
+            used[k][z] = [float(v) for v in box]
+    elif keys:
         requests: dict[int, dict[int, list[float]]] = {}
         for k, (z, box) in keys.items():
             requests.setdefault(z, {})[k] = box
