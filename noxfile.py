@@ -4,7 +4,9 @@
   ``test`` extra and the ``infer`` extra (ONNX Runtime and OpenVINO, for the export tests), at the exact versions
   of ``requirements/constraints.txt``.
 - ``monailabel``: the MONAI Label app's tests, with the ``monailabel`` extra (which brings numpy 1.26 and
-  pydicom 2), at the versions of ``requirements/constraints-monailabel.txt``.
+  pydicom 2), at the versions of ``requirements/constraints-monailabel.txt``. Its DICOMweb and browser tests
+  read ``COBOT_MED_TEST_ORTHANC_URL`` and ``COBOT_MED_TEST_CHROMEDRIVER`` (``.ci/orthanc.sh``, ``.ci/chromium.sh``)
+  and ``CI`` from the caller's environment, which nox passes on to every session.
 
 Arguments after ``--`` go to pytest: ``nox -s tests -- -m "not slow"`` is the fast tier. The environments
 are kept between runs (``.nox/``); ``nox -R`` also skips the install step.
@@ -18,7 +20,8 @@ nox.options.sessions = ["tests", "monailabel"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
-MONAI_LABEL_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_parts.py"]
+MONAI_LABEL_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_parts.py", "tests/test_monailabel_dicomweb.py",
+                     "tests/test_monailabel_ohif.py"]
 
 
 @nox.session
