@@ -23,6 +23,7 @@ import cobot_med
 
 from . import settings as app_settings
 from .datastore import CheckedDatastore
+from .dicomweb import dicomweb_datastore, is_dicomweb
 from .errors import RequestError, http_error
 from .folder import check_app_dir
 from .infer_task import CobotMedInfer
@@ -37,15 +38,22 @@ class CobotMedApp(MONAILabelApp):
             check_app_dir(app_dir)
         except ValueError as err:
             raise app_settings.ConfError(str(err)) from None
-        self.settings = app_settings.from_conf(conf or {}, studies)
+        conf = dict(conf or {})
+        if is_dicomweb(studies) and not conf.get("output_dir"):  # a URL is no folder: the app's data folder keeps it
+            conf["output_dir"] = os.path.join(app_dir, "cobot_med")
+        self.settings = app_settings.from_conf(conf, studies)
         guard_requests(self)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="cobot-med",
                          description="SAM with PEFT adapters (SAM-COBOT), fine-tuned from the annotators' labels",
                          version=cobot_med.__version__, labels=dict(self.settings.organs))
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb and others: MONAI Label's own, labels unchecked
+        if is_dicomweb(self.studies) and server_settings.MONAI_LABEL_DATASTORE.lower() not in ("xnat", "dsa") \
+                and "googleapis.com" not in self.studies:
+            self.studies = self.studies.rstrip("/").strip()
+            return dicomweb_datastore(self.studies, self.settings.organs)  # checked series, the project's SEG
+        if is_dicomweb(self.studies):
+            return super().init_datastore()  # XNAT, DSA, Google's DICOM store: MONAI Label's own, labels unchecked
         return CheckedDatastore(self.studies, self.settings.organs,
                                 extensions=server_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=server_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
