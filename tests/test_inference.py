@@ -408,9 +408,11 @@ def write_dicom_series(volume_zyx, folder, spacing, origin, direction):
     for z in range(image.GetDepth()):
         slice_ = image[:, :, z]
         for tag, value in (("0008|0060", "CT"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
+                           ("0020|0052", uid + ".3"),  # frame of reference: a DICOM-SEG needs it
                            ("0008|0016", "1.2.840.10008.5.1.4.1.1.2"), ("0020|0037", orientation),
                            ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, z)))),
-                           ("0020|0013", str(z + 1)), ("0028|1052", "0"), ("0028|1053", "1")):
+                           ("0020|0013", str(z + 1)), ("0018|0050", str(spacing[2])),
+                           ("0028|1052", "0"), ("0028|1053", "1")):
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(slice_)
