@@ -59,6 +59,9 @@ def dicomweb_datastore(studies: str, organs: Mapping[str, int]) -> "CheckedDicom
                              qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                              wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                              stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    # dicomweb-client retries any failed request 5 times, waiting 2, 4, 8, 16 s: half a minute before a client
+    # hears that the PACS is down. One retry after a second (a 429 / 503 / 504, or a refused connection).
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=500)
     cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     return CheckedDicomWebDatastore(client, organs, search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
                                     cache_path=cache or None, fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
@@ -105,8 +108,7 @@ class CheckedDicomWebDatastore(DICOMWebDatastore):
 
     def checked_series_dir(self, image_id: str) -> str:
         """The cached folder of series ``image_id``, fetched and checked (see the module) when not cached yet."""
-        from cobot_med.data.geometry import check_dicom_series
-        from cobot_med.errors import DataError
+        from cobot_med.data.geometry import DataError, check_dicom_series
         from monailabel.datastore.utils.dicom import dicom_web_download_series
 
         meta = self.series(image_id)
@@ -143,7 +145,9 @@ class CheckedDicomWebDatastore(DICOMWebDatastore):
         try:
             return self._pacs(super().status)
         except PacsError as err:
-            return {**LocalDatastore.status(self), "error": str(err)}
+            cached = LocalDatastore.list_images(self)
+            return {"total": len(cached), "completed": len(LocalDatastore.get_labeled_images(self)),
+                    "label_tags": {}, "error": str(err)}
 
     # --- saving -------------------------------------------------------------------------------------------------
 
@@ -222,7 +226,8 @@ def frames_on_instances(label: Any, sources: list) -> np.ndarray:
         array = array[0] if array.shape[0] == 1 else array[..., 0]
     to_voxel = np.linalg.inv(np.asarray(label.affine, float))
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), dtype=array.dtype)
+    array = np.rint(array).astype(np.uint8)  # label ids (read as floats)
+    frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), dtype=np.uint8)
     for n, source in enumerate(sources):
         origin = lps_to_ras @ np.asarray(source.ImagePositionPatient, float)
         orientation = np.asarray(source.ImageOrientationPatient, float)
