@@ -169,7 +169,7 @@ def test_info_lists_the_interactive_model_its_trainer_and_the_dataset_labels(ser
     info = requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()
     model = info["models"][MODEL]
     assert model["type"] == "deepgrow" and model["dimension"] == 3  # Slicer's SmartEdit panel lists it
-    assert model["labels"] == ORGANS and info["labels"] == ORGANS
+    assert model["labels"] == ORGANS and info["labels"] == list(ORGANS)  # OHIF's panel needs a list there
     assert model["served"]["adapter"] == str(server.start_adapter) and model["served"]["round"] == 0
     assert info["trainers"][MODEL]["config"] == {"max_epochs": 1}
     assert info["datastore"]["total"] == 3

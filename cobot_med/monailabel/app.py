@@ -45,7 +45,7 @@ class CobotMedApp(MONAILabelApp):
         guard_requests(self)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="cobot-med",
                          description="SAM with PEFT adapters (SAM-COBOT), fine-tuned from the annotators' labels",
-                         version=cobot_med.__version__, labels=dict(self.settings.organs))
+                         version=cobot_med.__version__, labels=organ_names(self.settings.organs))
 
     def init_datastore(self) -> Datastore:
         if is_dicomweb(self.studies) and server_settings.MONAI_LABEL_DATASTORE.lower() not in ("xnat", "dsa") \
@@ -76,6 +76,12 @@ class CobotMedApp(MONAILabelApp):
             return super().infer(request, datastore)
         except RequestError as err:
             raise http_error(err) from None
+
+
+def organ_names(organs: dict[str, int]) -> list[str]:
+    """``GET /info/``'s ``labels``: the organs' names in id order, a list as OHIF's MONAI Label panel reads it (it
+    appends to it; a ``{name: id}`` object there stops the panel). Each model's ``labels`` keep ``{name: id}``."""
+    return [name for name, _ in sorted(organs.items(), key=lambda item: item[1])]
 
 
 # --- requests MONAI Label's endpoints would answer with 500 (or 200, then fail) --------------------------------
