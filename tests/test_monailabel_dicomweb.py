@@ -261,3 +261,166 @@ def test_an_unreachable_pacs_is_a_502_with_the_reason_and_info_keeps_answering(t
     assert raised.value.status_code == 502
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
     assert not list(Path(tmp_path).glob("**/*.dcm"))
+
+
+# --- in the browser: OHIF v3 (shipped in the monailabel wheel, served at /ohif/) in headless Chromium ------------
+
+
+def chromedriver() -> str:
+    path = os.environ.get("COBOT_MED_TEST_CHROMEDRIVER") or shutil.which("chromedriver")
+    if not path:
+        reason = ("no chromedriver: COBOT_MED_TEST_CHROMEDRIVER is not set and none is on PATH (.ci/run installs "
+                  "Debian's chromium and chromium-driver with .ci/chromium.sh)")
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def artifacts_dir(tmp_path: Path) -> Path:
+    """Where the browser test's screenshots go: ``COBOT_MED_TEST_ARTIFACTS`` (CI keeps it), else the test's tmp."""
+    folder = Path(os.environ.get("COBOT_MED_TEST_ARTIFACTS") or tmp_path) / "ohif"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def shown(wait, xpath: str):
+    """The first element at ``xpath`` that is displayed, once there is one (panels open with a transition)."""
+    from selenium.webdriver.common.by import By
+
+    return wait.until(lambda d: next((e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()), False))
+
+
+AXIAL = "cornerstone.getRenderingEngines()[0].getViewport('mpr-axial')"
+
+SAVE_FROM_THE_PAGE = """
+const [server, image, done] = arguments;
+const segmentation = services.segmentationService;
+const voxels = segmentation.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray();
+const info = Object.values(segmentation.getSegmentation('1').segments).filter(Boolean)
+    .map(s => ({name: s.label, idx: s.segmentIndex}));
+const form = new FormData();  // as the extension's MonaiLabelClient.save_label builds it
+form.append('params', JSON.stringify({label_info: info}));
+form.append('label', new Blob([new Uint8Array(voxels)]), 'label.bin');
+fetch(server + 'datastore/label?image=' + encodeURIComponent(image), {method: 'PUT', body: form})
+    .then(r => r.text().then(t => done([r.status, t]))).catch(e => done([0, String(e)]));
+"""
+
+
+def test_ohif_in_headless_chromium_runs_the_model_from_the_panel_and_saves_the_drawn_label(dicomweb, tmp_path):
+    """A person's session in OHIF: open the study in the MONAI Label mode, connect the panel to this server, pick
+    *Point Prompts* and the organ, click on it in the axial view, *Run*; the segmentation is drawn (the viewer's
+    labelmap holds the server's answer voxel for voxel; the axial view changed). Then the drawn labelmap is saved
+    (see docs/monailabel.md: this OHIF build has no save control in that mode, so the page makes the request the
+    extension's ``save_label`` makes) and Orthanc holds the project's DICOM-SEG with exactly those voxels."""
+    import base64
+    import io
+
+    import SimpleITK as sitk
+    from dicomweb_client import DICOMwebClient
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shots = artifacts_dir(tmp_path)
+    print(f"OHIF screenshots: {shots}")
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000",
+                     "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):
+        options.add_argument(argument)  # WebGL in software: cornerstone3D renders with it
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromedriver()), options=options)
+    wait = WebDriverWait(driver, 90, poll_frequency=0.5)
+    client = DICOMwebClient(dicomweb.orthanc)
+    segs_before = {s["0020000E"]["Value"][0] for s in client.search_for_series(dicomweb.study,
+                                                                               search_filters={"Modality": "SEG"})}
+    try:
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.get(f"{dicomweb.url}/ohif/monai-label?StudyInstanceUIDs={dicomweb.study}")
+        wait.until(lambda d: d.execute_script(f"try {{ return {AXIAL}.getActors().length > 0; }} catch (e) {{ return false; }}"))
+        for button in driver.find_elements(By.XPATH, "//button[contains(., 'Confirm and Hide')]"):
+            button.click()
+        field = driver.find_element(By.ID, "monailabelServerURL")
+        field.click()
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(f"{dicomweb.url}/")
+        driver.find_element(By.CSS_SELECTOR, ".settingsTable button").click()  # connect
+        shown(wait, "//label[text()='Point Prompts']").click()
+        liver_row = "//tr[contains(@class,'clickable-row')][td[text()='liver']]"
+        wait.until(lambda d: shown(wait, liver_row).click() or "darkblue" in shown(wait, liver_row).get_attribute("style"))
+        canvas = driver.execute_script(f"return {AXIAL}.canvas")
+        before = Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB")
+        driver.save_screenshot(str(shots / "1-study.png"))
+
+        # click the liver where the axial view shows it (the phantom's liver on the displayed slice)
+        focal = driver.execute_script(f"return {AXIAL}.getCamera().focalPoint")
+        to_voxel = np.linalg.inv(dicomweb.image.affine)
+        k = int(round((to_voxel @ np.array([-focal[0], -focal[1], focal[2], 1.0]))[2]))
+        i, j = np.argwhere(dicomweb.truth[:, :, k] == ORGANS["liver"]).mean(axis=0).round()
+        ras = dicomweb.image.affine @ np.array([i, j, k, 1.0])
+        x, y = driver.execute_script(f"return {AXIAL}.worldToCanvas(arguments[0])", [-ras[0], -ras[1], ras[2]])
+        size = canvas.size
+        probes = ("return cornerstoneTools.annotation.state.getAnnotationManager().getAllAnnotations()"
+                  ".filter(a => a.metadata.toolName === 'ProbeMONAILabel').length")
+
+        def click_liver(d) -> bool:  # the probe tool takes clicks once the tab has activated it
+            ActionChains(d).move_to_element_with_offset(canvas, x - size["width"] / 2, y - size["height"] / 2) \
+                .click().perform()
+            return WebDriverWait(d, 3).until(lambda d: d.execute_script(probes) > 0)
+
+        WebDriverWait(driver, 60, ignored_exceptions=(TimeoutException,)).until(click_liver)
+        assert driver.execute_script(probes) == 1
+        shown(wait, "//button[@title='Run PointPrompts']").click()
+        wait.until(lambda d: "Running Inference for Point Prompts - Successful" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(shots / "2-segmented.png"))
+        after = Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB")
+        assert np.abs(np.asarray(after, float) - np.asarray(before, float)).mean() > 1.0  # the overlay is drawn
+
+        # the label the server returned to the browser (its NRRD answer, read from the browser's network log)
+        answers = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+        infer_ids = [m["params"]["requestId"] for m in answers if m["method"] == "Network.responseReceived"
+                     and "/infer/" in m["params"]["response"]["url"] and m["params"]["response"]["status"] == 200]
+        assert len(infer_ids) == 1
+        body = driver.execute_cdp_cmd("Network.getResponseBody", {"requestId": infer_ids[0]})
+        nrrd = tmp_path / "answer.nrrd"
+        nrrd.write_bytes(base64.b64decode(body["body"]) if body["base64Encoded"] else body["body"].encode("latin-1"))
+        returned = sitk.GetArrayFromImage(sitk.ReadImage(str(nrrd)))  # (k, rows, columns): the series' frames
+        assert returned.any() and set(np.unique(returned)) <= {0, 1}
+        requests_seen = [line for line in (dicomweb.root / "server.log").read_text().splitlines() if "Infer Request: " in line]
+        assert "'foreground': [[" in requests_seen[-1] and f", {k}]]" in requests_seen[-1]  # the click, on slice k
+
+        # what OHIF draws is what the server returned: its labelmap, in the liver's segment, voxel for voxel
+        drawn = np.asarray(driver.execute_script(
+            "return Array.from(services.segmentationService.getLabelmapVolume('1').voxelManager"
+            ".getCompleteScalarDataArray())"), dtype=np.uint8).reshape(returned.shape)
+        segments = driver.execute_script("return Object.values(services.segmentationService.getSegmentation('1')"
+                                         ".segments).filter(Boolean).map(s => [s.label, s.segmentIndex])")
+        liver = dict(segments)["liver"]
+        assert np.array_equal(drawn == liver, returned > 0) and set(np.unique(drawn)) <= {0, liver}
+
+        status, text = driver.execute_async_script(SAVE_FROM_THE_PAGE, f"{dicomweb.url}/", dicomweb.good)
+        assert status == 200, text
+        driver.save_screenshot(str(shots / "3-saved.png"))
+    except Exception:
+        driver.save_screenshot(str(shots / "failed.png"))
+        (shots / "console.log").write_text("\n".join(e["message"] for e in driver.get_log("browser")))
+        raise
+    finally:
+        driver.quit()
+
+    new = [s for s in client.search_for_series(dicomweb.study, search_filters={"Modality": "SEG"})
+           if s["0020000E"]["Value"][0] not in segs_before]
+    assert len(new) == 1
+    [seg] = client.retrieve_series(dicomweb.study, new[0]["0020000E"]["Value"][0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == dicomweb.good
+    assert [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence] == [
+        ("liver", SNOMED["liver"])]
+    seg.save_as(str(tmp_path / "seg.dcm"))
+    frames, _ = read_dicom_seg(tmp_path / "seg.dcm", source_uids=[ds.SOPInstanceUID for ds in dicomweb.sources],
+                               organs=ORGANS)
+    assert np.array_equal(frames, (returned > 0).astype(np.uint8) * ORGANS["liver"])
