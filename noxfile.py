@@ -3,7 +3,7 @@
 - ``tests``: the core, as ``pip install -e .`` resolves it for a user (numpy 2, no monailabel), plus the
   ``test`` extra and the ``infer`` extra (ONNX Runtime and OpenVINO, for the export tests), at the exact versions
   of ``requirements/constraints.txt``.
-- ``monailabel``: the MONAI Label app's tests, with the ``monailabel`` extra (which brings numpy 1.26 and
+- ``monailabel``: the MONAI Label app's tests, with the ``monailabel`` extra and ``browser`` (Selenium) (which brings numpy 1.26 and
   pydicom 2), at the versions of ``requirements/constraints-monailabel.txt``. Its DICOMweb and browser tests
   read ``COBOT_MED_TEST_ORTHANC_URL`` and ``COBOT_MED_TEST_CHROMEDRIVER`` (``.ci/orthanc.sh``, ``.ci/chromium.sh``)
   and ``CI`` from the caller's environment, which nox passes on to every session.
@@ -20,8 +20,7 @@ nox.options.sessions = ["tests", "monailabel"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
-MONAI_LABEL_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_parts.py", "tests/test_monailabel_dicomweb.py",
-                     "tests/test_monailabel_ohif.py"]
+MONAI_LABEL_TESTS = ["tests/test_monailabel.py", "tests/test_monailabel_parts.py", "tests/test_monailabel_dicomweb.py"]
 
 
 @nox.session
@@ -35,6 +34,6 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def monailabel(session: nox.Session) -> None:
     """The MONAI Label app's suite, with the ``monailabel`` extra."""
-    session.install("-e", ".[test,monailabel]", "-c", "requirements/constraints-monailabel.txt")
+    session.install("-e", ".[test,monailabel,browser]", "-c", "requirements/constraints-monailabel.txt")
     session.run("python", "-m", "pytest", "-q", *MONAI_LABEL_TESTS, *session.posargs,
                 env={"COBOT_MED_REQUIRE_MONAILABEL": "1"})

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium and its WebDriver for the browser test of the MONAI Label app (tests/test_monailabel_ohif.py).
+# Headless Chromium and its WebDriver for the browser test of the MONAI Label app (tests/test_monailabel_dicomweb.py).
 #
 # Installs Debian's `chromium` and `chromium-driver` (the driver is built from the same source, so their versions
 # always match, which a pip-installed driver cannot promise) when either is missing, and prints the driver's
