@@ -28,7 +28,7 @@ from cobot_med.model import ModelSpec, build_model
 from cobot_med.monailabel.folder import prepare
 from cobot_med.settings import load_settings
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # ~50 s for the module alone, 20 s of it the browser
 
 SNOMED = {"liver": "10200004", "kidney": "64033007", "spleen": "78961009", "pancreas": "15776009"}  # SCT concepts
 
@@ -183,7 +183,7 @@ def test_roi_and_clicks_on_a_dicomweb_series_give_the_batch_label_in_the_series_
     dicomweb.seen["label"] = np.asarray(label.dataobj)
 
 
-def test_a_saved_label_goes_to_orthanc_as_the_projects_dicom_seg(dicomweb, tmp_path):
+def test_a_saved_label_goes_to_orthanc_as_the_projects_dicom_seg(dicomweb, tmp_path, monkeypatch):
     from dicomweb_client import DICOMwebClient
 
     before = instance_count(dicomweb.orthanc)
@@ -214,6 +214,17 @@ def test_a_saved_label_goes_to_orthanc_as_the_projects_dicom_seg(dicomweb, tmp_p
     assert np.array_equal(frames, expected)
     assert organs == {v: k for k, v in ORGANS.items()}
 
+    # a training round's datalist reads the SEG back from Orthanc (a fresh cache, without the label kept at saving)
+    import monailabel.config
+
+    from cobot_med.monailabel.dicomweb import dicomweb_datastore
+
+    monkeypatch.setattr(monailabel.config.settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "fresh"))
+    [item] = [d for d in dicomweb_datastore(dicomweb.orthanc, ORGANS).datalist() if dicomweb.good in d["image"]]
+    read_back = nib.load(item["label"])
+    assert np.array_equal(np.asarray(read_back.dataobj), dicomweb.truth)  # the dataset's ids, the image's grid
+    assert np.allclose(read_back.affine, labeled.affine, atol=1e-4)
+
 
 def test_bad_series_and_uploads_get_a_4xx_and_orthanc_is_left_as_it_was(dicomweb, tmp_path):
     before = instance_count(dicomweb.orthanc)
@@ -240,7 +251,7 @@ def test_bad_series_and_uploads_get_a_4xx_and_orthanc_is_left_as_it_was(dicomweb
     assert requests.get(f"{dicomweb.url}/info/", timeout=TIMEOUT).status_code == 200  # still serving
 
 
-def test_an_unreachable_pacs_is_a_502_with_the_reason_and_info_keeps_answering(tmp_path):
+def test_an_unreachable_pacs_is_a_502_with_the_reason_and_info_keeps_answering(tmp_path, monkeypatch):
     """The app's datastore pointed at a port nobody listens on (the shared Orthanc is never stopped)."""
     from fastapi import HTTPException
 
@@ -249,7 +260,7 @@ def test_an_unreachable_pacs_is_a_502_with_the_reason_and_info_keeps_answering(t
     orthanc_url()
     import monailabel.config
 
-    monailabel.config.settings.MONAI_LABEL_DICOMWEB_CACHE_PATH = str(tmp_path / "cache")
+    monkeypatch.setattr(monailabel.config.settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "cache"))
     store = dicomweb_datastore(f"http://127.0.0.1:{free_port()}/dicom-web", ORGANS)
     with pytest.raises(HTTPException) as raised:
         store.get_image_uri("1.2.3.4")

@@ -22,6 +22,7 @@ in the dataset's ids, for training rounds.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from . import project
 from .datastore import checked_label
 from .errors import RequestError, http_error
+
+logger = logging.getLogger(__name__)
 
 MODALITIES = ("CT", "MR")  # what the models segment
 
@@ -139,6 +142,41 @@ class CheckedDicomWebDatastore(DICOMWebDatastore):
             raise http_error(err) from None
         return super().get_image_uri(image_id)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A final label: the one kept when it was saved here, else the SEG series ``label_id`` from the PACS read
+        by its segments' names into the dataset's ids on the image's grid (MONAI Label's own reading numbers the
+        segments 1.. whatever organ they are). A SEG that cannot be read so is left out of training, with the
+        reason in the log."""
+        if label_tag != DefaultLabelTag.FINAL or not image_id:
+            return super().get_label_uri(label_id, label_tag, image_id)
+        kept = os.path.realpath(os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), f"{image_id}.nii.gz"))
+        if os.path.exists(kept):
+            return kept
+        from monailabel.datastore.utils.dicom import dicom_web_download_series
+        from pydicom import dcmread
+
+        from cobot_med.dicom_seg import DicomSegError, read_dicom_seg
+
+        try:
+            series_dir = self.checked_series_dir(image_id)
+            image = project.read_volume(DICOMWebDatastore.get_image_uri(self, image_id))
+            sources = [dcmread(os.path.join(series_dir, name)) for name in sorted(os.listdir(series_dir))]
+            with tempfile.TemporaryDirectory() as seg_dir:
+                self._pacs(dicom_web_download_series, None, label_id, seg_dir, self._client, False)
+                [seg_file] = [os.path.join(seg_dir, name) for name in os.listdir(seg_dir)]
+                frames, _ = read_dicom_seg(seg_file, source_uids=[str(s.SOPInstanceUID) for s in sources],
+                                           organs=self.organs)
+            path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        except (RequestError, DicomSegError, ValueError) as err:
+            logger.warning(f"label {label_id} of image {image_id} left out: {err}")
+            return ""
+        try:
+            project.write_label(volume_from_frames(frames, sources, image), image, path)
+            LocalDatastore.save_label(self, image_id, path, DefaultLabelTag.FINAL, self._dicom_info(label_id))
+        finally:
+            os.unlink(path)
+        return kept
+
     def status(self) -> dict[str, Any]:
         """MONAI Label's counts; while the PACS does not answer, those of the cache and the reason (``GET /info/``
         keeps answering)."""
@@ -221,29 +259,47 @@ def frames_on_instances(label: Any, sources: list) -> np.ndarray:
 
     Each instance's slice is found from its own position (ImagePositionPatient through the volume's affine), and
     its rows and columns from its orientation, so the order the PACS sent the files in does not matter."""
-    array = np.asarray(label.array if hasattr(label, "array") else label)
-    while array.ndim > 3:
-        array = array[0] if array.shape[0] == 1 else array[..., 0]
-    to_voxel = np.linalg.inv(np.asarray(label.affine, float))
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    array = np.rint(array).astype(np.uint8)  # label ids (read as floats)
+    array = _volume_array(label)
     frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), dtype=np.uint8)
     for n, source in enumerate(sources):
-        origin = lps_to_ras @ np.asarray(source.ImagePositionPatient, float)
-        orientation = np.asarray(source.ImageOrientationPatient, float)
-        row_step, column_step = (float(v) for v in source.PixelSpacing)  # between rows, between columns
-        along_row = lps_to_ras @ orientation[:3] * column_step  # next column
-        along_column = lps_to_ras @ orientation[3:] * row_step  # next row
-        corner, right, down = (to_voxel @ np.append(point, 1.0) for point in
-                               (origin, origin + along_row, origin + along_column))
-        index = np.round(corner[:3]).astype(int)
-        di, dj = np.round(right[:3] - corner[:3]).astype(int), np.round(down[:3] - corner[:3]).astype(int)
-        if not (np.allclose(corner[:3], index, atol=1e-2) and 0 <= index[2] < array.shape[2]):
-            raise RequestError(f"instance {source.SOPInstanceUID} does not lie on a slice of the image volume")
-        rows, columns = frames.shape[1:]
-        r, c = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
-        voxels = index[:, None, None] + di[:, None, None] * c + dj[:, None, None] * r
-        if voxels.min() < 0 or np.any(voxels.max(axis=(1, 2)) >= np.asarray(array.shape[:3])):
-            raise RequestError(f"instance {source.SOPInstanceUID} does not lie inside the image volume")
-        frames[n] = array[voxels[0], voxels[1], voxels[2]]
+        frames[n] = array[tuple(_instance_voxels(source, label.affine, array.shape))]
     return frames
+
+
+def volume_from_frames(frames: np.ndarray, sources: list, image: Any) -> np.ndarray:
+    """The inverse of :func:`frames_on_instances`: frames on the source instances back on ``image``'s voxel grid."""
+    shape = _volume_array(image).shape
+    volume = np.zeros(shape, dtype=np.uint8)
+    for n, source in enumerate(sources):
+        volume[tuple(_instance_voxels(source, image.affine, shape))] = frames[n]
+    return volume
+
+
+def _volume_array(volume: Any) -> np.ndarray:
+    array = np.asarray(volume.array if hasattr(volume, "array") else volume)
+    while array.ndim > 3:
+        array = array[0] if array.shape[0] == 1 else array[..., 0]
+    return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array  # label ids (read as floats)
+
+
+def _instance_voxels(source: Any, affine: Any, shape: tuple) -> np.ndarray:
+    """``(3, Rows, Columns)``: the volume voxel (i, j, k) of each pixel of ``source``, or RequestError when the
+    instance does not lie on the volume's grid."""
+    to_voxel = np.linalg.inv(np.asarray(affine, float))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    origin = lps_to_ras @ np.asarray(source.ImagePositionPatient, float)
+    orientation = np.asarray(source.ImageOrientationPatient, float)
+    row_step, column_step = (float(v) for v in source.PixelSpacing)  # between rows, between columns
+    along_row = lps_to_ras @ orientation[:3] * column_step  # next column
+    along_column = lps_to_ras @ orientation[3:] * row_step  # next row
+    corner, right, down = (to_voxel @ np.append(point, 1.0) for point in
+                           (origin, origin + along_row, origin + along_column))
+    index = np.round(corner[:3]).astype(int)
+    di, dj = np.round(right[:3] - corner[:3]).astype(int), np.round(down[:3] - corner[:3]).astype(int)
+    if not np.allclose(corner[:3], index, atol=1e-2):
+        raise RequestError(f"instance {source.SOPInstanceUID} does not lie on a slice of the image volume")
+    r, c = np.meshgrid(np.arange(int(source.Rows)), np.arange(int(source.Columns)), indexing="ij")
+    voxels = index[:, None, None] + di[:, None, None] * c + dj[:, None, None] * r
+    if voxels.min() < 0 or np.any(voxels.max(axis=(1, 2)) >= np.asarray(shape[:3])):
+        raise RequestError(f"instance {source.SOPInstanceUID} does not lie inside the image volume")
+    return voxels
