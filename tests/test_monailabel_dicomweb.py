@@ -33,14 +33,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # ~50 s for the modul
 SNOMED = {"liver": "10200004", "kidney": "64033007", "spleen": "78961009", "pancreas": "15776009"}  # SCT concepts
 
 
+def missing(reason: str) -> None:
+    """A server or browser this module needs is not there: a skip, except in CI (``CI`` set), where it fails."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def orthanc_url() -> str:
     url = os.environ.get("COBOT_MED_TEST_ORTHANC_URL", "").rstrip("/")
     if not url:
-        reason = ("no DICOMweb server: COBOT_MED_TEST_ORTHANC_URL is not set (.ci/run sets it with .ci/orthanc.sh; "
-                  "locally: export COBOT_MED_TEST_ORTHANC_URL=\"$(.ci/orthanc.sh | tail -n 1)\")")
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing("no DICOMweb server: COBOT_MED_TEST_ORTHANC_URL is not set (.ci/run sets it with .ci/orthanc.sh; "
+                "locally: export COBOT_MED_TEST_ORTHANC_URL=\"$(.ci/orthanc.sh | tail -n 1)\")")
     return url
 
 
@@ -280,11 +284,8 @@ def test_an_unreachable_pacs_is_a_502_with_the_reason_and_info_keeps_answering(t
 def chromedriver() -> str:
     path = os.environ.get("COBOT_MED_TEST_CHROMEDRIVER") or shutil.which("chromedriver")
     if not path:
-        reason = ("no chromedriver: COBOT_MED_TEST_CHROMEDRIVER is not set and none is on PATH (.ci/run installs "
-                  "Debian's chromium and chromium-driver with .ci/chromium.sh)")
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing("no chromedriver: COBOT_MED_TEST_CHROMEDRIVER is not set and none is on PATH (.ci/run installs "
+                "Debian's chromium and chromium-driver with .ci/chromium.sh)")
     return path
 
 

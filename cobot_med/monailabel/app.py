@@ -92,8 +92,8 @@ Check = Callable[[Any], Awaitable["tuple[int, str] | None"]]
 def guard_requests(app: "CobotMedApp") -> None:
     """In the server, check two requests before MONAI Label's endpoints take them: ``POST /infer/MODEL`` whose
     ``params`` form field is not a JSON object (the endpoint's ``json.loads`` would answer 500) and ``POST
-    /train/MODEL`` with no saved label yet (a training task would start, answer 200, and fail in its status).
-    Each gets 422 and the reason. The checks sit in front of the server's ASGI stack (Starlette's
+    /train/MODEL`` (or ``POST /train/``, OHIF's *Update Model*) with no saved label yet (a training task would
+    start, answer 200, and fail in its status). Each gets 422 and the reason. The checks sit in front of the server's ASGI stack (Starlette's
     ``middleware_stack``), so they do not depend on how the endpoints are routed."""
     server = sys.modules.get("monailabel.app")
     if server is None:  # not in a server (a training round's process, a test building the app)
@@ -121,10 +121,10 @@ def guard_requests(app: "CobotMedApp") -> None:
     stack = web.middleware_stack if web.middleware_stack is not None else web.build_middleware_stack()
     if not isinstance(stack, _Checked):
         web.middleware_stack = _Checked(stack, [("POST", re.compile(r"/infer/[^/]+/?$"), params_are_json),
-                                                ("POST", re.compile(r"/train/[^/]+/?$"), labels_saved)])
+                                                ("POST", re.compile(r"/train/([^/]+/?)?$"), labels_saved)])
     else:
         stack.checks = [("POST", re.compile(r"/infer/[^/]+/?$"), params_are_json),
-                        ("POST", re.compile(r"/train/[^/]+/?$"), labels_saved)]  # the app built again (reload)
+                        ("POST", re.compile(r"/train/([^/]+/?)?$"), labels_saved)]  # the app built again (reload)
 
 
 class _Checked:
