@@ -5,13 +5,17 @@ MONAI Label app's saved labels. A SEG written here
 
 - references the source series: every frame names the source instance (SOP Instance UID) it lies on, and the
   SEG is a new series of the source's study (highdicom copies the patient and study modules from the source);
-- is BINARY, with one segment per organ **present** in the label map (an organ with no voxel gets no segment: a
-  segment without frames is legal DICOM but shows in viewers as an empty entry, and an empty prediction is not a
-  finding), numbered 1.. in the label map's order; a label map holding no organ is refused (a SEG needs a segment);
+- is BINARY, with one segment per organ of ``organs`` (all of them, in their order: segment ``k`` is the ``k``-th
+  organ whatever a case holds, and an organ looked for but not found is an empty segment, which says so to a
+  viewer; highdicom writes no frame for it, and dcmqi reads it as an empty mask), or with ``keep_empty=False``
+  one per organ present (a label map holding none is then refused: a SEG needs a segment);
 - names each segment with the organ's name (SegmentLabel) and codes it with SNOMED-CT (:func:`organ_code`):
   category ``Anatomical Structure`` (SCT 91723000), type the organ, and for a sided organ (``Parotid_L``) a
   type modifier ``Left``/``Right``; the algorithm that made it is identified (cobot-med, its version, the model
-  and method as parameters), or none for a label drawn by hand (``algorithm_type="MANUAL"``).
+  and method as parameters), or none for a label drawn by hand (``algorithm_type="MANUAL"``);
+- gives each segment its recommended display colour (RecommendedDisplayCIELabValue): by default the colour the
+  project draws the organ in (overlays, ``labels.ctbl``, ``labels.itksnap.txt``:
+  :func:`cobot_med.inference.outputs.organ_colours`), so a viewer shows the SEG as the NIfTI's label tables do.
 
 The codes are taken from pydicom's copy of the DICOM code dictionary, never typed in: the table below names each
 organ's SNOMED-CT keyword and value and :func:`organ_code` reads the concept from the dictionary (a value missing
@@ -23,7 +27,9 @@ fallback: type ``Anatomical Structure`` (SCT 91723000), the organ's name only in
 (:data:`FALLBACK_ORGANS` lists the SegRap organs at risk that fall back, for want of a dictionary concept).
 
 Frames follow the source instances one to one: ``label_map[i]`` is the mask on ``source_datasets[i]``, whatever
-order they come in (the caller maps its volume onto the instances, :mod:`cobot_med.inference.dicom_output`).
+order they come in. :func:`frames_on_instances` gives those frames from a volume and its affine (a label map read
+by ITK / MONAI / nibabel), finding each instance by its own position, orientation and pixel spacing
+(``cobot-med infer --dicom_seg``: :mod:`cobot_med.inference.dicom_output`).
 :func:`read_dicom_seg` reads one back into a label map, frames in the order the SEG lists its source instances
 (the writer's order) or in a given order of SOP Instance UIDs.
 
@@ -43,6 +49,7 @@ from .errors import CobotMedError
 from .files import atomic_path
 
 INSTALL = "pip install 'cobot-med[dicom]'"
+ON_VOXEL = 0.1  # how far (in voxels) a source pixel's centre may be from the voxel it is given
 CONTENT_LABEL = "COBOT_MED"
 
 
@@ -107,7 +114,9 @@ class OrganCode:
 def dictionary_code(keyword: str, value: str) -> Any:
     """The SNOMED-CT concept ``keyword``/``value`` from pydicom's DICOM code dictionary (its meaning as listed
     there); a pair the dictionary lacks is a :class:`DicomSegError`."""
-    _, Code = _pydicom_code()
+    _, Code = require_highdicom()
+    # the dictionary behind pydicom's ``codes`` (a private module, the same shape in pydicom 2.4 and 3.0): by
+    # keyword and value, as ``codes.SCT.<keyword>`` cannot choose where pydicom 2.4 lists two values
     from pydicom.sr._concepts_dict import concepts
 
     entry = concepts.get("SCT", {}).get(keyword, {}).get(value)
@@ -127,7 +136,8 @@ def organ_code(name: str) -> OrganCode:
                      dictionary_code(*SIDES[side]) if side else None)
 
 
-def _pydicom_code() -> tuple[Any, Any]:
+def require_highdicom() -> tuple[Any, Any]:
+    """highdicom and pydicom's ``Code``, or the :class:`DicomSegError` that names the extra to install."""
     try:
         import highdicom
         from pydicom.sr.coding import Code
@@ -149,15 +159,18 @@ def label_values_to_names(organs: Mapping[Any, Any]) -> dict[int, str]:
 def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organs: Mapping[Any, Any],
                     path: str | Path, *, algorithm_type: str = "AUTOMATIC", algorithm: str = "cobot-med",
                     parameters: Mapping[str, str] | None = None, series_description: str = "cobot-med segmentation",
-                    series_number: int = 900, content_creator: str | None = None) -> Path:
+                    series_number: int = 900, content_creator: str | None = None, keep_empty: bool = True,
+                    colours: Mapping[str, Sequence[int]] | None = None) -> Path:
     """Write ``label_map`` (``(len(source_datasets), Rows, Columns)``, integer labels; frame ``i`` lies on
     ``source_datasets[i]``) as a BINARY DICOM-SEG at ``path``, atomically.
 
     ``organs`` is ``{label value: organ name}`` (or the layouts' ``{name: value}``); every non-zero value in the
-    label map must be one of them. ``algorithm_type``: ``AUTOMATIC`` or ``SEMIAUTOMATIC`` (identified as
+    label map must be one of them; each is a segment, also when empty, unless ``keep_empty=False``. ``colours``:
+    ``{organ: (r, g, b)}`` (0-255, sRGB), by default the project's palette in the order of ``organs``.
+    ``algorithm_type``: ``AUTOMATIC`` or ``SEMIAUTOMATIC`` (identified as
     ``algorithm``, cobot-med's version, ``parameters`` such as the model and method) or ``MANUAL`` (no algorithm).
     Returns ``path``."""
-    hd, _ = _pydicom_code()
+    hd, _ = require_highdicom()
     from pydicom.sr.codedict import codes
 
     from . import __version__
@@ -169,7 +182,7 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
     unknown = sorted(set(np.unique(label_map).tolist()) - set(names) - {0})
     if unknown:
         raise DicomSegError(f"the label map holds values {unknown} that name no organ (organs: {names})")
-    present = [value for value in names if np.any(label_map == value)]
+    present = [value for value in names if keep_empty or np.any(label_map == value)]
     if not present:
         raise DicomSegError("the label map holds no organ: a DICOM-SEG needs at least one segment")
     algorithm_type = algorithm_type.upper()
@@ -178,6 +191,10 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
         identification = hd.AlgorithmIdentificationSequence(
             name=algorithm, family=codes.DCM.ArtificialIntelligence, version=__version__,
             parameters=dict(parameters) if parameters else None)
+    if colours is None:
+        from .inference.outputs import organ_colours
+
+        colours = organ_colours({name: value for value, name in names.items()})
     descriptions, segments = [], np.zeros(label_map.shape, dtype=np.uint16 if len(present) > 255 else np.uint8)
     for number, value in enumerate(present, start=1):
         code = organ_code(names[value])
@@ -187,6 +204,8 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
             algorithm_identification=identification)
         if code.modifier is not None:
             description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(code.modifier)]
+        if names[value] in colours:
+            description.RecommendedDisplayCIELabValue = list(cielab_value(colours[names[value]]))
         descriptions.append(description)
         segments[label_map == value] = number
     try:
@@ -206,6 +225,26 @@ def write_dicom_seg(label_map: np.ndarray, source_datasets: Sequence[Any], organ
     return path
 
 
+D65_WHITE = (0.95047, 1.0, 1.08883)  # sRGB's white point in CIE XYZ (Y = 1)
+SRGB_TO_XYZ = ((0.4124, 0.3576, 0.1805), (0.2126, 0.7152, 0.0722), (0.0193, 0.1192, 0.9505))  # IEC 61966-2-1
+
+
+def cielab_value(rgb: Sequence[float]) -> tuple[int, int, int]:
+    """An sRGB colour (0-255) as DICOM's RecommendedDisplayCIELabValue: CIE 1976 L*a*b* (D65 white), each of L*
+    (0-100) and a*, b* (-128-127) scaled to 0-65535 (PS3.3 C.10.7.1.1)."""
+    unit = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(unit <= 0.04045, unit / 12.92, ((unit + 0.055) / 1.055) ** 2.4)
+    x, y, z = (np.asarray(SRGB_TO_XYZ) @ linear) / np.asarray(D65_WHITE)
+    edge = (6 / 29) ** 3
+
+    def f(t: float) -> float:
+        return t ** (1 / 3) if t > edge else t / (3 * (6 / 29) ** 2) + 4 / 29
+
+    lightness, a, b = 116 * f(y) - 16, 500 * (f(x) - f(y)), 200 * (f(y) - f(z))
+    return (int(round(lightness * 0xFFFF / 100)), int(round((a + 128) * 0xFFFF / 255)),
+            int(round((b + 128) * 0xFFFF / 255)))
+
+
 def _check_fits(label_map: np.ndarray, sources: list) -> None:
     if not sources:
         raise DicomSegError("no source instances to reference")
@@ -221,6 +260,44 @@ def _check_fits(label_map: np.ndarray, sources: list) -> None:
         raise DicomSegError(f"the source instances come from {len(series)} series; a SEG references one")
 
 
+def frames_on_instances(volume: np.ndarray, affine: np.ndarray, datasets: list[Any], space: str = "RAS") -> np.ndarray:
+    """The ``(len(datasets), Rows, Columns)`` frames of ``volume`` (X, Y, Z; voxel-to-world ``affine`` in
+    ``space``, RAS or LPS) that lie on each instance, in ``datasets``' order.
+
+    An instance's pixel grid is affine in the volume's voxels: voxel(r, c) = v0 + c * dc + r * dr. Rounded to
+    integers, the error is largest at a corner, so the four corners decide whether every pixel lands on a voxel
+    and inside the grid; the frame is then gathered with integer index arithmetic."""
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    to_space = np.array([-1.0, -1.0, 1.0]) if str(space).upper() == "RAS" else np.ones(3)
+    shape = np.asarray(volume.shape[:3])
+    flat = np.ascontiguousarray(volume).ravel()
+    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
+    frames = []
+    for ds in datasets:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)  # between rows, between columns
+        v0 = inverse[:3, :3] @ (position * to_space) + inverse[:3, 3]
+        dc = inverse[:3, :3] @ (orientation[:3] * spacing[1] * to_space)  # one column to the right
+        dr = inverse[:3, :3] @ (orientation[3:] * spacing[0] * to_space)  # one row down
+        steps = [np.rint(v) for v in (v0, dc, dr)]
+        corners = np.array([[0, 0], [0, columns - 1], [rows - 1, 0], [rows - 1, columns - 1]], dtype=np.float64)
+        exact = v0 + corners[:, 1:] * dc + corners[:, :1] * dr
+        rounded = steps[0] + corners[:, 1:] * steps[1] + corners[:, :1] * steps[2]
+        off = float(np.abs(exact - rounded).max())
+        if off > ON_VOXEL:
+            raise DicomSegError(f"instance {ds.SOPInstanceUID}: its pixels fall {off:.2f} voxels from the "
+                                "segmentation's grid; the series does not match the volume it was read as")
+        if (rounded < 0).any() or (rounded >= shape).any():
+            raise DicomSegError(f"instance {ds.SOPInstanceUID}: its pixels fall outside the segmentation's grid "
+                                f"{tuple(int(n) for n in shape)}")
+        start, column, row = (int(v.astype(np.int64) @ strides) for v in steps)  # in the flattened volume
+        flat_index = start + np.arange(columns)[None, :] * column + np.arange(rows)[:, None] * row
+        frames.append(np.take(flat, flat_index))
+    return np.stack(frames)
+
+
 def read_dicom_seg(path: str | Path, source_uids: Sequence[str] | None = None,
                    organs: Mapping[Any, Any] | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """A DICOM-SEG as ``(label_map, {value: organ name})``: frames in the order of ``source_uids`` (SOP Instance
@@ -228,7 +305,7 @@ def read_dicom_seg(path: str | Path, source_uids: Sequence[str] | None = None,
 
     Values are the segment numbers, unless ``organs`` (``{value: name}`` or ``{name: value}``) is given: then each
     segment takes the value of the organ its SegmentLabel names (a label not among them is an error)."""
-    hd, _ = _pydicom_code()
+    hd, _ = require_highdicom()
     try:
         seg = hd.seg.segread(str(path))
     except (OSError, ValueError, AttributeError, KeyError) as err:
@@ -245,8 +322,11 @@ def read_dicom_seg(path: str | Path, source_uids: Sequence[str] | None = None,
         if missing:
             raise DicomSegError(f"{path}: segments {missing} name no organ of {sorted(by_name)}")
         values = {n: by_name[labels[n]] for n in numbers}
-    masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_uids), segment_numbers=numbers,
-                                              assert_missing_frames_are_empty=True)
+    try:
+        masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_uids),
+                                                  segment_numbers=numbers, assert_missing_frames_are_empty=True)
+    except (ValueError, KeyError, IndexError) as err:
+        raise DicomSegError(f"{path}: its frames cannot be read onto the source instances given ({err})") from None
     label_map = np.zeros(masks.shape[:3], dtype=np.uint16 if max(values.values()) > 255 else np.uint8)
     for index, number in enumerate(numbers):
         overlap = (label_map > 0) & (masks[..., index] > 0)

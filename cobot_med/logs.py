@@ -6,6 +6,7 @@ Silenced (each says nothing a user can act on, or says something wrong about thi
   "resumed ... at epoch N" itself when it resumes, and ignite's line says epoch 0 right before it);
 - MLflow's "Creating initial MLflow database tables" / "Updating database tables" when a store is made;
 - MONAI's notices that nvImageCodec (a GPU DICOM decoder) is not installed, twice per run;
+- highdicom's INFO lines while it makes a DICOM-SEG (a dozen per case: "copy attributes of module ...");
 - MONAI's "metric handler can only record the first value of result list" (the per-organ scores are
   recorded by the project's own handler: ``cobot_med.handlers.PerOrganMetrics``).
 
@@ -21,7 +22,7 @@ from .errors import debug_enabled
 
 SILENT_PREFIXES = ("Engine run resuming from", "Engine run starting with")
 QUIET_LOGGERS = {"mlflow.store.db.utils": logging.WARNING, "alembic.runtime.migration": logging.WARNING,
-                 "monai.data.nvimgcodec_pydicom_plugin": logging.ERROR}
+                 "monai.data.nvimgcodec_pydicom_plugin": logging.ERROR, "highdicom": logging.WARNING}
 IGNORED_WARNINGS = ("NvImgCodecPydicomReader", "metric handler can only record the first value")
 
 

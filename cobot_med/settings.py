@@ -163,6 +163,7 @@ class RunSettings:
     # what runs the model (cobot_med.export): torch, onnxruntime, openvino or auto; an exported model's folder
     backend: str = "torch"
     exported_model: str = ""
+    dicom_seg: bool = False  # inference: also a DICOM-SEG of each DICOM series' segmentation (cobot_med.dicom_seg)
 
     def __post_init__(self) -> None:
         from .data.layouts import LAYOUTS
@@ -234,7 +235,7 @@ class RunSettings:
         self.batch_size = as_number("batch_size", self.batch_size, int, 1, 4096)
         self.val_interval = as_number("val_interval", self.val_interval, int, 1)
         for name in ("val_at_start", "resume", "overwrite", "merge_adapters", "probability_maps",
-                     "drop_unusable_organs"):
+                     "drop_unusable_organs", "dicom_seg"):
             setattr(self, name, as_flag(getattr(self, name), name, error=SettingsError))
 
         self.amp = as_amp(self.amp)

@@ -14,8 +14,9 @@ import pydicom
 import pytest
 
 from cobot_med.data.layouts import LAYOUTS, SEGRAP_OARS
-from cobot_med.dicom_seg import (FALLBACK_ORGANS, ORGAN_CODES, DicomSegError, organ_code, read_dicom_seg,
-                                 write_dicom_seg)
+from cobot_med.dicom_seg import (FALLBACK_ORGANS, ORGAN_CODES, DicomSegError, cielab_value, organ_code,
+                                 read_dicom_seg, write_dicom_seg)
+from cobot_med.inference.outputs import organ_colours
 from test_inference import write_dicom_series
 
 
@@ -61,6 +62,19 @@ def test_every_organ_of_every_layout_has_its_snomed_code_from_pydicom():
     assert organ_code("Cochlea_L").type.value == "91723000" and organ_code("heart").coded is False
 
 
+@pytest.mark.slow  # about 0.6 s (highdicom's first writes and reads in the process)
+@pytest.mark.timeout(10)
+def test_display_colours_in_cielab():
+    np.testing.assert_allclose(cielab_value((255, 255, 255)), (65535, 32896, 32896), atol=5)  # L* 100, a* = b* = 0
+    assert cielab_value((0, 0, 0)) == (0, 32896, 32896)
+    red = cielab_value((255, 0, 0))  # CIE L*a*b* of sRGB red (D65): 53.24, 80.09, 67.20
+    np.testing.assert_allclose(red, (53.24 * 655.35, (80.09 + 128) * 257, (67.20 + 128) * 257), atol=60)
+    reference = getattr(highdicom.color.CIELabColor, "from_rgb", None)  # highdicom >= 0.23 has its own
+    if reference is not None:
+        for rgb in organ_colours({f"o{k}": k for k in range(8)}).values():
+            np.testing.assert_allclose(cielab_value(rgb), reference(*rgb).value, atol=2)
+
+
 def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path):
     folder, datasets = series
     label = segrap_labels()
@@ -77,9 +91,15 @@ def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path)
     assert [i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence] == \
         [d.SOPInstanceUID for d in datasets]
     segments = [seg.get_segment_description(n) for n in seg.get_segment_numbers()]
-    assert [s.segment_label for s in segments] == ["BrainStem", "Mandible_L", "Parotid_R"]  # present organs only
-    assert [s.segmented_property_type.value for s in segments] == ["119238007", "91609006", "45289007"]
-    assert [s.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning for s in segments[1:]] == ["Left", "Right"]
+    assert [s.segment_label for s in segments] == list(SEGRAP.values())  # every organ, the empty ones too
+    assert [s.segmented_property_type.value for s in segments] == \
+        ["119238007", "74262004", "91609006", "45289007", "45289007"]
+    assert [s.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning for s in segments[2:]] == \
+        ["Left", "Left", "Right"]
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in segments[1]
+    colours = organ_colours({name: value for value, name in SEGRAP.items()})  # the label tables' colours
+    assert [list(s.RecommendedDisplayCIELabValue) for s in segments] == \
+        [list(cielab_value(colours[name])) for name in SEGRAP.values()]
     identification = segments[0].SegmentationAlgorithmIdentificationSequence[0]
     assert identification.AlgorithmName == "cobot-med" and "method=lora+cobot" in identification.AlgorithmParameters
     # every frame on the source instance whose mask it holds, at that instance's position
@@ -90,16 +110,20 @@ def test_a_seg_round_trip_references_the_series_frame_by_frame(series, tmp_path)
         np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
                                    source.ImagePositionPatient, atol=1e-4)
     read, organs = read_dicom_seg(path, organs=SEGRAP)
-    assert np.array_equal(read, label) and organs == {2: "BrainStem", 36: "Mandible_L", 41: "Parotid_R"}
+    assert np.array_equal(read, label) and organs == SEGRAP
     numbered, names = read_dicom_seg(path)
-    assert names == {1: "BrainStem", 2: "Mandible_L", 3: "Parotid_R"}
-    assert np.array_equal(numbered, np.select([label == 2, label == 36, label == 41], [1, 2, 3], 0))
+    assert names == dict(enumerate(SEGRAP.values(), start=1))
+    assert np.array_equal(numbered, np.select([label == 2, label == 36, label == 41], [1, 3, 5], 0))
+    present = write_dicom_seg(label, datasets, SEGRAP, tmp_path / "present.seg.dcm", keep_empty=False)
+    assert read_dicom_seg(present)[1] == {1: "BrainStem", 2: "Mandible_L", 3: "Parotid_R"}
     in_file_order = sorted(datasets, key=lambda d: int(d.InstanceNumber))
     reordered, _ = read_dicom_seg(path, source_uids=[d.SOPInstanceUID for d in in_file_order], organs=SEGRAP)
     order = [datasets.index(d) for d in in_file_order]
     assert np.array_equal(reordered, label[order])
 
 
+@pytest.mark.slow  # about 0.5 s when it is the process's first SEG
+@pytest.mark.timeout(10)
 def test_a_manual_label_has_no_algorithm_and_the_layout_mapping_works(series, tmp_path):
     _, datasets = series
     label = np.zeros((6, 12, 14), np.uint8)
@@ -111,6 +135,9 @@ def test_a_manual_label_has_no_algorithm_and_the_layout_mapping_works(series, tm
     assert "SegmentationAlgorithmIdentificationSequence" not in seg.SegmentSequence[0]
     assert seg.SegmentSequence[0].SegmentLabel == "spleen"
     assert np.array_equal(read_dicom_seg(path, organs={"spleen": 1})[0], label)
+    empty = write_dicom_seg(np.zeros_like(label), datasets, {1: "spleen"}, tmp_path / "empty.seg.dcm")
+    nothing, names = read_dicom_seg(empty)  # an organ looked for and not found: an empty segment
+    assert nothing.shape == label.shape and not nothing.any() and names == {1: "spleen"}
 
 
 def test_a_label_map_that_does_not_fit_is_one_named_error(series, tmp_path, monkeypatch):
@@ -120,8 +147,10 @@ def test_a_label_map_that_does_not_fit_is_one_named_error(series, tmp_path, monk
         write_dicom_seg(np.where(label == 2, 7, label), datasets, SEGRAP, tmp_path / "a.dcm")
     with pytest.raises(DicomSegError, match=r"shape \(5, 12, 14\) does not fit the series"):
         write_dicom_seg(label[:5], datasets, SEGRAP, tmp_path / "a.dcm")
+    with pytest.raises(DicomSegError, match="not a readable DICOM-SEG"):
+        read_dicom_seg(datasets[0].filename)  # a CT slice
     with pytest.raises(DicomSegError, match="holds no organ"):
-        write_dicom_seg(np.zeros_like(label), datasets, SEGRAP, tmp_path / "a.dcm")
+        write_dicom_seg(np.zeros_like(label), datasets, SEGRAP, tmp_path / "a.dcm", keep_empty=False)
     assert not list(tmp_path.iterdir())
     monkeypatch.setitem(sys.modules, "highdicom", None)
     with pytest.raises(DicomSegError, match=r"pip install 'cobot-med\[dicom\]'"):

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument("--batch_size", type=int, default=None, help="slices per model call (bundle: eval_batch_size)")
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probability maps")
+    parser.add_argument("--dicom_seg", action="store_true",
+                        help="also write <case>_seg.dcm for each DICOM series: a DICOM-SEG referencing the series, one "
+                        "segment per organ with its SNOMED-CT code (needs pip install 'cobot-med[dicom]')")
     parser.add_argument("--nsd_tolerance", type=float, default=None, help="NSD tolerance in mm (default 2)")
     parser.add_argument("--amp", default=None, help="auto (default: what the device runs fast), true, false, bf16, "
                         "fp16, fp32")
@@ -73,7 +76,7 @@ def bundle_overrides(args: argparse.Namespace) -> dict:
         "boxes_file": full(args.boxes), "adapter": full(args.adapter),
         "sam_checkpoint": full(args.sam_checkpoint), "infer_organs": ",".join(args.organs or []),
         "overwrite": bool(args.overwrite), "probability_maps": bool(args.probabilities),
-        "drop_unusable_organs": bool(args.drop_unusable_organs),
+        "drop_unusable_organs": bool(args.drop_unusable_organs), "dicom_seg": bool(args.dicom_seg),
     }
     optional = {"device": args.device, "eval_batch_size": args.batch_size, "nsd_tolerance_mm": args.nsd_tolerance,
                 "arch": args.arch, "image_size": args.image_size, "amp": "false" if args.no_amp else args.amp,

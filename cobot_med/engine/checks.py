@@ -103,6 +103,10 @@ def check_inference(settings: "RunSettings") -> None:
         raise SettingsError(f"labels folder {settings.labels_dir} does not exist or is not a folder")
     if settings.boxes_file and not Path(settings.boxes_file).is_file():
         raise SettingsError(f"boxes file {settings.boxes_file} does not exist")
+    if settings.dicom_seg:  # the dicom extra, before any work
+        from ..dicom_seg import require_highdicom
+
+        require_highdicom()
     if settings.boxes_file:  # anything ambiguous in it stops the run here, before the output folder is made
         from ..predict import BoxFile
 

@@ -22,6 +22,7 @@ class CaseOutcome:
     seconds: float = 0.0
     slices_sent: int = 0
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # organ -> why (drop_unusable_organs)
+    note: str = ""  # an output asked for that this case cannot have (a DICOM-SEG of a NIfTI input)
 
 
 @dataclasses.dataclass
@@ -67,6 +68,10 @@ class InferenceReport:
             count = sum(len(c.dropped) for c in dropped)
             lines.append(f"dropped (--drop_unusable_organs): {count} organ(s) in {len(dropped)} case(s), not segmented:")
             lines += [f"  {c.case_id}: {organ}: {why}" for c in dropped for organ, why in c.dropped.items()]
+        noted = [c for c in self.cases if c.note]
+        if noted:
+            lines.append("notes:")
+            lines += [f"  {c.case_id}: {c.note}" for c in noted]
         if self.ignored:
             lines.append("not cases (left alone):")
             lines += [f"  {name}: {why}" for name, why in self.ignored]

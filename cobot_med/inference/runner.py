@@ -39,8 +39,10 @@ from .. import distributed
 from ..files import DIGESTS_NAME, Digests, absolute, remove_stale_temporaries, write_json
 from ..predict import BoxFile, CasePrompts, PromptError, SlicePredictor, from_labels, predict_volume, to_label_map
 from ..predict.slices import recipe_of
-from ..predict.writing import segmentation_path, to_input_geometry, write_label_map, write_volume
+from ..predict.writing import (label_map_in_input_geometry, segmentation_path, to_input_geometry, write_label_map,
+                               write_volume)
 from .cases import Case, attach_labels, find_cases
+from .dicom_output import dicom_seg_path
 from .outputs import prompts_record, write_label_files, write_metrics, write_overlay
 from .report import CaseFailed, CaseOutcome, InferenceFailed, InferenceReport
 from .sharding import shard
@@ -53,7 +55,11 @@ def case_files(output_dir: Path, case_id: str) -> dict[str, Path]:
         "prompts": output_dir / f"{case_id}_prompts.json",
         "overlay": output_dir / f"{case_id}_overlay.png",
         "metrics": output_dir / f"{case_id}_metrics.json",
+        "dicom_seg": dicom_seg_path(output_dir, case_id),
     }
+
+
+NO_SERIES_NOTE = "no DICOM-SEG: a NIfTI input has no DICOM series to reference (its segmentation is the NIfTI)"
 
 
 def probability_path(output_dir: Path, case_id: str, organ: str) -> Path:
@@ -134,6 +140,8 @@ class CaseJob:
             wanted["metrics"] = files["metrics"]
         if self.settings.probability_maps:
             wanted.update({f"prob_{organ}": probability_path(self.out, case.case_id, organ) for organ in self.organs})
+        if self.settings.dicom_seg and case.kind == "dicom":
+            wanted["dicom_seg"] = files["dicom_seg"]
         wanted["seg"] = files["seg"]
         return wanted
 
@@ -271,13 +279,29 @@ class CaseJob:
             scores = case_scores(seg[0], torch.as_tensor(label)[0], self.organs, spacing_of(image.affine), tolerance)
             write_json(files["metrics"], {"case_id": case.case_id, "nsd_tolerance_mm": tolerance, "organs": scores})
             self.scores[case.case_id] = scores
-        write_label_map(seg, image, self.chain, files["seg"])
+        inverted = label_map_in_input_geometry(seg, image, self.chain)
+        if "dicom_seg" in wanted:
+            self.write_dicom_seg(case, inverted, files["dicom_seg"])
+        write_label_map(seg, image, self.chain, files["seg"], inverted=inverted)
         return self.predictor.images_sent - sent_before
+
+    def write_dicom_seg(self, case: Case, inverted: Any, path: Path) -> None:
+        """The case's DICOM-SEG on its own series (:mod:`.dicom_output`); one that cannot be written fails the
+        case (before its NIfTI, so a rerun redoes it)."""
+        from ..dicom_seg import DicomSegError
+        from .dicom_output import write_case_seg
+
+        try:
+            write_case_seg(inverted, case.image, self.organs, path, self.identity)
+        except DicomSegError as err:
+            raise CaseFailed(f"{case.image}: no DICOM-SEG ({err}); run without --dicom_seg for the NIfTI alone") from err
 
 
 def stale_outputs(output_dir: Path, case_id: str, wanted: set[Path]) -> list[Path]:
-    """Outputs of ``case_id`` in ``output_dir`` that this run does not write (probability maps, metrics)."""
-    candidates = [case_files(output_dir, case_id)["metrics"], *output_dir.glob(f"{case_id}_prob_*.nii.gz")]
+    """Outputs of ``case_id`` in ``output_dir`` that this run does not write (probability maps, metrics, the
+    DICOM-SEG)."""
+    files = case_files(output_dir, case_id)
+    candidates = [files["metrics"], files["dicom_seg"], *output_dir.glob(f"{case_id}_prob_*.nii.gz")]
     return [path for path in candidates if path.is_file() and path not in wanted]
 
 
@@ -455,6 +479,8 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
                     outcome.status, outcome.reason = "failed", str(err)
                 except Exception as err:  # noqa: BLE001 - one case's failure never stops the others
                     outcome.status, outcome.reason = "failed", f"{type(err).__name__}: {err}"
+            if settings.dicom_seg and case.kind != "dicom" and outcome.status != "failed":
+                outcome.note = NO_SERIES_NOTE
             outcome.seconds = round(time.perf_counter() - tic, 3)
             outcomes.append(outcome)
 
@@ -478,7 +504,8 @@ def _run(settings: Any, device: torch.device, speed: Any, network: torch.nn.Modu
         "model_identity": identity,
         "processes": processes,
         "settings": {"batch_size": slice_batch, "eval_batch_size": settings.eval_batch_size, "device": str(device), **speed.describe(),
-                     "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps},
+                     "nsd_tolerance_mm": settings.nsd_tolerance_mm, "probability_maps": settings.probability_maps,
+                     "dicom_seg": settings.dicom_seg},
         "cases": [dataclasses.asdict(c) for c in outcomes],
         "dropped_organs": report.dropped,
         "ignored": [{"name": n, "reason": r} for n, r in ignored],

@@ -35,6 +35,8 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from cobot_med.dicom_seg import frames_on_instances
+
 from . import project
 from .datastore import checked_label
 from .errors import RequestError, http_error
@@ -166,12 +168,13 @@ class CheckedDicomWebDatastore(DICOMWebDatastore):
                 [seg_file] = [os.path.join(seg_dir, name) for name in os.listdir(seg_dir)]
                 frames, _ = read_dicom_seg(seg_file, source_uids=[str(s.SOPInstanceUID) for s in sources],
                                            organs=self.organs)
-            path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+            volume = volume_from_frames(frames, sources, image)
         except (RequestError, DicomSegError, ValueError) as err:
             logger.warning(f"label {label_id} of image {image_id} left out: {err}")
             return ""
+        path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         try:
-            project.write_label(volume_from_frames(frames, sources, image), image, path)
+            project.write_label(volume, image, path)
             LocalDatastore.save_label(self, image_id, path, DefaultLabelTag.FINAL, self._dicom_info(label_id))
         finally:
             os.unlink(path)
@@ -237,13 +240,15 @@ class CheckedDicomWebDatastore(DICOMWebDatastore):
         from cobot_med.dicom_seg import DicomSegError, write_dicom_seg
 
         sources = [dcmread(os.path.join(series_dir, name)) for name in sorted(os.listdir(series_dir))]
-        frames = frames_on_instances(project.read_volume(label_path), sources)
-        if not frames.any():
-            raise RequestError("the label is empty: a DICOM-SEG needs at least one organ")
+        label = project.read_volume(label_path)
         with tempfile.TemporaryDirectory() as scratch:
             try:
+                frames = frames_on_instances(_volume_array(label), np.asarray(label.affine, float), sources)
+                if not frames.any():
+                    raise RequestError("the label is empty: a DICOM-SEG needs at least one organ")
                 path = write_dicom_seg(frames, sources, self.organs, os.path.join(scratch, "seg.dcm"),
-                                       algorithm_type="SEMIAUTOMATIC", series_description="cobot-med label")
+                                       algorithm_type="SEMIAUTOMATIC", series_description="cobot-med label",
+                                       keep_empty=False)  # the organs the annotator saved
             except DicomSegError as err:
                 raise RequestError(str(err)) from None
             seg = dcmread(str(path))
@@ -253,53 +258,21 @@ class CheckedDicomWebDatastore(DICOMWebDatastore):
                 "PatientID": str(getattr(seg, "PatientID", ""))}
 
 
-def frames_on_instances(label: Any, sources: list) -> np.ndarray:
-    """A label volume read from the series' NIfTI (``project.read_volume``: voxel (i, j, k), RAS affine) as frames
-    on the source instances: ``(len(sources), Rows, Columns)``, frame ``n`` on ``sources[n]``.
-
-    Each instance's slice is found from its own position (ImagePositionPatient through the volume's affine), and
-    its rows and columns from its orientation, so the order the PACS sent the files in does not matter."""
-    array = _volume_array(label)
-    frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), dtype=np.uint8)
-    for n, source in enumerate(sources):
-        frames[n] = array[tuple(_instance_voxels(source, label.affine, array.shape))]
-    return frames
-
-
 def volume_from_frames(frames: np.ndarray, sources: list, image: Any) -> np.ndarray:
-    """The inverse of :func:`frames_on_instances`: frames on the source instances back on ``image``'s voxel grid."""
+    """Frames on the source instances (a SEG read back) on ``image``'s voxel grid: the inverse of
+    :func:`cobot_med.dicom_seg.frames_on_instances`, through that same mapping (each pixel's voxel is found by
+    mapping a volume of voxel numbers onto the instances)."""
     shape = _volume_array(image).shape
-    volume = np.zeros(shape, dtype=np.uint8)
-    for n, source in enumerate(sources):
-        volume[tuple(_instance_voxels(source, image.affine, shape))] = frames[n]
-    return volume
+    numbers = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    where = frames_on_instances(numbers, np.asarray(image.affine, float), sources)
+    volume = np.zeros(int(np.prod(shape)), dtype=np.uint8)
+    volume[where.ravel()] = np.asarray(frames, dtype=np.uint8).ravel()
+    return volume.reshape(shape)
 
 
 def _volume_array(volume: Any) -> np.ndarray:
+    """A volume as ``project.read_volume`` gives it (channel first), as a (X, Y, Z) uint8 label array."""
     array = np.asarray(volume.array if hasattr(volume, "array") else volume)
     while array.ndim > 3:
         array = array[0] if array.shape[0] == 1 else array[..., 0]
-    return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array  # label ids (read as floats)
-
-
-def _instance_voxels(source: Any, affine: Any, shape: tuple) -> np.ndarray:
-    """``(3, Rows, Columns)``: the volume voxel (i, j, k) of each pixel of ``source``, or RequestError when the
-    instance does not lie on the volume's grid."""
-    to_voxel = np.linalg.inv(np.asarray(affine, float))
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    origin = lps_to_ras @ np.asarray(source.ImagePositionPatient, float)
-    orientation = np.asarray(source.ImageOrientationPatient, float)
-    row_step, column_step = (float(v) for v in source.PixelSpacing)  # between rows, between columns
-    along_row = lps_to_ras @ orientation[:3] * column_step  # next column
-    along_column = lps_to_ras @ orientation[3:] * row_step  # next row
-    corner, right, down = (to_voxel @ np.append(point, 1.0) for point in
-                           (origin, origin + along_row, origin + along_column))
-    index = np.round(corner[:3]).astype(int)
-    di, dj = np.round(right[:3] - corner[:3]).astype(int), np.round(down[:3] - corner[:3]).astype(int)
-    if not np.allclose(corner[:3], index, atol=1e-2):
-        raise RequestError(f"instance {source.SOPInstanceUID} does not lie on a slice of the image volume")
-    r, c = np.meshgrid(np.arange(int(source.Rows)), np.arange(int(source.Columns)), indexing="ij")
-    voxels = index[:, None, None] + di[:, None, None] * c + dj[:, None, None] * r
-    if voxels.min() < 0 or np.any(voxels.max(axis=(1, 2)) >= np.asarray(shape[:3])):
-        raise RequestError(f"instance {source.SOPInstanceUID} does not lie inside the image volume")
-    return voxels
+    return np.rint(array).astype(np.uint8)  # label ids (read as floats)

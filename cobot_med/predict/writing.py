@@ -54,9 +54,18 @@ def write_volume(volume: Any, path: str | Path, dtype: Any) -> Path:
     return Path(path)
 
 
-def write_label_map(seg: torch.Tensor, image: Any, chain: Any, path: str | Path) -> Path:
-    """An oriented (1, X, Y, Z) label map -> ``path`` (uint8 NIfTI) in the geometry of ``image``'s file."""
-    return write_volume(to_input_geometry(torch.as_tensor(seg).float(), image, chain, nearest=True), path, np.uint8)
+def label_map_in_input_geometry(seg: torch.Tensor, image: Any, chain: Any) -> Any:
+    """An oriented (1, X, Y, Z) label map -> MetaTensor in the grid of ``image``'s file (nearest: labels stay)."""
+    return to_input_geometry(torch.as_tensor(seg).float(), image, chain, nearest=True)
+
+
+def write_label_map(seg: torch.Tensor, image: Any, chain: Any, path: str | Path, inverted: Any = None) -> Path:
+    """An oriented (1, X, Y, Z) label map -> ``path`` (uint8 NIfTI) in the geometry of ``image``'s file;
+    ``inverted``: the label map already in that grid (:func:`label_map_in_input_geometry`), when the caller
+    needed it too (``cobot-med infer --dicom_seg``)."""
+    if inverted is None:
+        inverted = label_map_in_input_geometry(seg, image, chain)
+    return write_volume(inverted, path, np.uint8)
 
 
 def _write_like(volume: Any, source: str | Path, path: str | Path, dtype: Any) -> Path:
