@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -65,29 +67,40 @@ def server(tmp_path_factory, phantom_factory):
     torch.manual_seed(0)
     start_adapter = save_adapter(build_model(ModelSpec(arch=MODEL, image_size=64, peft="lora+cobot")),
                                  root / "start_adapter")
-    port, log = free_port(), root / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    handle = Server("", phantoms, root, start_adapter, root / "server.log")
     conf = {"models": MODEL, "adapter": str(start_adapter), "amp": "false", "epochs": "1"}
+    with running_server(root, str(root / "studies"), conf, handle.log) as url:
+        handle.url = url
+        yield handle
+
+
+@contextlib.contextmanager
+def running_server(root: Path, studies: str, conf: dict, log: Path, env: dict | None = None) -> Iterator[str]:
+    """``monailabel start_server`` with the app in ``root / "app"`` (prepared) over ``studies`` (a folder or a
+    DICOMweb URL), its output in ``log``; its URL once ``GET /info/`` answers. Stopped on exit."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **(env or {})}
     command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(root / "app"),
-               "--studies", str(root / "studies"), "--host", "127.0.0.1", "--port", str(port)]
+               "--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
         command += ["--conf", key, value]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-    handle = Server(f"http://127.0.0.1:{port}", phantoms, root, start_adapter, log)
+    url = f"http://127.0.0.1:{port}"
+    tail = lambda: log.read_text()[-4000:]  # noqa: E731
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}:\n{handle.tail()}"
-            assert time.monotonic() < deadline, f"the server did not answer within 240 s:\n{handle.tail()}"
+            assert process.poll() is None, f"the server exited with {process.returncode}:\n{tail()}"
+            assert time.monotonic() < deadline, f"the server did not answer within 240 s:\n{tail()}"
             try:
-                if requests.get(f"{handle.url}/info/", timeout=10).status_code == 200:
+                if requests.get(f"{url}/info/", timeout=10).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             time.sleep(1)
-        yield handle
+        yield url
     finally:
         process.terminate()
         try:
@@ -156,7 +169,7 @@ def test_info_lists_the_interactive_model_its_trainer_and_the_dataset_labels(ser
     info = requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()
     model = info["models"][MODEL]
     assert model["type"] == "deepgrow" and model["dimension"] == 3  # Slicer's SmartEdit panel lists it
-    assert model["labels"] == ORGANS and info["labels"] == ORGANS
+    assert model["labels"] == ORGANS and info["labels"] == list(ORGANS)  # OHIF's panel needs a list there
     assert model["served"]["adapter"] == str(server.start_adapter) and model["served"]["round"] == 0
     assert info["trainers"][MODEL]["config"] == {"max_epochs": 1}
     assert info["datastore"]["total"] == 3
@@ -249,9 +262,10 @@ def test_bad_requests_get_a_4xx_with_the_reason_and_the_server_keeps_serving(ser
         response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": "Case_00001_0000"},
                                  files={"params": (None, text)}, timeout=TIMEOUT)
         assert response.status_code == 422 and "params" in response.json()["detail"], response.text
-    response = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 1}, timeout=TIMEOUT)
-    assert response.status_code == 422, response.text
-    assert response.json()["detail"] == "no saved labels yet: save at least one label (final) before training"
+    for path in (f"/train/{MODEL}", "/train/"):  # Slicer's Train; OHIF's Update Model (every trainer)
+        response = requests.post(f"{server.url}{path}", json={"max_epochs": 1}, timeout=TIMEOUT)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == "no saved labels yet: save at least one label (final) before training"
     assert sorted(p.name for p in (server.root / "app").iterdir() if not p.name.startswith((".", "__"))) == [
         "bin", "lib", "logs", "main.py", "model"]  # MONAI Label's state: in the data folder, not next to the code
 

@@ -24,6 +24,7 @@ import cobot_med
 from . import settings as app_settings
 from . import versions
 from .datastore import CheckedDatastore
+from .dicomweb import dicomweb_datastore, is_dicomweb
 from .errors import RequestError, http_error
 from .folder import check_app_dir
 from .infer_task import CobotMedInfer
@@ -38,16 +39,23 @@ class CobotMedApp(MONAILabelApp):
             check_app_dir(app_dir)
         except ValueError as err:
             raise app_settings.ConfError(str(err)) from None
-        self.settings = app_settings.from_conf(conf or {}, studies)
+        conf = dict(conf or {})
+        if is_dicomweb(studies) and not conf.get("output_dir"):  # a URL is no folder: the app's data folder keeps it
+            conf["output_dir"] = os.path.join(app_dir, "cobot_med")
+        self.settings = app_settings.from_conf(conf, studies)
         guard_requests(self)
         versions.add_routes(self.settings)  # GET /cobot_med/versions/MODEL, POST .../serve?version=N (rollback)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="cobot-med",
                          description="SAM with PEFT adapters (SAM-COBOT), fine-tuned from the annotators' labels",
-                         version=cobot_med.__version__, labels=dict(self.settings.organs))
+                         version=cobot_med.__version__, labels=organ_names(self.settings.organs))
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb and others: MONAI Label's own, labels unchecked
+        if is_dicomweb(self.studies) and server_settings.MONAI_LABEL_DATASTORE.lower() not in ("xnat", "dsa") \
+                and "googleapis.com" not in self.studies:
+            self.studies = self.studies.rstrip("/").strip()
+            return dicomweb_datastore(self.studies, self.settings.organs)  # checked series, the project's SEG
+        if is_dicomweb(self.studies):
+            return super().init_datastore()  # XNAT, DSA, Google's DICOM store: MONAI Label's own, labels unchecked
         return CheckedDatastore(self.studies, self.settings.organs,
                                 extensions=server_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=server_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -72,6 +80,12 @@ class CobotMedApp(MONAILabelApp):
             raise http_error(err) from None
 
 
+def organ_names(organs: dict[str, int]) -> list[str]:
+    """``GET /info/``'s ``labels``: the organs' names in id order, a list as OHIF's MONAI Label panel reads it (it
+    appends to it; a ``{name: id}`` object there stops the panel). Each model's ``labels`` keep ``{name: id}``."""
+    return [name for name, _ in sorted(organs.items(), key=lambda item: item[1])]
+
+
 # --- requests MONAI Label's endpoints would answer with 500 (or 200, then fail) --------------------------------
 
 Check = Callable[[Any], Awaitable["tuple[int, str] | None"]]
@@ -80,8 +94,8 @@ Check = Callable[[Any], Awaitable["tuple[int, str] | None"]]
 def guard_requests(app: "CobotMedApp") -> None:
     """In the server, check two requests before MONAI Label's endpoints take them: ``POST /infer/MODEL`` whose
     ``params`` form field is not a JSON object (the endpoint's ``json.loads`` would answer 500) and ``POST
-    /train/MODEL`` with no saved label yet, or only held-out ones (a training task would start, answer 200, and
-    fail in its status).
+    /train/MODEL`` (or ``POST /train/``, OHIF's *Update Model*) with no saved label yet, or only held-out ones (a
+    training task would start, answer 200, and fail in its status).
     Each gets 422 and the reason. The checks sit in front of the server's ASGI stack (Starlette's
     ``middleware_stack``), so they do not depend on how the endpoints are routed."""
     server = sys.modules.get("monailabel.app")
@@ -105,18 +119,20 @@ def guard_requests(app: "CobotMedApp") -> None:
         datalist = app.datastore().datalist()
         if not datalist:
             return 422, "no saved labels yet: save at least one label (final) before training"
-        model = request.url.path.rstrip("/").rsplit("/", 1)[-1]  # every saved label held out: nothing to train on
-        problem = versions.nothing_to_train(app.settings.model_dir(model), datalist)
-        return None if problem is None else (422, problem)
+        # every saved label held out: nothing to train on (POST /train/ without a model trains every model)
+        named = re.search(r"/train/([^/]+)/?$", request.url.path)
+        models = [named.group(1)] if named else [model.name for model in app.settings.models]
+        problems = [versions.nothing_to_train(app.settings.model_dir(model), datalist) for model in models]
+        return None if not problems or None in problems else (422, problems[0])
 
     web = server.app
     stack = web.middleware_stack if web.middleware_stack is not None else web.build_middleware_stack()
     if not isinstance(stack, _Checked):
         web.middleware_stack = _Checked(stack, [("POST", re.compile(r"/infer/[^/]+/?$"), params_are_json),
-                                                ("POST", re.compile(r"/train/[^/]+/?$"), labels_saved)])
+                                                ("POST", re.compile(r"/train/([^/]+/?)?$"), labels_saved)])
     else:
         stack.checks = [("POST", re.compile(r"/infer/[^/]+/?$"), params_are_json),
-                        ("POST", re.compile(r"/train/[^/]+/?$"), labels_saved)]  # the app built again (reload)
+                        ("POST", re.compile(r"/train/([^/]+/?)?$"), labels_saved)]  # the app built again (reload)
 
 
 class _Checked:
