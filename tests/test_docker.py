@@ -135,7 +135,7 @@ def test_dockerfile_base_user_volumes_and_commands():
 
     # the project installed from the repository's source, not from a wheel
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs)
+    assert re.search(r"""pip install (\.|"\.\[[\w,]+\]")(\s|$)""", runs)
     assert ".whl" not in DOCKERFILE.read_text()
 
     # a non-root user runs everything after the installs
