@@ -131,8 +131,6 @@ def test_the_seg_equals_the_nifti_on_every_source_instance_read_by_highdicom(dic
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.slow
-@pytest.mark.timeout(120)
 def test_the_command_with_a_tiny_sam_writes_what_its_nifti_holds(dicom_run, tmp_path, capsys):
     """``cobot-med infer --dicom-seg`` end to end with a real (tiny, zero-shot) SAM: its SEG is its NIfTI."""
     import pydicom
@@ -159,6 +157,8 @@ def test_the_command_with_a_tiny_sam_writes_what_its_nifti_holds(dicom_run, tmp_
         assert parameters.startswith("arch=tiny,peft=frozen,image_size=")
 
 
+@pytest.mark.slow  # the module's inference run it reads (dicom_run) takes a few seconds
+@pytest.mark.timeout(120)
 def test_dcmqi_reads_each_segment_back_onto_the_nifti_voxel_for_voxel(dicom_run, tmp_path):
     """dcmqi's segimage2itkimage writes one image per segment (its own reconstruction of the volume from the
     frames' positions); each, resampled onto the NIfTI's grid, is that organ's mask of the NIfTI."""

@@ -326,7 +326,7 @@ def test_saved_labels_train_a_round_that_is_served_without_a_restart(server, tmp
     assert last["dsc"] == last["served_dsc"] and last["reason"].startswith("switched to version 1")
     record = requests.get(f"{server.url}/cobot_med/versions/{MODEL}", timeout=TIMEOUT).json()["record"]
     version = record["versions"][1]
-    assert version["split"] == {"trained": ["Case_00001_0000"], "held_out": ["Case_00002_0000"]}  # the smaller draw
+    assert version["split"] == {"trained": ["Case_00001_0000"], "held_out": ["Case_00002_0000"], "studies": {}}  # the smaller draw
     assert record["held_out"]["ids"] == ["Case_00002_0000"]
     assert version["adapter"] == str(server.studies / "cobot_med" / MODEL / "adapters" / "v0001")
     assert version["round"] == 1 and version["started_from"] == 0

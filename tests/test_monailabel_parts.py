@@ -178,6 +178,59 @@ def test_the_held_out_split_is_fixed_by_the_image_id_and_never_moves():
     assert versions.nothing_to_train("/nowhere", [{"image": "/studies/Case_00001_0000.nii.gz"}]) is None
 
 
+def _series_folder(folder: Path, study: str, series: str, instances: int = 2) -> Path:
+    """A folder as the DICOMweb datastore caches a series: DICOM files (headers only) and a file of its own."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    (folder / "cache.json").write_text("{}")  # not DICOM: skipped
+    for k in range(instances):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(folder / f"{k}.dcm"), write_like_original=False)
+    return folder
+
+
+def test_the_series_of_one_study_are_held_out_or_trained_together(tmp_path):
+    """Drawn per study: two series of one patient's study (UIDs that differ only in their last part) fall on the
+    same side, so a round never trains on one phase and is judged on the other; volume files stay studies of
+    their own."""
+    from cobot_med.monailabel import versions
+
+    root = "1.2.826.0.1.3680043.8.498.7"
+    studies = {f"{root}.{n}": f"{root}.{n}.1" for n in range(1, 13)}  # 12 studies, two series each
+    folders = [_series_folder(tmp_path / f"{study}.{s}", study, f"{study}.{s}")
+               for study in studies for s in (2, 3)]
+    assert versions.image_id(folders[0]) == f"{root}.1.2" and versions.image_id(folders[1]) == f"{root}.1.3"
+    assert versions.study_of(folders[0]) == versions.study_of(folders[1]) == f"study {root}.1"
+    assert versions.study_of(tmp_path / "Case_00001_0000.nii.gz") == "Case_00001_0000"
+    datalist = [{"image": str(f)} for f in folders]
+    found = versions.studies_of(datalist)
+    ids = sorted(found)
+    by_draw = {found[i] for i in ids if versions.held_out_draw(found[i]) < versions.HELD_OUT_FRACTION}
+    assert 0 < len(by_draw) < len(studies)  # the rule holds some studies out, not all
+
+    pinned: set[str] = set()
+    trained: set[str] = set()
+    for count in range(1, len(ids) + 1):  # series saved one by one, a round after each
+        held, training = versions.split(ids[:count], pinned, trained, found)
+        assert not {found[i] for i in held} & {found[i] for i in training}  # never one study on both sides
+        assert pinned <= set(held) and not set(held) & trained
+        assert {i for i in ids[:count] if found[i] in by_draw} <= set(held)
+        pinned |= set(held)
+        trained |= set(training)
+    # the same ids drawn per image would split some study's two series
+    per_image, _ = versions.split(ids)
+    assert any((f"{s}.2" in per_image) != (f"{s}.3" in per_image) for s in studies)
+
+
 def test_versions_are_written_once_and_served_by_number(tmp_path):
     from cobot_med.files import file_sha256
     from cobot_med.monailabel import versions

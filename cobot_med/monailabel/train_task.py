@@ -87,7 +87,8 @@ class CobotMedTrain(TrainTask):
         if problem:
             raise RequestError(problem)
         record = versions.read(self.model_dir)
-        held, trained = versions.split(cases, record["held_out"]["ids"], versions.trained_ids(record))
+        studies = versions.studies_of(list(cases.values()))
+        held, trained = versions.split(cases, record["held_out"]["ids"], versions.trained_ids(record), studies)
         versions.pin_held_out(self.model_dir, held)
         number = next_round(self.model_dir)
         round_dir = self.model_dir / "rounds" / f"{ROUND_PREFIX}{number:04d}"
@@ -106,7 +107,8 @@ class CobotMedTrain(TrainTask):
         run = project.finished_run(round_dir, self.settings.tracking_uri)
         new = versions.add_version(self.model_dir, adapter, {
             "round": number, "round_dir": str(round_dir), "started_from": start["version"], "peft": peft,
-            "epochs": epochs, "optimiser": optimiser, "split": {"trained": trained, "held_out": held},
+            "epochs": epochs, "optimiser": optimiser, "split": {"trained": trained, "held_out": held,
+                      "studies": {i: studies[i] for i in trained + held if studies[i] != i}},
             "mlflow": {"tracking_uri": self.settings.tracking_uri, **run},
         })
         try:

@@ -11,8 +11,9 @@ Everything of one model lives in ``OUTPUT_DIR/MODEL/`` (docs/monailabel.md, *Ada
   0 is the adapter the server started with (``--conf adapter``) or, without one, the base model zero-shot; it
   is scored the same way, as the served version of the first judged round.
 
-The held-out split is a fixed function of the image id (:func:`held_out_draw`, :func:`split`): a label never
-trains the round it judges, and one that judged once judges for ever. The served version is read from the
+The held-out split is a fixed function of the study (:func:`study_of`: a DICOM series' StudyInstanceUID, a volume
+file's id; :func:`held_out_draw`, :func:`split`): a label never trains the round it judges, one that judged once
+judges for ever, and the series of one study are never on both sides. The served version is read from the
 record at each request (:class:`cobot_med.monailabel.served.ServedModel`), so a switch or a rollback
 (``--conf adapter_version N``, or ``POST /cobot_med/versions/MODEL/serve?version=N``: :func:`add_routes`)
 takes effect from the next request, and after a restart.
@@ -51,7 +52,10 @@ class VersionError(RequestError):
 
 
 def image_id(path: str | Path) -> str:
-    """The datastore's id of an image file (its name without the extension, ``.nii.gz`` whole)."""
+    """The datastore's id of an image: a file's name without the extension (``.nii.gz`` whole), a folder's name
+    whole (the DICOMweb datastore's series folders are named by SeriesInstanceUID, dots and all)."""
+    if Path(path).is_dir():
+        return Path(path).name
     name = Path(path).name
     for suffix in (".nii.gz", ".seg.nrrd"):
         if name.endswith(suffix):
@@ -65,28 +69,63 @@ def held_out_draw(image: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def split(labelled: Iterable[str], pinned: Iterable[str] = (), trained: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """(held-out ids, training ids) of the labelled images.
+def study_of(image: str | Path) -> str:
+    """The study an image belongs to, which the held-out split is drawn by: a DICOM series' folder (the DICOMweb
+    datastore's cache) gives its StudyInstanceUID, so that two series of one patient's study (two phases, a
+    re-scan) fall on the same side; a volume file is a study of its own (its :func:`image_id`)."""
+    path = Path(image)
+    if path.is_dir():
+        import pydicom
 
-    Held out: an image whose draw is below :data:`HELD_OUT_FRACTION`, or one held out before (``pinned``, from
-    the record). With two or more labelled images and none of them held out, the one with the smallest draw
-    among those no round has trained on (``trained``) is held out too (the caller pins it), so that judging
-    starts with the second label, and never with a label a served version has learnt.
+        for member in sorted(path.iterdir()):
+            try:
+                study = pydicom.dcmread(str(member), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            except Exception:  # not a DICOM file (the cache's own files): the next one
+                continue
+            uid = str(getattr(study, "StudyInstanceUID", "") or "")
+            if uid:
+                return f"study {uid}"
+    return image_id(path)
+
+
+def split(labelled: Iterable[str], pinned: Iterable[str] = (), trained: Iterable[str] = (),
+          studies: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(held-out ids, training ids) of the labelled images, drawn per study (``studies``: image id -> study, from
+    :func:`study_of`; an image missing there is a study of its own).
+
+    Held out: every image of a study whose draw is below :data:`HELD_OUT_FRACTION`, or of a study with an image
+    held out before (``pinned``, from the record). With two or more labelled studies and none of them held out,
+    the study with the smallest draw among those no round has trained on (``trained``) is held out too (the
+    caller pins it), so that judging starts with the second study, and never with a label a served version has
+    learnt, nor with another series of a study it learnt.
     """
+    studies = dict(studies or {})
     ids, pinned, trained = sorted(set(labelled)), set(pinned), set(trained)
-    held = {i for i in ids if held_out_draw(i) < HELD_OUT_FRACTION or i in pinned}
-    if len(ids) >= 2 and not held:
-        fresh = [i for i in ids if i not in trained]
+
+    def study(i: str) -> str:
+        return studies.get(i, i)
+
+    held_studies = {study(i) for i in ids if held_out_draw(study(i)) < HELD_OUT_FRACTION} | {study(i) for i in pinned}
+    labelled_studies = {study(i) for i in ids}
+    if len(labelled_studies) >= 2 and not held_studies & labelled_studies:
+        fresh = labelled_studies - {study(i) for i in trained}
         if fresh:
-            held.add(min(fresh, key=held_out_draw))
-    return sorted(held), [i for i in ids if i not in held]
+            held_studies.add(min(sorted(fresh), key=held_out_draw))
+    held = [i for i in ids if study(i) in held_studies]
+    return held, [i for i in ids if i not in held]
+
+
+def studies_of(datalist: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """image id -> study (:func:`study_of`) of a datastore's datalist."""
+    return {image_id(item["image"]): study_of(item["image"]) for item in datalist}
 
 
 def nothing_to_train(model_dir: str | Path, datalist: Sequence[Mapping[str, Any]]) -> str | None:
     """Why a round could not train on the saved labels of ``datalist`` (every one of them held out), or None."""
     record = read(model_dir)
     labelled = [image_id(item["image"]) for item in datalist]
-    held, training = split(labelled, (record.get("held_out") or {}).get("ids", ()), trained_ids(record))
+    held, training = split(labelled, (record.get("held_out") or {}).get("ids", ()), trained_ids(record),
+                           studies_of(datalist))
     if labelled and not training:
         return (f"every saved label is held out to judge rounds ({', '.join(held)}): save a label on another image "
                 "to train on")
