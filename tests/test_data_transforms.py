@@ -61,6 +61,8 @@ def test_every_storage_order_becomes_ras_with_the_last_axis_superior(volumes, la
             assert centroid(label, organs["Parotid_L"])[0] < centroid(label, organs["Parotid_R"])[0]
 
 
+@pytest.mark.slow  # ~2.5 s; the fast tier's time budget
+@pytest.mark.timeout(60)
 @pytest.mark.filterwarnings("ignore:builtin type Swig:DeprecationWarning")  # importing itk
 def test_nibabel_and_itk_readers_give_the_same_oriented_volume(phantom_dirs):
     cases = build_datalist("adome", phantom_dirs["adome"], 0.0, 0.0)["training"][:4]  # RAS, LPS, SRA, oblique

@@ -591,6 +591,8 @@ def test_slices_reach_the_model_as_in_training():
         torch.testing.assert_close(ours[i], sample["image"], atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow  # ~2.5 s; the fast tier's time budget
+@pytest.mark.timeout(60)
 def test_the_next_case_is_read_in_the_background_and_changes_nothing(phantoms, tmp_path, monkeypatch):
     import threading
 

@@ -77,6 +77,8 @@ def _pairs(jobs):
     return [(job.peft, job.seed) for job in jobs]
 
 
+@pytest.mark.slow  # ~2 s; the fast tier's time budget
+@pytest.mark.timeout(60)
 def test_sweep_skips_finished_and_goes_on_after_failures(tmp_path, bundle):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
