@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import locale
 import os
 from pathlib import Path
 from typing import Callable
@@ -51,15 +52,18 @@ def phantom_dirs(phantom_factory) -> dict[str, Path]:
     return {layout: phantom_factory(layout) for layout in LAYOUT_NAMES}
 
 
+_LOCALE_AT_START = locale.setlocale(locale.LC_ALL)  # before any test read DICOM
+
+
 @pytest.fixture(autouse=True)
 def keep_the_locale():
-    """ITK switches the process to the C locale when it reads DICOM; put it back, so one test's reads
-    do not decide another's text encoding."""
-    import locale
-
-    saved = locale.setlocale(locale.LC_ALL)
+    """ITK switches the process to the C locale when it reads or writes DICOM; put the session's own back before
+    and after each test, so that no read decides another test's text encoding (subprocess output decoded as ASCII).
+    Before too: a module- or session-scoped fixture that reads DICOM runs before this fixture, so a locale saved
+    here per test could already be the C one."""
+    locale.setlocale(locale.LC_ALL, _LOCALE_AT_START)
     yield
-    locale.setlocale(locale.LC_ALL, saved)
+    locale.setlocale(locale.LC_ALL, _LOCALE_AT_START)
 
 
 @pytest.fixture(autouse=True)
