@@ -102,6 +102,12 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
+def _segmentations(out):
+    """The finished segmentations of an output folder: a killed writer's temporary file (``.tmp-*``, hidden,
+    never renamed) is not one; pathlib's ``*`` matches hidden names too."""
+    return [p for p in out.glob("*_seg.nii.gz") if not p.name.startswith(".")]
+
+
 def test_a_killed_process_loses_only_its_case_in_flight(scans, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -110,7 +116,7 @@ def test_a_killed_process_loses_only_its_case_in_flight(scans, tmp_path):
     deadline = time.time() + 600
     victim = None
     while time.time() < deadline and launcher.poll() is None:
-        if len(list(out.glob("*_seg.nii.gz"))) >= 1:
+        if len(_segmentations(out)) >= 1:
             victim = process_with_rank(launcher.pid, 1)
             if victim:
                 break
@@ -119,7 +125,7 @@ def test_a_killed_process_loses_only_its_case_in_flight(scans, tmp_path):
     os.kill(victim, signal.SIGKILL)
     launcher.wait(timeout=300)
     assert launcher.returncode != 0
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_seg.nii.gz")}
+    before = {p.name: p.stat().st_mtime_ns for p in _segmentations(out)}
     assert 1 <= len(before) < 5
     import nibabel as nib
 
@@ -128,7 +134,7 @@ def test_a_killed_process_loses_only_its_case_in_flight(scans, tmp_path):
 
     again = run(infer_command(scans, out), tmp_path)  # the same command, one process
     assert "Case_00099_0000" in again.stdout + again.stderr
-    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*_seg.nii.gz")}
+    after = {p.name: p.stat().st_mtime_ns for p in _segmentations(out)}
     assert len(after) == 5
     assert all(after[name] == stamp for name, stamp in before.items())  # nothing done twice
     summary = json.loads((out / "summary.json").read_text())
