@@ -283,7 +283,7 @@ class RunSettings:
             except ValueError as err:
                 raise SettingsError(str(err)) from None
 
-    def _check_propagator(self) -> None:
+    def check_propagator(self) -> None:
         """``sam2_memory`` runs SAM 2's video predictor: a SAM 2 base (a Hiera arch) on torch, nothing else."""
         from .predict.volume import MEMORY
 
@@ -454,7 +454,7 @@ class RunSettings:
         else:
             self.resolve_arch(run_id)
             checks.check_model_files(self)
-        self._check_propagator()
+        self.check_propagator()
         if run_id == "training":
             if self.peft == "frozen":
                 raise SettingsError(f"peft frozen trains nothing (the base model as it is): score it with the evaluate "

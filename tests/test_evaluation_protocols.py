@@ -432,3 +432,22 @@ def test_key_slice_of_evaluate_equals_cobot_med_infer_on_the_same_adapter(phanto
     assert inferred["mean"]["all"]["dsc"] == pytest.approx(block["dsc"], abs=1e-12)
     assert evaluation["test_dsc/key_slice"] == pytest.approx(block["dsc"])
     assert block["dsc"] != evaluation["protocols"]["tight"]["dsc"]
+
+
+def test_the_evaluators_progress_names_the_case_as_the_datalist_does(capsys):
+    """The evaluator's own (``tight``) pass gets the datalist's case id from the batch, so its per-volume bar says
+    ``Case_00005`` as the other protocols' bars and every record do, not the image file's ``Case_00005_0000``."""
+    from cobot_med.engine.prepare import PrepareVolumeBatch
+
+    image, label = constructed_case()
+    image.meta["filename_or_obj"] = "/data/Image/Case_00005_0000.nii.gz"
+    batch = {"image": image[None], "label": label[None], "case_id": ["Case_00005"]}
+    inputs, _, args, kwargs = PrepareVolumeBatch()(batch, "cpu")
+    assert kwargs == {"case_id": "Case_00005"}
+    organs = {"liver": ADOME["liver"], "kidney": ADOME["kidney"]}
+    VolumeSliceInferer(organs, batch_size=16)(inputs, Bright(), *args, **kwargs)
+    bars = capsys.readouterr().err
+    assert "Case_00005 (tight) slices" in bars and "Case_00005_0000" not in bars
+    # a batch of two volumes has no one name: the inferer falls back to the file's
+    two = {**batch, "case_id": ["Case_00005", "Case_00006"]}
+    assert PrepareVolumeBatch()(two, "cpu")[3] == {}

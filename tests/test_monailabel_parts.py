@@ -45,6 +45,9 @@ def test_settings_defaults_and_output_places(tmp_path):
     ({"models": "tiny", "epochs": "0"}, "--conf epochs"),
     ({"models": "tiny", "amp": "maybe"}, "--conf amp"),
     ({"models": "tiny", "adapter": "/nowhere"}, "--conf adapter"),
+    ({"models": "tiny", "propagator": "memory"}, r"--conf propagator: unknown propagator 'memory'"),
+    ({"models": "tiny", "propagator": "sam2_memory"}, "--conf propagator: .*needs a SAM 2 base .*arch tiny"),
+    ({"models": "tiny", "propagator": "sam2_memory", "backend": "openvino"}, "--conf propagator: .*in torch"),
 ])
 def test_settings_refuse_what_cannot_work_naming_the_key(tmp_path, conf, message):
     with pytest.raises(settings.ConfError, match=message):
@@ -300,3 +303,50 @@ def test_the_adapter_version_setting(tmp_path, value, expected):
 def test_a_bad_adapter_version_setting_is_refused(tmp_path, value, message):
     with pytest.raises(settings.ConfError, match=f"--conf adapter_version: .*{message}"):
         settings.from_conf({"models": "tiny", "adapter_version": value}, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_key_slice_travels_by_sam2_memory_when_the_app_is_set_to(phantom_factory):
+    """``--conf propagator sam2_memory`` on a SAM 2 base: a key-slice ROI's answer is the label the slice
+    predictor gives with SAM 2's memory (as ``cobot-med infer --boxes --propagator sam2_memory``), not box
+    propagation's; a click on another slice is predicted with the box of the memory's mask there."""
+    from cobot_med.data.boxes import mask_boxes
+    from cobot_med.data.chains import volume_chain
+    from cobot_med.monailabel import project
+    from cobot_med.predict import THRESHOLD, CasePrompts, SlicePredictor, predict_volume, to_label_map
+
+    size = 128  # Hiera's smallest input: the phantom's slices are cut to it
+    folder = phantom_factory("spleen", cases=1, seed=0, shape=(136, 136, 12))
+    name = "spleen_1.nii.gz"
+    data = volume_chain([1])({"image": str(folder / "imagesTr" / name), "label": str(folder / "labelsTr" / name)})
+    volume = data["image"].as_tensor()[0, 4 : 4 + size, 4 : 4 + size].float()  # a file of that grid, RAS
+    organ = data["label"].as_tensor()[0, 4 : 4 + size, 4 : 4 + size] > 0
+    eye = torch.eye(4, dtype=torch.float64)  # the file is already RAS: its voxels are the oriented grid's
+    image = MetaTensor(volume[None], affine=eye, meta={"original_affine": eye.numpy()})
+    xs, ys, zs = (torch.nonzero(organ.any(dim=d)).flatten() for d in ((1, 2), (0, 2), (0, 1)))
+    roi = [int(xs[0]), int(ys[0]), int(zs[0]), int(xs[-1]), int(ys[-1]), int(zs[-1])]
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(arch="sam2.1_hiera_t", image_size=size, peft="frozen")).eval()
+
+    def answer(propagator, foreground=()):
+        interaction = project.Interaction(roi, [list(f) for f in foreground], [])
+        return project.segment(network, {"image": image}, "spleen", 1, interaction, "key_slice", "cpu", 8, False,
+                               propagator)
+
+    memory, record = answer("sam2_memory")
+    boxes, _ = answer("boxes")
+    prompt = project._roi_prompt(image, roi, "key_slice")
+    probs, _ = predict_volume(SlicePredictor(network, "cpu", 8, False, propagator="sam2_memory"), volume,
+                              CasePrompts({"spleen": 1}, [prompt], volume.shape[-1]))
+    assert torch.equal(memory, to_label_map(probs, [1]))
+    assert record["propagator"] == "sam2_memory" and memory.any()
+    assert not torch.equal(memory, boxes)  # the setting changes the answer
+    key = prompt.key[0]
+    z = next(z for z in range(volume.shape[-1]) if z != key and memory[0, :, :, z].any())
+    x, y = (int(v) for v in torch.nonzero(memory[0, :, :, z])[0])
+    clicked, record = answer("sam2_memory", [(x, y, z)])
+    box, found = mask_boxes(probs[0, :, :, z] > THRESHOLD)
+    again = SlicePredictor(network, "cpu", 8, False).clicked(volume, z, [[float(y), float(x)]], [1], box.tolist())
+    assert found and torch.equal(clicked[0, :, :, z] > 0, again > THRESHOLD)
+    assert z in record["clicked_slices"]

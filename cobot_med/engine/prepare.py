@@ -31,11 +31,15 @@ class PrepareSliceBatch:
 
 
 class PrepareVolumeBatch:
-    """Whole volumes -> (image, label, (label,), {}): the label gives the inferer its box prompts."""
+    """Whole volumes -> (image, label, (label,), {"case_id": ...}): the label gives the inferer its box prompts,
+    the case id (the datalist's, one volume per batch) names the volume as every record and progress bar does."""
 
     def __call__(
         self, batch: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **_: Any
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor], dict]:
         image = batch["image"].to(device=device, non_blocking=non_blocking)
         label = batch["label"].to(device=device, non_blocking=non_blocking)
-        return image, label, (label,), {}
+        case_id = batch.get("case_id")
+        if isinstance(case_id, (list, tuple)):
+            case_id = case_id[0] if len(case_id) == 1 else None
+        return image, label, (label,), ({"case_id": str(case_id)} if case_id else {})

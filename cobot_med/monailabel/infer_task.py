@@ -105,7 +105,8 @@ class CobotMedInfer(BasicInferTask):
         try:
             label, record = project.segment(network, data["volume"], prompted.organ, prompted.organ_id,
                                             prompted.interaction, prompted.propagation, device,
-                                            self.model.run.slice_batch(device, network), data.pop("precision"))
+                                            self.model.run.slice_batch(device, network), data.pop("precision"),
+                                            self.model.run.propagator)
         except project.BadPrompt as err:
             raise RequestError(str(err)) from None
         data["pred"] = label

@@ -27,6 +27,7 @@ from ..errors import SettingsError
 from ..model import ModelSpec
 from ..predict import THRESHOLD, CasePrompts, OrganPrompt, SlicePredictor, predict_volume, to_label_map
 from ..predict.prompts import box_prompt, original_affine, oriented_affine
+from ..predict.volume import MEMORY
 from ..predict.writing import to_input_geometry, write_volume
 from ..settings import RunSettings, load_settings
 
@@ -172,22 +173,25 @@ def _clicked(predictor: SlicePredictor, volume: torch.Tensor, z: int, clicks: li
 
 def segment(network: Any, data: dict, organ: str, organ_id: int, interaction: Interaction, propagation: str,
             device: str | torch.device, batch_size: int,
-            amp: Any = False) -> tuple[torch.Tensor, dict[str, Any]]:
+            amp: Any = False, propagator: str = "boxes") -> tuple[torch.Tensor, dict[str, Any]]:
     """One organ from an ROI and clicks -> oriented label (1, X, Y, Z) uint8 (``organ_id`` inside) and what was done.
 
     - ROI: a 3D box (``box3d``: every axial slice inside gets its footprint) or a key slice (``key_slice``:
       its middle slice, propagated both ways until the organ vanishes), as ``cobot-med infer --boxes``
       (:func:`cobot_med.predict.predict_volume`).
     - Clicks: every slice with clicks is predicted again from its clicks and its box (if the ROI prompts that
-      slice), as SAM's prompt encoder takes them, and replaces that slice.
+      slice; under ``sam2_memory``, the box of the memory's mask there), as SAM's prompt encoder takes them, and
+      replaces that slice.
     - Clicks without an ROI: the slice of the first foreground click is predicted from its clicks; the box of
       that mask (:func:`cobot_med.data.boxes.mask_boxes`) becomes the key slice that propagates through the volume.
+    - ``propagator``: how a key slice propagates, ``boxes`` or ``sam2_memory`` (SAM 2's video predictor), as
+      ``cobot-med infer --propagator``; a 3D box prompts every slice itself and propagates nothing.
     """
     image = data["image"]
     volume = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)[0].float()
     X, Y, Z = volume.shape
     clicked = _click_slices(image, interaction)
-    predictor = SlicePredictor(network, device, batch_size, amp)
+    predictor = SlicePredictor(network, device, batch_size, amp, propagator=propagator)
     if interaction.roi is not None:
         prompt = _roi_prompt(image, interaction.roi, propagation)
     else:
@@ -201,9 +205,13 @@ def segment(network: Any, data: dict, organ: str, organ_id: int, interaction: In
     else:
         probs, used = torch.zeros(1, X, Y, Z), [{}]
     for z, clicks in sorted(clicked.items()):  # with the box the model used there (fixed or propagated), if any
-        probs[0, :, :, z] = _clicked(predictor, volume, z, clicks, used[0].get(z))
+        box = used[0].get(z)
+        if box is None and propagator == MEMORY and prompt.has_prompt:  # SAM 2's memory sends no box: its mask's
+            mask_box, found = mask_boxes(probs[0, :, :, z] > THRESHOLD)
+            box = mask_box.tolist() if found else None
+        probs[0, :, :, z] = _clicked(predictor, volume, z, clicks, box)
     label = to_label_map(probs, [int(organ_id)])
-    record = {"prompt": prompt.kind, "slices_prompted": sorted(set(used[0]) | set(clicked)),
+    record = {"prompt": prompt.kind, "propagator": propagator, "slices_prompted": sorted(set(used[0]) | set(clicked)),
               "clicked_slices": sorted(clicked), "extent": prompt.extent}
     return label, record
 

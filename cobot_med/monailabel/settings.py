@@ -16,6 +16,9 @@ key                  default                      meaning
 ``output_dir``       ``STUDIES/cobot_med``        training rounds, adapter versions, MLflow store
 ``tracking_uri``     ``$MLFLOW_TRACKING_URI``     MLflow store; else ``sqlite:///OUTPUT_DIR/mlflow.db``
 ``propagation``      ``box3d``                    what an ROI becomes: ``box3d`` or ``key_slice``
+``propagator``       ``boxes``                    how a key slice (``key_slice``, clicks alone) reaches the
+                                                  rest of the volume, as the bundles' ``propagator``:
+                                                  ``boxes`` or ``sam2_memory`` (SAM 2 bases, backend torch)
 ``amp``              ``auto``                     precision in inference and training, as the bundles' ``amp``
                                                   (``auto``: what the device runs fast; true/false, bf16, fp16)
 ``batch_size``       ``auto``                     slices per forward pass in inference (``eval_batch_size``;
@@ -41,7 +44,7 @@ from .project import RunSettings
 
 PROPAGATIONS = ("box3d", "key_slice")
 KEYS = ("models", "dataset", "adapter", "adapter_version", "sam_checkpoint", "image_size", "peft", "epochs", "output_dir",
-        "tracking_uri", "propagation", "amp", "batch_size", "backend")
+        "tracking_uri", "propagation", "propagator", "amp", "batch_size", "backend")
 # MONAI Label's own keys that may share the --conf dictionary
 PASSED_THROUGH = ("server_mode", "preload", "skip_trainers", "skip_strategies", "skip_scoring")
 
@@ -108,6 +111,7 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
     base = _checked("amp", base, amp=get("amp", "auto"))
     base = _checked("batch_size", base, eval_batch_size=get("batch_size", "auto"))
     base = _checked("backend", base, backend=get("backend", "torch"))
+    base = _checked("propagator", base, propagator=get("propagator", "boxes"))
     base = _checked("epochs", base, epochs=get("epochs", "5"))
     base = _checked("sam_checkpoint", base, sam_checkpoint=get("sam_checkpoint"))
     base = _checked("output_dir / tracking_uri", base, output_dir=str(output_dir), tracking_uri=get("tracking_uri"))
@@ -135,6 +139,10 @@ def from_conf(conf: Mapping[str, Any], studies: str) -> AppSettings:
         run = _checked("models", base, arch=name)
         run = _checked("image_size", run, image_size=get("image_size") or None)
         run = _checked("adapter", run, adapter=start or "")
+        try:
+            run.check_propagator()  # sam2_memory: a SAM 2 base on torch
+        except project.SettingsError as err:
+            raise ConfError(f"--conf propagator: {err}") from None
         try:
             project.check_model_files(run)
         except project.SettingsError as err:
