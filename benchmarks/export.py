@@ -199,10 +199,9 @@ def lite_medsam(args, threads: C.P.ThreadPlan, amp, workdir: Path) -> dict:
     paths = {
         "LiteMedSAM's way": lambda v=volume, lab=labels: official_volume(official, v, lab, K),
         "ours, torch fp32": lambda v=volume, lab=labels: our_volume(model, v, lab, K, 1, "fp32"),
-        f"ours, torch {torch_amp.name}": lambda v=volume, lab=labels: our_volume(model, v, lab, K, 1, torch_amp),
     }
-    if torch_amp.name == "fp32":
-        paths.pop("ours, torch fp32")
+    if torch_amp.name != "fp32":  # where amp resolves to fp32 (the AVX2 class) the fp32 row is the defaults' row
+        paths[f"ours, torch {torch_amp.name}"] = lambda v=volume, lab=labels: our_volume(model, v, lab, K, 1, torch_amp)
     for name in paths:
         if name.startswith("ours, torch"):
             held[name] = mib  # one torch model for both precisions
@@ -210,7 +209,7 @@ def lite_medsam(args, threads: C.P.ThreadPlan, amp, workdir: Path) -> dict:
         paths[name] = lambda v=volume, lab=labels, n=network: our_volume(n, v, lab, K, 1, False)
     warm = {name: (lambda fn=fn: fn(small_volume, small_labels)) for name, fn in paths.items()}
     seconds, maps, peaks = run_paths(paths, warm, args.repeats, held)
-    base_map = maps.get("ours, torch fp32", maps.get(f"ours, torch {torch_amp.name}"))
+    base_map = maps["ours, torch fp32"]
     medians = {name: C.median(t) for name, t in seconds.items()}
     own = medians["LiteMedSAM's way"]
     gflop = encoder_gflop(model, 256)

@@ -142,3 +142,4 @@ def test_a_killed_process_loses_only_its_case_in_flight(scans, tmp_path):
     assert sum(s == "skipped" for s in statuses.values()) == len(before)
     assert sum(s == "done" for s in statuses.values()) == 5 - len(before)
     assert len(json.loads((out / "metrics.json").read_text())["cases"]) == 5
+    assert not list(out.glob(".tmp-*"))  # the killed writer's temporary file went with the rerun
