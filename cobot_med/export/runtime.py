@@ -11,8 +11,7 @@ image encoder in bf16 where ``amp`` resolves to bf16 (``auto``: the CPU runs bf1
 path's, :func:`cobot_med.engine.precision.resolve_precision`), else in fp32 (its default on such CPUs is bf16, so fp32
 is asked for explicitly). The prompt decoder runs in fp32 everywhere (for LiteMedSAM on a 2-core AVX-512 CPU
 about 0.19 s per call with 4 boxes; OpenVINO's bf16 hint on it gave no measurable gain per volume: BENCHMARKS.md).
-An export whose
-encoder was quantised (``cobot-med export --int8``) runs its int8 graph on either runtime.
+An export whose encoder was quantised (``cobot-med export --int8``) runs its int8 graph on either runtime.
 """
 
 from __future__ import annotations
